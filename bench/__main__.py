@@ -1,0 +1,35 @@
+"""``python -m bench <command> [options]``: the benchmark harness.
+
+Each command lives in its own module ``bench/<command>.py`` exposing ``main(argv: list[str]) -> int``.
+"""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "kernels": "per-op Triton kernel microbenchmarks against torch SDPA and the eager references",
+    "parity": "our pipeline against diffusers' ZImagePipeline: per-step and final latent error, image PSNR",
+    "throughput": "ms per forward / step / image against diffusers, eager and compiled, with telemetry",
+    "cache": "step-cache threshold sweeps: evaluations saved, speedup, PSNR/SSIM, Pareto plot",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m bench <command> [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<11} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        module = importlib.import_module(f"bench.{argv[0]}")
+    except ModuleNotFoundError as e:
+        if e.name == f"bench.{argv[0]}":
+            print(f"bench {argv[0]}: not implemented yet", file=sys.stderr)
+            return 2
+        raise
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Loading and saving Z-Image transformer checkpoints (safetensors only).
+
+Accepted inputs for :func:`load_transformer`:
+
+- a diffusers pipeline folder (``model_index.json`` + ``transformer/``) or its ``transformer/`` folder: ``config.json``
+  plus ``diffusion_pytorch_model.safetensors`` or sharded ``*.safetensors`` with an ``.index.json``;
+- a single ``.safetensors`` file in diffusers layout (``layers.0.attention.to_q.weight``, ...);
+- a single ``.safetensors`` file in the ComfyUI layout (``x_embedder.``, ``final_layer.``, fused
+  ``attention.qkv.weight``, ``attention.out``, ``q_norm``/``k_norm``; optional ``model.diffusion_model.`` prefix),
+  converted exactly as diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers`` does.
+
+Pickle checkpoints (``.bin``, ``.pt``, ``.ckpt``, ``.pth``) are refused: loading them executes arbitrary code.
+The model is built on the meta device and each tensor is read straight into its parameter (``assign=True``), so
+the 6B model never exists twice in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PRESETS, ZImageConfig
+from .model import ZImageTransformer
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_KEY = "zimage_config"  # safetensors metadata key under which we store our config in single files
+
+# ComfyUI single-file names -> diffusers names (diffusers' Z_IMAGE_KEYS_RENAME_DICT, applied in this order).
+COMFY_RENAMES = (
+    ("final_layer.", "all_final_layer.2-1."),
+    ("x_embedder.", "all_x_embedder.2-1."),
+    (".attention.out.bias", ".attention.to_out.0.bias"),
+    (".attention.k_norm.weight", ".attention.norm_k.weight"),
+    (".attention.q_norm.weight", ".attention.norm_q.weight"),
+    (".attention.out.weight", ".attention.to_out.0.weight"),
+    ("model.diffusion_model.", ""),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and where."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locating weight files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise CheckpointError(
+        f"{path}: pickle checkpoints are not supported (loading them can execute arbitrary code); convert it to "
+        ".safetensors first, e.g. safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
+    )
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], Path | None]:
+    """(safetensors files, config.json or None) of a transformer folder."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")
+    elif (folder / WEIGHTS_NAME).exists():
+        files = [folder / WEIGHTS_NAME]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            _refuse_pickle(folder / pickles[0])
+        raise CheckpointError(f"{folder}: no weights found (expected {WEIGHTS_NAME}, {INDEX_NAME} or *.safetensors)")
+    config = folder / "config.json"
+    return files, config if config.exists() else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[list[Path], Path | None]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "model_index.json").exists():
+            sub = path / "transformer"
+            if not sub.is_dir():
+                raise CheckpointError(f"{path}: pipeline folder without a transformer/ subfolder")
+            path = sub
+        return _weight_files(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: expected a .safetensors file or a diffusers folder")
+    config = path.with_name("config.json")
+    return [path], config if config.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_comfy_layout(keys: Iterable[str]) -> bool:
+    return any(
+        k.startswith(("model.diffusion_model.", "final_layer.", "x_embedder.")) or ".attention.qkv.weight" in k
+        for k in keys
+    )
+
+
+def comfy_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI single-file state dict -> diffusers names (fused qkv split with ``chunk(3, dim=0)``)."""
+    out = {}
+    for key, value in sd.items():
+        new = key
+        for old, repl in COMFY_RENAMES:
+            new = new.replace(old, repl)
+        if new == "norm_final.weight":
+            continue
+        if new.endswith(".attention.qkv.weight"):
+            q, k, v = torch.chunk(value, 3, dim=0)
+            stem = new[: -len("qkv.weight")]
+            out[stem + "to_q.weight"], out[stem + "to_k.weight"], out[stem + "to_v.weight"] = q, k, v
+        else:
+            out[new] = value
+    return out
+
+
+def diffusers_to_comfy(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Inverse of :func:`comfy_to_diffusers` (fuses q/k/v), for writing ComfyUI-layout files."""
+    out = {}
+    for key, value in sd.items():
+        if re.search(r"\.attention\.to_[kv]\.weight$", key):
+            continue
+        if key.endswith(".attention.to_q.weight"):
+            stem = key[: -len("to_q.weight")]
+            value = torch.cat([sd[stem + "to_q.weight"], sd[stem + "to_k.weight"], sd[stem + "to_v.weight"]])
+            key = stem + "qkv.weight"
+        key = (
+            key.replace("all_final_layer.2-1.", "final_layer.")
+            .replace("all_x_embedder.2-1.", "x_embedder.")
+            .replace(".attention.to_out.0.", ".attention.out.")
+            .replace(".attention.norm_q.", ".attention.q_norm.")
+            .replace(".attention.norm_k.", ".attention.k_norm.")
+        )
+        out[prefix + key] = value
+    return out
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> ZImageConfig:
+    """A config from a diffusers-layout state dict's shapes (axes_dims/axes_lens: the real model's, if head_dim 128)."""
+
+    def need(key):
+        if key not in shapes:
+            raise CheckpointError(f"{where}: cannot infer the model config, key {key!r} is missing; pass config=")
+        return shapes[key]
+
+    dim = need("x_pad_token")[1]
+    head_dim = need("layers.0.attention.norm_q.weight")[0]
+    n_layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k)))
+    n_ref = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"noise_refiner\.(\d+)\.", k))), default=-1)
+    embedders = sorted(k.split(".")[1] for k in shapes if k.startswith("all_x_embedder.") and k.endswith(".weight"))
+    patches = [tuple(int(v) for v in e.split("-")) for e in embedders]
+    p, fp = patches[0]
+    real = PRESETS["z-image"]
+    if head_dim != real.head_dim:
+        raise CheckpointError(
+            f"{where}: head_dim {head_dim} differs from the released model's, so the RoPE axes cannot be inferred; "
+            "pass config= (a ZImageConfig, a preset name or a config.json)"
+        )
+    return ZImageConfig(
+        all_patch_size=tuple(q for q, _ in patches),
+        all_f_patch_size=tuple(f for _, f in patches),
+        in_channels=need(f"all_x_embedder.{p}-{fp}.weight")[1] // (p * p * fp),
+        dim=dim,
+        n_layers=n_layers,
+        n_refiner_layers=n_ref,
+        n_heads=dim // head_dim,
+        n_kv_heads=dim // head_dim,
+        cap_feat_dim=need("cap_embedder.0.weight")[0],
+        axes_dims=real.axes_dims,
+        axes_lens=real.axes_lens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_config(config) -> ZImageConfig | None:
+    if config is None or isinstance(config, ZImageConfig):
+        return config
+    if isinstance(config, dict):
+        return ZImageConfig.from_dict(config)
+    if isinstance(config, str) and config in PRESETS:
+        return PRESETS[config]
+    return ZImageConfig.from_json(config)
+
+
+def _read_header(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[int, ...]], dict]:
+    """key -> (file, stored key), key -> shape, merged metadata; without reading tensor data."""
+    where, shapes, meta = {}, {}, {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as h:
+                meta.update(h.metadata() or {})
+                for k in h.keys():
+                    where[k] = (f, k)
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return where, shapes, meta
+
+
+def check_state_dict(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Raise a CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {shapes[k]} vs model {expected[k]}"
+        for k in set(shapes) & set(expected)
+        if shapes[k] != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", wrong)):
+            if items:
+                more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:10])}{more}")
+        raise CheckpointError(f"{where}: checkpoint does not match the model config: " + "; ".join(parts))
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    config=None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    kernel_backend: str | None = None,
+) -> ZImageTransformer:
+    """Load a transformer checkpoint (see module docstring). ``config``: ZImageConfig, preset name, dict or json path.
+
+    ``dtype``: convert every floating tensor to it (default: keep the stored dtype).
+    """
+    files, config_json = resolve_checkpoint(path)
+    where, shapes, meta = _read_header(files)
+    comfy = is_comfy_layout(where)
+    if comfy:
+        # Shapes after the key conversion (fused qkv splits into three equal parts).
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in comfy_to_diffusers({k: torch.empty(s, device="meta") for k, s in shapes.items()}).items()
+        }
+    cfg = _as_config(config)
+    if cfg is None and config_json is not None:
+        cfg = ZImageConfig.from_json(config_json)
+    if cfg is None and CONFIG_KEY in meta:
+        cfg = ZImageConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    if cfg is None:
+        cfg = infer_config(shapes, str(path))
+
+    with torch.device("meta"):
+        model = ZImageTransformer(cfg, kernel_backend=kernel_backend)
+    check_state_dict(model, shapes, str(path))
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+    sd: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for f, stored in where.values():
+        by_file.setdefault(f, []).append(stored)
+    for f, keys in by_file.items():
+        with safe_open(f, framework="pt") as h:
+            for k in keys:
+                sd[k] = h.get_tensor(k)
+    if comfy:
+        sd = comfy_to_diffusers(sd)
+    sd = {k: convert(v) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+def from_diffusers(module: torch.nn.Module, kernel_backend: str | None = None) -> ZImageTransformer:
+    """Our model sharing the parameters of a live diffusers ``ZImageTransformer2DModel`` (no copy)."""
+    cfg = ZImageConfig.from_dict(dict(module.config))
+    with torch.device("meta"):
+        model = ZImageTransformer(cfg, kernel_backend=kernel_backend)
+    sd = module.state_dict()
+    check_state_dict(model, {k: tuple(v.shape) for k, v in sd.items()}, type(module).__name__)
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_transformer(model: ZImageTransformer, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
+    """Write a diffusers ``transformer/`` folder (config.json + safetensors, sharded with an index if asked)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if max_shard_bytes is None:
+        save_file(sd, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        return folder
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def save_single_file(model: ZImageTransformer, path: str | Path, layout: str = "diffusers", prefix: str = "") -> Path:
+    """One .safetensors file in ``diffusers`` or ``comfyui`` layout; our config goes into the metadata."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if layout == "comfyui":
+        sd = diffusers_to_comfy(sd, prefix=prefix)
+    elif layout != "diffusers":
+        raise ValueError(f"layout must be 'diffusers' or 'comfyui', got {layout!r}")
+    path = Path(path)
+    save_file(sd, path, metadata={"format": "pt", CONFIG_KEY: json.dumps(model.config.to_dict())})
+    return path
