@@ -26,3 +26,14 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tmp_path_factory):
+    """A small random-weight ZImage (fp32, CPU) with fast defaults: 128x128, 2 steps, CFG 2."""
+    from zimage_core.pipeline import Defaults, ZImage
+
+    pipe = ZImage.random(tmp_path_factory.mktemp("tiny") / "pipe", seed=0, device="cpu", dtype=torch.float32)
+    fast = Defaults(steps=2, cfg_scale=2.0, shift=3.0, width=128, height=128)
+    pipe.presets = {"runware:z-image@0": fast, "z-image-turbo": fast}
+    return pipe

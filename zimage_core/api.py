@@ -1,0 +1,219 @@
+"""``ZImage.infer``: run one ``imageInference`` task and build the spec's response objects.
+
+Pluggable server pieces live in :class:`ServerConfig` (``pipe.server``): where ``URL`` outputs are stored, the price
+per device-hour for ``includeCost``, a content checker for ``safety``, a face detector for ``ultralytics``, a LoRA
+resolver. Anything a request asks for that is not configured is a :class:`RequestError` naming the field, never a
+silent default (decisions.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from . import images as imgs
+from .errors import RequestError
+from .request import validate_request
+
+log = logging.getLogger("zimage_core.api")
+
+
+class LocalImageStore:
+    """Default store for ``outputType: URL``: files in a local folder, returned as ``file://`` URLs.
+
+    ``ttl`` (seconds) marks an output for removal; expired files are deleted on the next ``put`` or ``purge``.
+    Folder: ``$ZIMAGE_OUTPUT_DIR``, else ``<cache>/zimage-fast/outputs``.
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        from .default_model import cache_dir
+
+        self.folder = Path(folder or os.environ.get("ZIMAGE_OUTPUT_DIR") or cache_dir() / "outputs").expanduser()
+        self._expiry: dict[Path, float] = {}
+        self._lock = threading.Lock()
+
+    def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{image_uuid}.{extension}"
+        path.write_bytes(data)
+        with self._lock:
+            if ttl is not None:
+                self._expiry[path] = time.time() + ttl
+        self.purge()
+        return path.resolve().as_uri()
+
+    def purge(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._lock:
+            expired = [p for p, t in self._expiry.items() if t <= now]
+            for p in expired:
+                p.unlink(missing_ok=True)
+                del self._expiry[p]
+        return len(expired)
+
+
+@dataclass
+class ServerConfig:
+    image_store: LocalImageStore | None = None  # anything with put(image_uuid, data, extension, ttl) -> url
+    price_per_device_hour: float | None = None  # USD; None: $ZIMAGE_PRICE_PER_DEVICE_HOUR or no cost field
+    content_checker: Callable[[Image.Image], bool] | None = None  # returns True when NSFW
+    face_detector: Callable | None = None  # image -> [(x0, y0, x1, y1, confidence)]
+    lora_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> LoRA weights
+    http_timeout_s: float = 30.0
+    tasks: dict = field(default_factory=dict)  # async tasks by taskUUID
+
+    def price(self) -> float | None:
+        if self.price_per_device_hour is not None:
+            return self.price_per_device_hour
+        env = os.environ.get("ZIMAGE_PRICE_PER_DEVICE_HOUR")
+        return float(env) if env else None
+
+
+def _http(method: str, url: str, data: bytes, content_type: str, timeout: float) -> None:
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the URL is the caller's own endpoint
+        resp.read()
+
+
+def infer(pipe, request: dict, config: ServerConfig | None = None) -> list[dict]:
+    """Validate and run one imageInference task. Raises RequestError for invalid requests."""
+    config = config or getattr(pipe, "server", None) or ServerConfig()
+    v = validate_request(
+        request,
+        model_defaults=pipe.defaults,
+        has_checker=config.content_checker is not None,
+        has_face_detector=config.face_detector is not None,
+        lora_resolver=config.lora_resolver,
+    )
+    r = v.raw
+    if r["deliveryMethod"] == "async":
+        task = r["taskUUID"]
+        config.tasks[task] = {"status": "processing"}
+
+        def run():
+            try:
+                config.tasks[task] = {"status": "success", "data": _run(pipe, v, config)}
+            except Exception as e:  # reported through get_response, not lost in a thread
+                config.tasks[task] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+
+        threading.Thread(target=run, daemon=True).start()
+        return [{"taskType": "imageInference", "taskUUID": task, "status": "processing"}]
+    return _run(pipe, v, config)
+
+
+def get_response(config: ServerConfig, task_uuid: str) -> dict:
+    """Poll an async task: {"status": "processing" | "success" | "error", "data": [...] | "error": str}."""
+    if task_uuid not in config.tasks:
+        raise RequestError("taskUUID", f"no async task {task_uuid}")
+    return config.tasks[task_uuid]
+
+
+def _run(pipe, v, config: ServerConfig) -> list[dict]:
+    r = v.raw
+    inputs = r.get("inputs", {})
+    seed = r.get("seed", random.randrange(2**32))
+    cache = None
+    if v.cache is not None:
+        cache = _step_cache(v, pipe)
+    t0 = pipe._sync_time()
+    kwargs = dict(
+        negative_prompt=r.get("negativePrompt"),
+        steps=v.steps,
+        cfg_scale=v.cfg_scale,
+        seed=seed,
+        scheduler=r["scheduler"],
+        number_results=r["numberResults"],
+        model=r["model"],
+        cache=cache,
+    )
+    if "width" in r:
+        kwargs.update(width=r["width"], height=r["height"])
+    if "seedImage" in inputs:
+        kwargs.update(
+            seed_image=imgs.load_image(inputs["seedImage"], "inputs.seedImage", pipe.outputs),
+            strength=r.get("strength"),
+        )
+    if "maskImage" in inputs:
+        kwargs["mask_image"] = imgs.load_image(inputs["maskImage"], "inputs.maskImage", pipe.outputs)
+    if "maskMargin" in r:
+        kwargs["mask_margin"] = r["maskMargin"]
+    if "outpaint" in r:
+        kwargs["outpaint"] = r["outpaint"]
+    try:
+        result = pipe.generate(r["positivePrompt"], **kwargs)
+    except RequestError as e:  # generate() names its own arguments; map them back to the request's fields
+        raise RequestError(_REQUEST_FIELD.get(e.field, e.field), e.message) from None
+    device_seconds = pipe._sync_time() - t0
+
+    price = config.price() if r["includeCost"] else None
+    if r["includeCost"] and price is None:
+        warnings.warn(
+            "includeCost: no price per device-hour is configured (ServerConfig.price_per_device_hour or "
+            "$ZIMAGE_PRICE_PER_DEVICE_HOUR), so the response has no cost field",
+            stacklevel=2,
+        )
+    fmt, quality = r["outputFormat"], r["outputQuality"]
+    responses = []
+    for image, s in zip(result.images, result.seeds):
+        image_uuid = str(uuid.uuid4())
+        data = imgs.encode_image(image, fmt, quality)
+        resp = {"taskType": "imageInference", "taskUUID": r["taskUUID"], "imageUUID": image_uuid, "seed": s}
+        if r["outputType"] == "base64Data":
+            resp["imageBase64Data"] = imgs.data_uri(data, fmt).split(",", 1)[1]
+        elif r["outputType"] == "dataURI":
+            resp["imageDataURI"] = imgs.data_uri(data, fmt)
+        else:
+            store = config.image_store or LocalImageStore()
+            config.image_store = store
+            resp["imageURL"] = store.put(image_uuid, data, imgs.FORMATS[fmt][2], r.get("ttl"))
+        safety = r.get("safety", {})
+        if safety.get("checkContent") or safety.get("mode") == "fast":
+            resp["NSFWContent"] = bool(config.content_checker(image))
+        if price is not None:
+            resp["cost"] = round(device_seconds / len(result.images) * price / 3600, 8)
+        if "uploadEndpoint" in r:
+            try:
+                _http("PUT", r["uploadEndpoint"], data, imgs.FORMATS[fmt][1], config.http_timeout_s)
+            except Exception as e:
+                raise RequestError("uploadEndpoint", f"upload (HTTP PUT) failed: {e}") from None
+        pipe.outputs.put(image_uuid, image)
+        responses.append(resp)
+        if "webhookURL" in r:  # one POST per result, as it becomes available; failures are logged, not fatal
+            try:
+                _http("POST", r["webhookURL"], json.dumps(resp).encode(), "application/json", config.http_timeout_s)
+            except Exception as e:
+                log.warning("webhookURL %s: POST failed: %s", r["webhookURL"], e)
+    return responses
+
+
+def _step_cache(v, pipe):
+    try:
+        from kernels.cache import from_request
+    except ImportError:
+        method = v.cache["method"]
+        raise RequestError(f"acceleratorOptions.{method}Cache", "step caches are not available in this build") from None
+    return from_request(v.cache, v.cache_window, v.steps, pipe)
+
+
+# generate() argument -> request field, for errors raised inside generate()
+_REQUEST_FIELD = {
+    "prompt": "positivePrompt",
+    "negative_prompt": "negativePrompt",
+    "cfg_scale": "CFGScale",
+    "number_results": "numberResults",
+    "seed_image": "inputs.seedImage",
+    "mask_image": "inputs.maskImage",
+    "mask_margin": "maskMargin",
+}

@@ -1,0 +1,237 @@
+"""Input images (base64, data URIs, earlier outputs), masks, inpainting crops, outpainting canvases, output encoding."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .errors import RequestError
+
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+DATA_URI_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
+MAX_INPUT_BYTES = 64 * 2**20  # decoded input image size limit
+MAX_INPUT_PIXELS = 4096 * 4096
+FORMATS = {
+    "JPG": ("JPEG", "image/jpeg", "jpg"),
+    "PNG": ("PNG", "image/png", "png"),
+    "WEBP": ("WEBP", "image/webp", "webp"),
+}
+
+
+class OutputCache:
+    """Earlier outputs of one ZImage by imageUUID (bounded, thread-safe), so requests can reference them."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._items: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, uuid: str, image: Image.Image) -> None:
+        with self._lock:
+            self._items[uuid.lower()] = image
+            self._items.move_to_end(uuid.lower())
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, uuid: str) -> Image.Image | None:
+        with self._lock:
+            return self._items.get(uuid.lower())
+
+
+def load_image(value, field: str, outputs: OutputCache | None = None, allow_paths: bool = False) -> Image.Image:
+    """Decode an input image: a PIL image, a data URI, base64, an imageUUID of an earlier output, or (Python API
+    only) a local path. Remote URLs are refused: fetching them from a GPU server is an SSRF hole (decisions.md)."""
+    if isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(field, "must be a base64 image, a data URI or the imageUUID of an earlier output")
+    value = value.strip()
+    if UUID_RE.match(value):
+        image = outputs.get(value) if outputs is not None else None
+        if image is None:
+            raise RequestError(field, f"no earlier output with imageUUID {value} is held by this model")
+        return image
+    if value.lower().startswith(("http://", "https://", "ftp://", "file://")):
+        raise RequestError(field, "fetching images from URLs is disabled; send base64, a data URI or an imageUUID")
+    if allow_paths and len(value) < 4096 and not DATA_URI_RE.match(value):
+        from pathlib import Path
+
+        p = Path(value).expanduser()
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") and p.exists():
+            return _open(p.read_bytes(), field)
+    payload = DATA_URI_RE.sub("", value, count=1)
+    if len(payload) > MAX_INPUT_BYTES * 4 // 3 + 4:
+        raise RequestError(field, f"image is larger than {MAX_INPUT_BYTES // 2**20} MiB")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "is neither valid base64, a data URI nor an imageUUID") from None
+    return _open(raw, field)
+
+
+def _open(raw: bytes, field: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > MAX_INPUT_PIXELS:
+                raise RequestError(field, f"image of {im.width}x{im.height} exceeds {MAX_INPUT_PIXELS} pixels")
+            im.load()
+            return im.copy()
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise RequestError(field, f"could not be decoded as an image ({type(e).__name__})") from None
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95) -> bytes:
+    pil_fmt = FORMATS[fmt][0]
+    buf = io.BytesIO()
+    im = image.convert("RGB") if pil_fmt == "JPEG" else image
+    kwargs = {"quality": quality} if pil_fmt in ("JPEG", "WEBP") else {}
+    im.save(buf, format=pil_fmt, **kwargs)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, fmt: str) -> str:
+    return f"data:{FORMATS[fmt][1]};base64,{base64.b64encode(data).decode()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Working inputs: what the sampler sees (seed image tensor, mask) and how the output is put back together
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    width: int
+    height: int
+    image: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1] at the working size
+    mask: torch.Tensor | None = None  # [1, 1, H, W] binary, 1 = repaint
+    paste: tuple | None = None  # (original PIL, box, box-size mask PIL) for mask-margin crops
+
+    def mask_latents(self, pipe) -> torch.Tensor:
+        m = pipe.size_multiple
+        return F.interpolate(self.mask, size=(2 * (self.height // m), 2 * (self.width // m)), mode="nearest")
+
+    def finish(self, generated: Image.Image) -> Image.Image:
+        """The output image: for a mask-margin crop, the generated crop pasted back into the original."""
+        if self.paste is None:
+            return generated
+        original, box, mask = self.paste
+        out = original.convert("RGB").copy()
+        patch = generated.resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS)
+        out.paste(patch, box[:2], mask)
+        return out
+
+
+def _round_down(v: int, m: int) -> int:
+    return max(m, v // m * m)
+
+
+def _check_outpaint(outpaint) -> tuple[int, int, int, int]:
+    if not isinstance(outpaint, dict):
+        raise RequestError("outpaint", "must be an object with top/bottom/left/right pixel counts")
+    unknown = set(outpaint) - {"top", "bottom", "left", "right"}
+    if unknown:
+        raise RequestError(f"outpaint.{sorted(unknown)[0]}", "unknown field; allowed: top, bottom, left, right")
+    vals = []
+    for side in ("top", "bottom", "left", "right"):
+        v = outpaint.get(side, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 4096:
+            raise RequestError(f"outpaint.{side}", f"must be an integer in [0, 4096], got {v!r}")
+        vals.append(v)
+    return tuple(vals)
+
+
+def _expand_box(box, margin, target_aspect, size):
+    """box (x0, y0, x1, y1) grown by margin, then to the target aspect ratio, clamped to the image."""
+    W, H = size
+    x0, y0, x1, y1 = max(0, box[0] - margin), max(0, box[1] - margin), min(W, box[2] + margin), min(H, box[3] + margin)
+    bw, bh = x1 - x0, y1 - y0
+    if bw / bh < target_aspect:  # too tall: widen
+        bw = min(W, round(bh * target_aspect))
+    else:
+        bh = min(H, round(bw / target_aspect))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    x0 = int(min(max(0, round(cx - bw / 2)), W - bw))
+    y0 = int(min(max(0, round(cy - bh / 2)), H - bh))
+    return x0, y0, x0 + bw, y0 + bh
+
+
+def prepare_inputs(
+    pipe, *, seed_image, mask_image, mask_margin, outpaint, width, height, default_size, allow_paths=True
+) -> Work:
+    """Resolve the conditioning images into a :class:`Work` at the working resolution."""
+    m = pipe.size_multiple
+    if (width is None) != (height is None):
+        raise RequestError("width" if width is None else "height", "width and height must be given together")
+    if seed_image is None:
+        for name, v in (("mask_image", mask_image), ("mask_margin", mask_margin), ("outpaint", outpaint)):
+            if v is not None:
+                raise RequestError(name, "needs a seed image")
+        w, h = (width, height) if width is not None else default_size
+        return Work(w, h)
+
+    image = load_image(seed_image, "seed_image", pipe.outputs, allow_paths).convert("RGB")
+    mask = None
+    if mask_image is not None:
+        mask = load_image(mask_image, "mask_image", pipe.outputs, allow_paths).convert("L")
+        if mask.size != image.size:
+            mask = mask.resize(image.size, Image.NEAREST)
+
+    if outpaint is not None:
+        top, bottom, left, right = _check_outpaint(outpaint)
+        W, H = image.width + left + right, image.height + top + bottom
+        if width is not None and (width, height) != (W, H):
+            raise RequestError(
+                "outpaint",
+                f"final size {width}x{height} must equal the seed image {image.width}x{image.height} plus the "
+                f"extensions (left+right {left + right}, top+bottom {top + bottom}) = {W}x{H}",
+            )
+        if W % m or H % m:
+            raise RequestError("outpaint", f"the extended canvas {W}x{H} must be a multiple of {m} in both sides")
+        arr = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
+        keep = np.zeros((H, W), dtype=np.uint8)
+        keep[top : top + image.height, left : left + image.width] = 255
+        new_mask = 255 - keep
+        if mask is not None:  # a mask on the original region is combined with the new margins
+            new_mask[top : top + image.height, left : left + image.width] = np.asarray(mask)
+        image, mask = Image.fromarray(arr), Image.fromarray(new_mask)
+        width, height = W, H
+
+    paste = None
+    if mask_margin is not None:
+        if mask is None:
+            raise RequestError("mask_margin", "needs a mask image")
+        marr = np.asarray(mask) > 127
+        if not marr.any():
+            raise RequestError("mask_image", "the mask has no white (to repaint) pixels")
+        ys, xs = np.nonzero(marr)
+        tw, th = (width, height) if width is not None else (_round_down(image.width, m), _round_down(image.height, m))
+        box = _expand_box(
+            (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), mask_margin, tw / th, image.size
+        )
+        paste = (image, box, mask.crop(box).point(lambda v: 255 if v > 127 else 0))
+        image, mask = image.crop(box), mask.crop(box)
+        width, height = tw, th
+    elif width is None:
+        if image.width < m or image.height < m:
+            raise RequestError("seed_image", f"must be at least {m}x{m} pixels, got {image.width}x{image.height}")
+        width, height = _round_down(image.width, m), _round_down(image.height, m)
+
+    tensor = pipe.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    mask_t = None
+    if mask is not None:
+        mask_t = pipe.mask_processor.preprocess(mask, height=height, width=width).to(torch.float32)
+        if not (mask_t > 0.5).any() and outpaint is None:
+            raise RequestError("mask_image", "the mask has no white (to repaint) pixels")
+    return Work(width, height, tensor, mask_t, paste)

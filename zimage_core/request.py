@@ -1,0 +1,334 @@
+"""Validation of ``imageInference`` requests (../shared/spec/imageInference-api.md, ../shared/docs/decisions.md).
+
+Every field of the spec is described once in :data:`SCHEMA` (type, range, default, enum); :func:`validate_request`
+checks a request against it, applies the cross-field rules (width/height together, step windows, which options
+need which inputs, ...) and returns a normalised copy with defaults filled in. Every failure is a
+:class:`RequestError` whose ``field`` is the dotted path of the offending parameter and whose message gives the
+allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RequestError
+
+UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.IGNORECASE)
+URI_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
+SEED_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # int | float | bool | str | enum | uuid4 | uri | object | array
+    required: bool = False
+    default: Any = None
+    lo: float | None = None
+    hi: float | None = None
+    multiple: int | None = None
+    choices: tuple = ()
+    min_len: int | None = None
+    max_len: int | None = None
+    fields: dict = field(default_factory=dict)  # for objects
+    item: Field | None = None  # for arrays
+    max_items: int | None = None
+
+
+def _range_text(f: Field) -> str:
+    if f.lo is not None and f.hi is not None:
+        text = f"[{f.lo:g}, {f.hi:g}]"
+    elif f.lo is not None:
+        text = f">= {f.lo:g}"
+    else:
+        text = f"<= {f.hi:g}"
+    return text + (f" in steps of {f.multiple}" if f.multiple else "")
+
+
+WINDOW = {
+    "StartStep": Field("int", lo=0),
+    "EndStep": Field("int", lo=1),
+    "StartStepPercentage": Field("int", lo=0, hi=99),
+    "EndStepPercentage": Field("int", lo=1, hi=100),
+}
+
+SCHEDULERS = (
+    "DDIM", "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "Default", "DPM++", "DPM++ 2M",
+    "DPM++ 2M Beta", "DPM++ 2M Exponential", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Beta",
+    "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Uniform", "DPM++ 2M Uniform", "DPM++ 3M",
+    "DPM++ 3M Beta", "DPM++ 3M Exponential", "DPM++ 3M Karras", "DPM++ 3M SDE Uniform", "DPM++ 3M Uniform",
+    "DPM++ Beta", "DPM++ Exponential", "DPM++ Karras", "DPM++ SDE", "DPM++ SDE Beta", "DPM++ SDE Exponential",
+    "DPM++ SDE Karras", "DPM++ Uniform", "DPM++ Uniform Beta", "DPM++ Uniform Exponential", "DPM++ Uniform Karras",
+    "DPMSolverMultistepInverse", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "Euler", "Euler a", "Euler Beta",
+    "Euler DiscreteScheduler", "Euler Exponential", "Euler Karras", "EulerAncestralDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler", "Heun", "HeunDiscreteScheduler", "Heun Karras", "IPNDMScheduler",
+    "IPNDM Uniform", "IPNDM Uniform Beta", "IPNDM Uniform Exponential", "IPNDM Uniform Karras",
+    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCM", "LCMScheduler", "LMS", "LMSDiscreteScheduler",
+    "LMS Karras", "PNDMScheduler", "TCDScheduler", "UniPC", "UniPC 2M", "UniPC 2M Karras", "UniPC 2M Uniform",
+    "UniPC 3M", "UniPC 3M Karras", "UniPC 3M Uniform", "UniPC Karras", "UniPC Uniform", "UniPC Uniform Beta",
+    "UniPC Uniform Exponential", "UniPC Uniform Karras",
+)  # fmt: skip
+
+SCHEMA: dict[str, Field] = {
+    # API options
+    "taskType": Field("enum", required=True, choices=("imageInference",)),
+    "taskUUID": Field("uuid4", required=True),
+    "outputType": Field("enum", default="URL", choices=("URL", "base64Data", "dataURI")),
+    "outputFormat": Field("enum", default="JPG", choices=("JPG", "PNG", "WEBP")),
+    "outputQuality": Field("int", default=95, lo=20, hi=99),
+    "webhookURL": Field("uri"),
+    "deliveryMethod": Field("enum", default="sync", choices=("sync", "async")),
+    "uploadEndpoint": Field("uri"),
+    "safety": Field("object", fields={
+        "checkContent": Field("bool", default=False),
+        "mode": Field("enum", default="none", choices=("none", "fast")),
+    }),
+    "ttl": Field("int", lo=60),
+    "includeCost": Field("bool", default=False),
+    "numberResults": Field("int", default=1, lo=1, hi=20),
+    "acceleratorOptions": Field("object", fields={
+        **{f"cache{k}": v for k, v in WINDOW.items()},
+        "cacheMaxConsecutiveSteps": Field("int", default=3, lo=1, hi=5),
+        "fbCache": Field("bool", default=False),
+        "fbCacheThreshold": Field("float", default=0.25, lo=0, hi=1),
+        "teaCache": Field("bool", default=False),
+        "teaCacheDistance": Field("float", default=0.5, lo=0, hi=1),
+        "dbCache": Field("bool", default=False),
+        "dbCacheThreshold": Field("float", default=0.25, lo=0, hi=1),
+        "dbCacheSkipInterval": Field("int", default=5, lo=1, hi=1000),
+    }),
+    # inputs
+    "inputs": Field("object", fields={"seedImage": Field("str", min_len=1), "maskImage": Field("str", min_len=1)}),
+    # generation parameters
+    "model": Field("str", required=True, min_len=1),
+    "positivePrompt": Field("str", required=True, min_len=2, max_len=3000),
+    "negativePrompt": Field("str", min_len=2, max_len=3000),
+    "width": Field("int", lo=128, hi=2048, multiple=16),
+    "height": Field("int", lo=128, hi=2048, multiple=16),
+    "seed": Field("int", lo=0, hi=SEED_MAX),
+    "steps": Field("int", lo=1, hi=50),
+    "scheduler": Field("enum", default="Default", choices=SCHEDULERS),
+    "CFGScale": Field("float", lo=0, hi=20),
+    "strength": Field("float", lo=0, hi=1),
+    "maskMargin": Field("int", lo=32, hi=128),
+    "outpaint": Field("object", fields={s: Field("int", lo=0, hi=4096) for s in ("top", "bottom", "left", "right")}),
+    "lora": Field("array", max_items=8, item=Field("object", fields={
+        "model": Field("str", required=True, min_len=1),
+        "weight": Field("float", default=1.0, lo=-4, hi=4),
+        "transformer": Field("enum", default="both", choices=("high", "low", "both")),
+    })),
+    "controlNet": Field("array", max_items=8, item=Field("object", fields={
+        "model": Field("str", required=True, min_len=1),
+        "guideImage": Field("str", required=True, min_len=1),
+        "weight": Field("float", default=1.0, lo=-4, hi=4),
+        "controlMode": Field("enum", default="balanced", choices=("balanced", "controlnet", "prompt")),
+        **WINDOW,
+    })),
+    "ultralytics": Field("object", fields={
+        "CFGScale": Field("float", default=8.0, lo=0, hi=50),
+        "confidence": Field("float", default=0.9, lo=0, hi=1),
+        "maskBlur": Field("int", default=5, lo=0, hi=100),
+        "maskPadding": Field("int", default=5, lo=0, hi=20),
+        "negativePrompt": Field("str", max_len=3000),
+        "positivePrompt": Field("str", max_len=3000),
+        "steps": Field("int", default=20, lo=1, hi=100),
+        "strength": Field("float", default=0.3, lo=0, hi=1),
+    }),
+}  # fmt: skip
+
+
+def _check(value, f: Field, path: str):
+    """Type and range check of one value; returns the normalised value."""
+    k = f.kind
+    if k == "bool":
+        if not isinstance(value, bool):
+            raise RequestError(path, f"must be a boolean (true/false), got {value!r}")
+        return value
+    if k == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                value = int(value)  # JSON clients often send 512.0
+            else:
+                raise RequestError(path, f"must be an integer {_range_text(f)}, got {value!r}")
+    elif k == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(path, f"must be a number {_range_text(f)}, got {value!r}")
+        value = float(value)
+    if k in ("int", "float"):
+        if (f.lo is not None and value < f.lo) or (f.hi is not None and value > f.hi):
+            raise RequestError(path, f"must be {_range_text(f)}, got {value}")
+        if f.multiple and value % f.multiple:
+            raise RequestError(path, f"must be a multiple of {f.multiple} ({_range_text(f)}), got {value}")
+        return value
+    if k in ("str", "enum", "uuid4", "uri"):
+        if not isinstance(value, str):
+            raise RequestError(path, f"must be a string, got {type(value).__name__}")
+        if k == "enum" and value not in f.choices:
+            raise RequestError(path, _enum_message(value, f.choices))
+        if k == "uuid4" and not UUID4_RE.match(value):
+            raise RequestError(path, f"must be a UUID v4 (xxxxxxxx-xxxx-4xxx-[89ab]xxx-xxxxxxxxxxxx), got {value!r}")
+        if k == "uri" and not URI_RE.match(value):
+            raise RequestError(path, f"must be an http(s) URI, got {value!r}")
+        n = len(value)
+        if (f.min_len is not None and n < f.min_len) or (f.max_len is not None and n > f.max_len):
+            hi = f.max_len if f.max_len is not None else "inf"
+            raise RequestError(path, f"length must be in [{f.min_len or 0}, {hi}] characters, got {n}")
+        return value
+    if k == "object":
+        if not isinstance(value, dict):
+            raise RequestError(path, f"must be an object, got {type(value).__name__}")
+        return _check_object(value, f.fields, path + ".")
+    if k == "array":
+        if not isinstance(value, list):
+            raise RequestError(path, f"must be an array, got {type(value).__name__}")
+        if f.max_items is not None and len(value) > f.max_items:
+            raise RequestError(path, f"at most {f.max_items} entries, got {len(value)}")
+        return [_check(v, f.item, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise AssertionError(k)
+
+
+def _enum_message(value, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+    if not close:
+        close = [c for c in choices if c.lower() == str(value).lower()]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    listed = ", ".join(choices) if len(choices) <= 8 else f"{len(choices)} allowed names, see the spec"
+    return f"{value!r} is not allowed ({listed}){hint}"
+
+
+def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RequestError(prefix + unknown[0], f"unknown field{hint}")
+    out = {}
+    for name, f in fields.items():
+        if name not in obj or obj[name] is None:
+            if f.required:
+                raise RequestError(prefix + name, "is required")
+            if f.default is not None:
+                out[name] = f.default
+            continue
+        out[name] = _check(obj[name], f, prefix + name)
+    return out
+
+
+def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int, int] | None:
+    """A half-open [start, end) step window from absolute or percentage bounds (decisions.md), or None if unset."""
+    bounds = {}
+    for b in ("Start", "End"):
+        a, p = f"{prefix}{b}Step", f"{prefix}{b}StepPercentage"
+        if a in opts and p in opts:
+            raise RequestError(f"{path}{a}", f"give either {a} or {p}, not both")
+        if a in opts:
+            bounds[b] = opts[a]
+        elif p in opts:
+            bounds[b] = math.floor(opts[p] * steps / 100)
+    if not bounds:
+        return None
+    start, end = bounds.get("Start", 0), bounds.get("End", steps)
+    if end > steps:
+        raise RequestError(f"{path}{prefix}EndStep", f"must be <= steps ({steps}), got {end}")
+    if start >= end:
+        raise RequestError(f"{path}{prefix}StartStep", f"must be < the end step ({end}), got {start}")
+    return start, end
+
+
+@dataclass
+class ValidRequest:
+    raw: dict  # normalised request (defaults filled)
+    steps: int
+    cfg_scale: float
+    cache: dict | None  # {"method": "fb"|"tea"|"db", ...} when a step cache is requested
+    cache_window: tuple[int, int] | None
+
+
+def validate_request(
+    request, *, model_defaults, has_checker=False, has_face_detector=False, lora_resolver=None
+) -> ValidRequest:
+    """Check a request dict against the spec; returns the normalised request. Raises RequestError."""
+    if not isinstance(request, dict):
+        raise RequestError("request", f"must be a JSON object, got {type(request).__name__}")
+    r = _check_object(request, SCHEMA, "")
+    try:
+        defaults = model_defaults(r["model"])
+    except RequestError:
+        raise
+    steps = r.get("steps", defaults.steps)
+    cfg_scale = r.get("CFGScale", defaults.cfg_scale)
+
+    if ("width" in r) != ("height" in r):
+        raise RequestError("height" if "width" in r else "width", "width and height must be given together")
+    inputs = r.get("inputs", {})
+    seed_image = inputs.get("seedImage")
+    if "maskImage" in inputs and seed_image is None:
+        raise RequestError("inputs.maskImage", "needs inputs.seedImage (the image to inpaint)")
+    if "maskMargin" in r and "maskImage" not in inputs:
+        raise RequestError("maskMargin", "needs inputs.maskImage")
+    if "outpaint" in r and seed_image is None:
+        raise RequestError("outpaint", "needs inputs.seedImage (the image to extend)")
+    if "strength" in r and seed_image is None:
+        raise RequestError("strength", "only applies with inputs.seedImage (image-to-image, inpainting, outpainting)")
+    if r["scheduler"] == "DPMSolverMultistepInverse" and seed_image is None:
+        raise RequestError(
+            "scheduler", "DPMSolverMultistepInverse inverts a seed image to noise: give inputs.seedImage"
+        )
+    if "ttl" in r and r["outputType"] != "URL":
+        raise RequestError("ttl", f"only applies with outputType URL (got outputType {r['outputType']!r})")
+    if r["deliveryMethod"] == "async" and r["numberResults"] < 1:
+        raise RequestError("deliveryMethod", "async needs at least one result")
+
+    safety = r.get("safety", {})
+    if (safety.get("checkContent") or safety.get("mode") == "fast") and not has_checker:
+        raise RequestError("safety.checkContent", "no content checker is configured on this server")
+    if "ultralytics" in r and not has_face_detector:
+        raise RequestError("ultralytics", "no face detector is configured on this server")
+    for i, lora in enumerate(r.get("lora", [])):
+        if lora_resolver is None:
+            raise RequestError(f"lora[{i}].model", "no LoRA store is configured on this server")
+        lora_resolver(lora["model"], f"lora[{i}].model")
+    for i, cn in enumerate(r.get("controlNet", [])):
+        resolve_window(cn, "", steps, f"controlNet[{i}].")
+        raise RequestError(f"controlNet[{i}].model", "ControlNet is not supported by this server")
+
+    accel = r.get("acceleratorOptions")
+    cache, window = None, None
+    if accel is not None:
+        on = [m for m in ("fbCache", "teaCache", "dbCache") if accel.get(m)]
+        if len(on) > 1:
+            raise RequestError(f"acceleratorOptions.{on[1]}", f"only one step cache at a time (got {', '.join(on)})")
+        given = {k for k in request.get("acceleratorOptions", {}) if request["acceleratorOptions"][k] is not None}
+        owners = {
+            "fbCacheThreshold": "fbCache",
+            "teaCacheDistance": "teaCache",
+            "dbCacheThreshold": "dbCache",
+            "dbCacheSkipInterval": "dbCache",
+        }
+        for key, owner in owners.items():
+            if key in given and not accel.get(owner):
+                raise RequestError(f"acceleratorOptions.{key}", f"has no effect without {owner}: true")
+        window = resolve_window(accel, "cache", steps, "acceleratorOptions.")
+        if on:
+            method = on[0]
+            cache = {"method": method[:-5], "max_consecutive": accel["cacheMaxConsecutiveSteps"]}
+            cache["threshold"] = {
+                "fbCache": accel["fbCacheThreshold"],
+                "teaCache": accel["teaCacheDistance"],
+                "dbCache": accel["dbCacheThreshold"],
+            }[method]
+            if method == "dbCache":
+                cache["skip_interval"] = accel["dbCacheSkipInterval"]
+        elif given - {"cacheMaxConsecutiveSteps"}:
+            key = sorted(given)[0]
+            raise RequestError(
+                f"acceleratorOptions.{key}", "has no effect without a step cache (fbCache, teaCache or dbCache: true)"
+            )
+    return ValidRequest(r, steps, cfg_scale, cache, window)
