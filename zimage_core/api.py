@@ -204,7 +204,7 @@ def _step_cache(v, pipe):
     except ImportError:
         method = v.cache["method"]
         raise RequestError(f"acceleratorOptions.{method}Cache", "step caches are not available in this build") from None
-    return from_request(v.cache, v.cache_window, v.steps, pipe)
+    return from_request(v.cache, v.cache_window, v.steps, pipe, preset=v.raw["model"])
 
 
 # generate() argument -> request field, for errors raised inside generate()

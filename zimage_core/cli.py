@@ -108,7 +108,7 @@ def _generate(pipe, args) -> int:
     if args.cache:
         from kernels.cache import CacheConfig
 
-        cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold)
+        cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
     result = pipe.generate(
         args.prompt,
         negative_prompt=args.negative_prompt,

@@ -455,7 +455,8 @@ class ZImage:
                 x = sig * noise + (1.0 - sig) * x0  # diffusers' scale_noise
             else:
                 x = noise
-            cache_state = cache.new_state() if cache is not None else None
+            # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
+            cache_state = cache.new_state(num_steps=steps, start_step=t_start) if cache is not None else None
             denoise = self._denoiser(
                 ctx_pos,
                 ctx_neg,
@@ -465,7 +466,7 @@ class ZImage:
                 stats,
                 main_layers=None if cache_state is None else cache_state.main_layers,
             )
-            counted = _counting(denoise)
+            counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
             mask_lat = None if work.mask is None else work.mask_latents(self).to(self.device)
 
             def on_step(info, _x0=x0, _noise=noise, _mask=mask_lat, _cache=cache_state):

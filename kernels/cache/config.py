@@ -1,0 +1,169 @@
+"""One immutable config per method. A config is shareable (threads, requests); ``new_state()`` makes the
+per-request state that holds every tensor and counter (``state.py``).
+
+Defaults follow ../shared/docs/decisions.md (the request API's defaults): FBCache threshold 0.25, TeaCache distance
+0.5, DBCache threshold 0.25 with skip interval 5, at most 3 reused steps in a row. DBCache's ``fn``/``bn`` (first
+blocks always computed and measured, last blocks always computed) are library parameters; their defaults were picked
+with ``python -m bench cache --db-split`` (see ``DB_DEFAULT_SPLIT`` below) and differ from FBCache's ``(1, 0)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
+
+from .policy import Rules
+
+# DBCache (Fn, Bn) default: measured with `python -m bench cache --db-split` (see kernels/cache/README.md).
+DB_DEFAULT_SPLIT = (2, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Common knobs. ``threshold``: higher reuses more (all three methods). ``window``: half-open [start, end) in
+    absolute schedule steps, None = the whole run. ``max_consecutive``: reused steps in a row before a full compute."""
+
+    method: ClassVar[str] = ""
+    threshold: float = 0.25
+    max_consecutive: int = 3
+    window: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        self.rules()  # validates threshold / max_consecutive / window / skip interval
+
+    # ---- policy inputs -------------------------------------------------------------------------------------------
+    def rules(self) -> Rules:
+        return Rules(
+            threshold=float(self.threshold),
+            max_consecutive=int(self.max_consecutive),
+            window=None if self.window is None else (int(self.window[0]), int(self.window[1])),
+        )
+
+    def split(self, n_layers: int) -> tuple[int, int]:
+        """(head, tail): main layers always run before / after the cached middle range."""
+        raise NotImplementedError
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def new_state(self, num_steps: int | None = None, start_step: int = 0):
+        """Fresh per-request state. ``num_steps``: length of the schedule (the last step always computes);
+        ``start_step``: absolute index of the run's first step (image-to-image starts later)."""
+        from .state import CacheState
+
+        return CacheState(self, num_steps=num_steps, start_step=start_step)
+
+    def describe(self) -> dict:
+        d = {"method": self.method, **asdict(self)}
+        if d.get("window") is not None:
+            d["window"] = list(d["window"])
+        return d
+
+    def with_(self, **changes) -> CacheConfig:
+        return replace(self, **changes)
+
+    # ---- construction --------------------------------------------------------------------------------------------
+    @staticmethod
+    def for_method(method: str, threshold: float | None = None, *, pipe=None, preset: str | None = None, **kw):
+        """``fb`` | ``tea`` | ``db`` with that method's defaults; ``threshold=None`` keeps the default.
+
+        With ``pipe`` (a ``ZImage``), TeaCache takes the calibrated coefficients for that model and ``preset``
+        (``kernels/cache/tea_coefficients.json``); without, or when none are stored, the identity rescaling."""
+        if method not in CONFIGS:
+            raise ValueError(f"unknown cache method {method!r}; known: {sorted(CONFIGS)}")
+        cls = CONFIGS[method]
+        if threshold is not None:
+            kw["threshold"] = threshold
+        if cls is TeaCacheConfig and pipe is not None and "coefficients" not in kw:
+            from .teacache import lookup
+
+            coeffs = lookup(pipe, preset)
+            kw.update(coefficients=coeffs.coefficients, coefficients_source=coeffs.source)
+        return cls(**kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FBCacheConfig(CacheConfig):
+    """First Block Cache: run main layer 0; reuse the cached residual of layers 1.. when the relative L1 change of
+    layer 0's residual against the last *computed* step is below the threshold."""
+
+    method: ClassVar[str] = "fb"
+    threshold: float = 0.25
+
+    def split(self, n_layers: int) -> tuple[int, int]:
+        return 1, 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeaCacheConfig(CacheConfig):
+    """TeaCache: accumulated, polynomial-rescaled relative L1 change of main layer 0's timestep-modulated input
+    (step to step); reuse the whole main stack's residual while the accumulator stays below the distance.
+
+    ``coefficients``: rescaling polynomial, highest power first (``numpy.poly1d`` order). Default: the identity
+    ``(1, 0)`` (the raw change, uncalibrated) — ``for_method(..., pipe=...)`` substitutes calibrated ones."""
+
+    method: ClassVar[str] = "tea"
+    threshold: float = 0.5
+    coefficients: tuple[float, ...] = (1.0, 0.0)
+    coefficients_source: dict = field(
+        default_factory=lambda: {"kind": "identity", "note": "uncalibrated: raw relative L1 change, not rescaled"},
+        compare=False,
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        if not self.coefficients:
+            raise ValueError("TeaCache coefficients must not be empty")
+        super().__post_init__()
+
+    def rules(self) -> Rules:
+        return replace(super().rules(), accumulate=True)
+
+    def split(self, n_layers: int) -> tuple[int, int]:
+        return 0, 0
+
+    def rescale(self, x: float) -> float:
+        acc = 0.0
+        for c in self.coefficients:  # Horner, highest power first
+            acc = acc * x + c
+        return acc
+
+
+@dataclass(frozen=True, kw_only=True)
+class DBCacheConfig(CacheConfig):
+    """DBCache (cache-dit): the first ``fn`` main layers always run and their residual's change decides; on a
+    reuse the middle layers' cached residual is added (optionally extrapolated, ``taylor``), the last ``bn`` layers
+    always run. ``skip_interval`` N: a full compute at least every N steps inside the window (a fixed grid)."""
+
+    method: ClassVar[str] = "db"
+    threshold: float = 0.25
+    fn: int = DB_DEFAULT_SPLIT[0]
+    bn: int = DB_DEFAULT_SPLIT[1]
+    skip_interval: int | None = 5
+    taylor: bool = False
+
+    def __post_init__(self):
+        if self.fn < 1 or self.bn < 0:
+            raise ValueError(f"DBCache needs fn >= 1 and bn >= 0, got fn={self.fn}, bn={self.bn}")
+        super().__post_init__()
+
+    def rules(self) -> Rules:
+        return replace(super().rules(), skip_interval=self.skip_interval)
+
+    def split(self, n_layers: int) -> tuple[int, int]:
+        """Clamped so that at least one middle layer is left (models shallower than fn + bn + 1)."""
+        head = min(self.fn, max(n_layers - 1, 0))
+        tail = min(self.bn, max(n_layers - 1 - head, 0))
+        return head, tail
+
+
+CONFIGS: dict[str, type[CacheConfig]] = {"fb": FBCacheConfig, "tea": TeaCacheConfig, "db": DBCacheConfig}
+
+
+def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
+    """The config for a validated request (``zimage_core.request``: ``{"method", "threshold", "max_consecutive",
+    "skip_interval"?}`` and the resolved half-open window). ``steps`` is checked against the window."""
+    if window is not None and window[1] > steps:
+        raise ValueError(f"cache window {window} ends after the last step ({steps})")
+    kw = {"max_consecutive": cache.get("max_consecutive", 3), "window": window}
+    if cache["method"] == "db" and "skip_interval" in cache:
+        kw["skip_interval"] = cache["skip_interval"]
+    return CacheConfig.for_method(cache["method"], cache.get("threshold"), pipe=pipe, preset=preset, **kw)
