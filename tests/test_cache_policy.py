@@ -142,7 +142,7 @@ def test_nan_change_never_reuses():
     change=st.floats(0.0, 5.0),
     accumulate=st.booleans(),
 )
-def test_threshold_zero_never_reuses_and_reuse_is_monotone_in_threshold(threshold, step, consecutive, change, accumulate):
+def test_threshold_zero_never_reuses_and_reuse_is_monotone(threshold, step, consecutive, change, accumulate):
     info, counters = StepInfo(step, 60), Counters(consecutive=consecutive, accumulated=0.0)
     d0, _ = decide(Rules(threshold=0.0, accumulate=accumulate), info, counters, change)
     assert d0.compute

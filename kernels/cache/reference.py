@@ -30,7 +30,7 @@ def apply_residual(
 ) -> torch.Tensor:
     """``hidden + residual + coef·delta`` in fp32, rounded once to ``hidden.dtype`` (a new tensor)."""
     if hidden.shape != residual.shape or (delta is not None and delta.shape != hidden.shape):
-        raise ValueError(f"apply_residual: shapes differ: hidden {tuple(hidden.shape)}, residual {tuple(residual.shape)}")
+        raise ValueError(f"apply_residual: shapes differ: {tuple(hidden.shape)} vs {tuple(residual.shape)}")
     out = hidden.float() + residual.float()
     if delta is not None and coef != 0.0:
         out = out + coef * delta.float()

@@ -99,7 +99,7 @@ def apply_residual(
 ) -> torch.Tensor:
     """Triton version of :func:`kernels.cache.reference.apply_residual`."""
     if hidden.shape != residual.shape or (delta is not None and delta.shape != hidden.shape):
-        raise ValueError(f"apply_residual: shapes differ: hidden {tuple(hidden.shape)}, residual {tuple(residual.shape)}")
+        raise ValueError(f"apply_residual: shapes differ: {tuple(hidden.shape)} vs {tuple(residual.shape)}")
     out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     n = hidden.numel()
     if n == 0:
