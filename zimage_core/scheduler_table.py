@@ -255,12 +255,25 @@ class UnknownSchedulerError(ValueError):
         super().__init__(f"unknown scheduler {name!r}.{hint} Allowed: the {len(SCHEDULER_NAMES)} names of the API.")
 
 
-def _suggestions(name: str, n: int = 5) -> list[str]:
-    folded = {s.casefold(): s for s in SCHEDULER_NAMES}
-    key = " ".join(str(name).split()).casefold()
-    exact = [folded[key]] if key in folded else []
-    close = difflib.get_close_matches(key, list(folded), n=n, cutoff=0.6)
-    return list(dict.fromkeys(exact + [folded[c] for c in close]))[:n]
+def _suggestions(name, n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """Close matches: case and spacing ignored; a name the input is a prefix of ranks high (difflib otherwise)."""
+    key = " ".join(str(name).split()).casefold() if isinstance(name, str) else ""
+    if not key:
+        return []
+    scored = []
+    for cand in SCHEDULER_NAMES:
+        c = cand.casefold()
+        score = max(
+            difflib.SequenceMatcher(None, key, c).ratio(),
+            difflib.SequenceMatcher(None, key.replace(" ", ""), c.replace(" ", "")).ratio(),
+        )
+        if c.replace(" ", "") == key.replace(" ", ""):
+            score = 2.0
+        elif c.startswith(key):
+            score = max(score, 1.0 + len(key) / len(c) / 2)
+        if score >= cutoff:
+            scored.append((-score, cand))
+    return [cand for _, cand in sorted(scored)[:n]]
 
 
 def resolve_scheduler(name: str) -> SchedulerSpec:
