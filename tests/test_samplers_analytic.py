@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from zimage_core import samplers as S
-from zimage_core.scheduler_table import SCHEDULER_NAMES, resolve_scheduler
+from zimage_core.scheduler_table import FAMILIES, SCHEDULER_NAMES, resolve_scheduler
 from zimage_core.schedules import default_sigmas, img2img_start, shift_sigmas, unshift_sigmas
 
 MU = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
@@ -397,3 +397,32 @@ def test_first_order_sde_step_is_ddpm():
     a = S.sample_dpmpp_2m_sde(BED.velocity, STARTS.clone(), sig, generator=torch.Generator().manual_seed(3))
     b = S.sample_ddpm(BED.velocity, STARTS.clone(), sig, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A latent replaced by the step callback is honoured: the output responds to it as the exact flow map does
+# ---------------------------------------------------------------------------------------------------------------
+
+DETERMINISTIC_FAMILIES = [key for key, fam in FAMILIES.items() if not fam.stochastic]
+
+
+@pytest.mark.parametrize("step", [14, 15])
+@pytest.mark.parametrize("key", DETERMINISTIC_FAMILIES)
+def test_replaced_latent_is_honoured(key, step):
+    """The field is linear, so out(x + δ at node i+1) − out(x) = J·δ; the exact J is sqrt(V(0)/V(σ_{i+1})).
+
+    A multistep method that dropped the replacement when revising a node (UniPC's corrector, the second half of a
+    single-step pair) would respond with J ≈ 0.
+    """
+    fam, n = FAMILIES[key], 32
+    sig = default_sigmas(n, SHIFT, dtype=torch.float64)
+
+    def run(delta):
+        cb = lambda info: info["x"] + delta if info["i"] == step else None
+        return fam.sampler(BED.velocity, 0.3 * MU[None], sig, callback=cb, **fam.knobs)[0]
+
+    response = run(1.0) - run(0.0)
+    exact = SD / torch.sqrt(BED.var(float(sig[step + 1])))
+    ratio = response / exact
+    assert float(ratio[0]) > 0.5, ratio  # s = 0.1: the final x̂0 step from shift(1/N) dominates (§5.4(b))
+    assert torch.allclose(ratio[1:], torch.ones(3, dtype=torch.float64), atol=0.15), ratio
