@@ -213,3 +213,34 @@ def test_deis(denoise, n, order):
     want = run_diffusers(sched, denoise, x_init())
     got = S.sample_deis(denoise, x_init(), sched.sigmas[:-1].clone(), order=order)
     assert rel(got, want) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every API name on the small model (sampler level; the pipeline's end-to-end test builds on this)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_name_runs_on_the_small_model(denoise):
+    from zimage_core.scheduler_table import SCHEDULER_NAMES, resolve_scheduler
+
+    n, outs, keys = 6, {}, {}
+    seed_image = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4)) * 0.5
+    for name in SCHEDULER_NAMES:
+        spec = resolve_scheduler(name)
+        calls = []
+        out = spec.sample(
+            lambda x, s, calls=calls: calls.append(s) or denoise(x, s),
+            x_init(),
+            spec.sigmas(n, SHIFT),
+            generator=torch.Generator().manual_seed(1),
+            x0=seed_image,
+        )
+        assert out.shape == (1, 16, 8, 8) and out.dtype == torch.float32
+        assert torch.isfinite(out).all(), name
+        assert len(calls) == spec.nfe(n), name
+        outs[name], keys[name] = out, spec.key
+    for a in SCHEDULER_NAMES:
+        for b in SCHEDULER_NAMES:
+            if a < b:
+                same = torch.equal(outs[a], outs[b])
+                assert same == (keys[a] == keys[b]), (a, b)

@@ -320,3 +320,12 @@ def test_euler_denoised_is_the_data_prediction():
         s = info["sigma"]
         assert torch.allclose(info["denoised"], x - s * toy_velocity(x, s), atol=1e-6)
         x = info["x"]
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_zero_steps_return_the_input(name):
+    """strength = 0 leaves the schedule ``sigmas[n:] == [0]``: nothing to run, no model call."""
+    spec = resolve_scheduler(name)
+    sig = spec.sigmas(N, SHIFT)[N:]
+    out = spec.sample(lambda x, s: pytest.fail("model called"), X_INIT.clone(), sig, x0=X0_IMAGE.clone())
+    assert torch.equal(out, X0_IMAGE if spec.requires_seed_image else X_INIT)
