@@ -368,3 +368,27 @@ def test_generated_requests_fail_cleanly_or_give_finite_images(tiny_pipe, req):
     for resp in out:
         arr = np.asarray(_image(resp)).astype(np.float64)
         assert np.isfinite(arr).all() and arr.max() > 0  # not all black
+
+
+def test_ultralytics_refines_only_detected_faces(tiny_pipe):
+    calls = []
+
+    def detector(image):
+        calls.append(image.size)
+        return [(40, 30, 80, 70, 0.95), (0, 0, 10, 10, 0.2)]  # the second is below the confidence threshold
+
+    cfg = ServerConfig(face_detector=detector)
+    req = base_request(seed=21, numberResults=1)
+    plain = np.asarray(_image(tiny_pipe.infer(req)[0])).astype(int)
+    refined = np.asarray(
+        _image(
+            tiny_pipe.infer(
+                {**req, "ultralytics": {"steps": 2, "strength": 0.6, "maskPadding": 4, "maskBlur": 0}}, cfg
+            )[0]
+        )
+    ).astype(int)
+    assert calls == [(128, 128)]
+    box = np.zeros_like(plain, dtype=bool)
+    box[30 - 4 : 70 + 4, 40 - 4 : 80 + 4] = True
+    assert np.array_equal(refined[~box], plain[~box])  # outside the padded face box: untouched
+    assert np.abs(refined[box] - plain[box]).mean() > 1  # inside: regenerated

@@ -151,10 +151,18 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
         kwargs["mask_margin"] = r["maskMargin"]
     if "outpaint" in r:
         kwargs["outpaint"] = r["outpaint"]
+    if r.get("lora"):
+        kwargs["loras"] = [
+            (config.lora_resolver(lo["model"], f"lora[{i}].model"), lo["weight"], lo["transformer"])
+            for i, lo in enumerate(r["lora"])
+        ]
     try:
         result = pipe.generate(r["positivePrompt"], **kwargs)
     except RequestError as e:  # generate() names its own arguments; map them back to the request's fields
         raise RequestError(_REQUEST_FIELD.get(e.field, e.field), e.message) from None
+    images = result.images
+    if "ultralytics" in r:
+        images = [_refine_faces(pipe, im, r, s, config) for im, s in zip(images, result.seeds)]
     device_seconds = pipe._sync_time() - t0
 
     price = config.price() if r["includeCost"] else None
@@ -166,7 +174,7 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
         )
     fmt, quality = r["outputFormat"], r["outputQuality"]
     responses = []
-    for image, s in zip(result.images, result.seeds):
+    for image, s in zip(images, result.seeds):
         image_uuid = str(uuid.uuid4())
         data = imgs.encode_image(image, fmt, quality)
         resp = {"taskType": "imageInference", "taskUUID": r["taskUUID"], "imageUUID": image_uuid, "seed": s}
@@ -182,7 +190,7 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
         if safety.get("checkContent") or safety.get("mode") == "fast":
             resp["NSFWContent"] = bool(config.content_checker(image))
         if price is not None:
-            resp["cost"] = round(device_seconds / len(result.images) * price / 3600, 8)
+            resp["cost"] = round(device_seconds / len(images) * price / 3600, 8)
         if "uploadEndpoint" in r:
             try:
                 _http("PUT", r["uploadEndpoint"], data, imgs.FORMATS[fmt][1], config.http_timeout_s)
@@ -196,6 +204,44 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             except Exception as e:
                 log.warning("webhookURL %s: POST failed: %s", r["webhookURL"], e)
     return responses
+
+
+def _refine_faces(pipe, image: Image.Image, r: dict, seed: int, config: ServerConfig) -> Image.Image:
+    """ultralytics: detect faces with the configured detector, then inpaint each (box + maskPadding, feathered by
+    maskBlur) at the working resolution with the refinement prompt, steps, CFG and strength, and paste it back."""
+    from PIL import ImageDraw, ImageFilter
+
+    u = r["ultralytics"]
+    for x0, y0, x1, y1, conf in config.face_detector(image):
+        if conf < u["confidence"]:
+            continue
+        pad = u["maskPadding"]
+        box = (
+            max(0, int(x0) - pad),
+            max(0, int(y0) - pad),
+            min(image.width, int(x1) + pad),
+            min(image.height, int(y1) + pad),
+        )
+        if box[2] <= box[0] or box[3] <= box[1]:
+            continue
+        mask = Image.new("L", image.size, 0)
+        ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+        if u["maskBlur"]:
+            mask = mask.filter(ImageFilter.GaussianBlur(u["maskBlur"]))
+        image = pipe.generate(
+            u.get("positivePrompt") or r["positivePrompt"],
+            negative_prompt=u.get("negativePrompt") or r.get("negativePrompt"),
+            seed_image=image,
+            mask_image=mask,
+            mask_margin=32,
+            strength=u["strength"],
+            steps=u["steps"],
+            cfg_scale=u["CFGScale"],
+            seed=seed,
+            scheduler=r["scheduler"],
+            model=r["model"],
+        ).images[0]
+    return image
 
 
 def _step_cache(v, pipe):

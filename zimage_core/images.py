@@ -220,7 +220,7 @@ def prepare_inputs(
         box = _expand_box(
             (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), mask_margin, tw / th, image.size
         )
-        paste = (image, box, mask.crop(box).point(lambda v: 255 if v > 127 else 0))
+        paste = (image, box, mask.crop(box))  # a soft (feathered) mask blends the seam
         image, mask = image.crop(box), mask.crop(box)
         width, height = tw, th
     elif width is None:

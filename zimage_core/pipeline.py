@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from . import images as imgs
+from . import lora as lora_mod
 from ._sampler_stub import UnknownSchedulerError, resolve_scheduler
 from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
@@ -243,28 +244,35 @@ class ZImage:
         cfg_truncation: float,
         stats: dict,
         main_layers: Callable | None = None,
+        ctx_low: tuple[CaptionContext, CaptionContext | None] | None = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
-        """``denoise(x, sigma) -> v``: the guided flow velocity for fp32 latents x [B, C, h, w]."""
+        """``denoise(x, sigma) -> v``: the guided flow velocity for fp32 latents x [B, C, h, w].
+
+        ``ctx_low``: other (positive, negative) contexts for σ < 0.5, when a phased LoRA changes the caption branch.
+        """
         transformer = self.transformer
-        both = (
-            None
-            if ctx_neg is None
-            else CaptionContext(
-                ctx_pos.feats + ctx_neg.feats, ctx_pos.freqs + ctx_neg.freqs, ctx_pos.lens + ctx_neg.lens
-            )
-        )
+
+        def pair(pos, neg):  # (context without CFG, batched [pos ‖ neg] context for CFG)
+            if neg is None:
+                return pos, None
+            return pos, CaptionContext(pos.feats + neg.feats, pos.freqs + neg.freqs, pos.lens + neg.lens)
+
+        high = pair(ctx_pos, ctx_neg)
+        low = high if ctx_low is None else pair(*ctx_low)
 
         def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
             b = x.shape[0]
             # diffusers: timesteps = σ·1000 (fp32), model t = (1000 − timestep) / 1000 (fp32)
             timestep = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(()) * 1000
             t = ((1000 - timestep) / 1000).expand(b)
+            lora_mod.set_sigma(float(sigma))
+            single, both = high if float(sigma) >= lora_mod.HIGH_NOISE_SIGMA else low
             apply_cfg = both is not None and guidance > 0 and float(t[0]) <= cfg_truncation
             xin = x.to(transformer.dtype)
             if apply_cfg:
                 xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
             else:
-                ctx = ctx_pos
+                ctx = single
             out = transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, main_layers=main_layers)
             stats["forwards"] += 1
             stats["sequences"] += len(out)
@@ -308,8 +316,15 @@ class ZImage:
         return ((z - cfg.shift_factor) * cfg.scaling_factor).float()
 
     # ---- generation --------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, loras: Sequence | None = None, **kwargs) -> GenerationResult:
+        """See :meth:`_generate`. ``loras``: [(LoraWeights, weight, "high"|"low"|"both")] active for this call only,
+        in this thread only (``zimage_core.lora``)."""
+        loras = list(loras or [])
+        with lora_mod.apply_loras(self.transformer, loras):
+            return self._generate(prompt, loras=loras, **kwargs)
+
     @torch.no_grad()
-    def generate(
+    def _generate(
         self,
         prompt: str,
         *,
@@ -336,6 +351,7 @@ class ZImage:
         diffusers_compat: bool = False,
         cache=None,
         step_callback: Callable | None = None,
+        loras: Sequence = (),
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -427,11 +443,16 @@ class ZImage:
         use_cfg = guidance > 0
         t0 = self._sync_time()
         texts = [prompt] + ([negative_prompt or ""] if use_cfg else [])
-        with torch.no_grad():
-            feats = self.encode_prompts(texts, max_len)
-            ctx = self.transformer.encode_context([f.to(self.dtype) for f in feats])
+        feats = [f.to(self.dtype) for f in self.encode_prompts(texts, max_len)]
+        lora_mod.set_sigma(1.0)
+        ctx = self.transformer.encode_context(feats)
         ctx_pos = ctx.select([0])
         ctx_neg = ctx.select([1]) if use_cfg else None
+        ctx_low = None
+        if _phased_caption_lora(loras):  # the caption branch differs between the high- and low-noise phases
+            lora_mod.set_sigma(0.0)
+            low = self.transformer.encode_context(feats)
+            ctx_low = (low.select([0]), low.select([1]) if use_cfg else None)
         timings["encode_s"] = self._sync_time() - t0
 
         # ---- per result: initial latents, sampler loop ----
@@ -465,6 +486,7 @@ class ZImage:
                 cfg_trunc,
                 stats,
                 main_layers=None if cache_state is None else cache_state.main_layers,
+                ctx_low=ctx_low,
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
             mask_lat = None if work.mask is None else work.mask_latents(self).to(self.device)
@@ -519,6 +541,16 @@ class ZImage:
         from .api import infer
 
         return infer(self, request, config)
+
+
+ZImage.generate.__doc__ = ZImage._generate.__doc__ + "\n\n" + (ZImage.generate.__doc__ or "")
+
+
+def _phased_caption_lora(loras) -> bool:
+    return any(
+        phase != "both" and any(n.startswith(("cap_embedder", "context_refiner")) for n in lw.modules)
+        for lw, _, phase in loras
+    )
 
 
 def _counting(fn):
