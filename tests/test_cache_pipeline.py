@@ -254,3 +254,26 @@ def test_cli_generate_with_a_cache(pipe, tmp_path, capsys):
     argv += ["64", "--steps", "4", "--seed", "1", "--quiet", "--cache", "tea", "--cache-threshold", "0.6"]
     assert main(argv) == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_two_evaluations_per_step_sampler(pipe):
+    # Heun evaluates the model twice per step (15 evaluations for 8 steps): each evaluation is decided on its own,
+    # at its own σ, with the step index of the sampler step it belongs to
+    from zimage_core.errors import RequestError
+
+    try:
+        plain = gen(pipe, scheduler="HeunDiscreteScheduler")
+    except RequestError as e:  # the pipeline still on the Euler-only sampler stub
+        pytest.skip(f"no Heun sampler in this pipeline: {e}")
+    r0 = gen(pipe, cache=DBCacheConfig(threshold=0.0, taylor=True), scheduler="HeunDiscreteScheduler")
+    assert torch.equal(r0.latents, plain.latents)
+    s = summary(gen(pipe, cache=FBCacheConfig(threshold=BIG), scheduler="HeunDiscreteScheduler"))
+    d = s["decisions"]
+    assert len(d) == 15 and s["main_layer_evals_uncached"] == 4 * 15
+    assert [x["step"] for x in d] == sorted([*range(STEPS), *range(STEPS - 1)])
+    by_step = {}
+    for x in d:
+        by_step.setdefault(x["step"], []).append(x["sigma"])
+    for i in range(STEPS - 1):  # the step's own σ, then the next step's σ (Heun's corrector)
+        assert by_step[i][0] > by_step[i][1] == by_step[i + 1][0]
+    assert all(x["computed"] for x in d if x["step"] in (0, STEPS - 1)) and s["reused_forwards"] > 0
