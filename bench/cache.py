@@ -145,11 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="fb,tea,db")
     for m, thr in DEFAULT_THRESHOLDS.items():
         p.add_argument(f"--{m}-thresholds", type=_floats, default=thr)
-    p.add_argument("--max-consecutive", type=int, default=3)
+    p.add_argument("--max-consecutive", type=_ints, default=[3], help="comma-separated caps to sweep (API: 1-5)")
     p.add_argument("--db-skip-interval", type=int, default=5)
     p.add_argument("--db-split", type=_splits, help="DBCache Fn:Bn splits to sweep, e.g. 1:0,2:1 (default: library)")
     p.add_argument("--taylor", action="store_true", help="also sweep DBCache with order-1 Taylor extrapolation")
     p.add_argument("--device")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU, 2+ threads oversubscribe and run ~50x slower); 0 = leave",
+    )
     p.add_argument("--out", default="bench/out/cache", help="results folder (rows.jsonl, pareto.png)")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -159,19 +165,20 @@ def _settings(args) -> list[tuple[str, dict]]:
     """(name, CacheConfig keyword arguments) for every cache setting of the sweep."""
     out = []
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        thresholds = getattr(args, f"{m}_thresholds")
-        if m != "db":
-            out += [(m, {"threshold": t}) for t in thresholds]
-            continue
-        splits = args.db_split or [None]
-        for split in splits:
-            for taylor in [False, True] if args.taylor else [False]:
-                for t in thresholds:
-                    kw = {"threshold": t, "skip_interval": args.db_skip_interval, "taylor": taylor}
-                    if split is not None:
-                        kw.update(fn=split[0], bn=split[1])
-                    out.append(("db", kw))
+    for mc in args.max_consecutive:
+        for m in methods:
+            thresholds = getattr(args, f"{m}_thresholds")
+            if m != "db":
+                out += [(m, {"threshold": t, "max_consecutive": mc}) for t in thresholds]
+                continue
+            for split in args.db_split or [None]:
+                for taylor in [False, True] if args.taylor else [False]:
+                    for t in thresholds:
+                        kw = {"threshold": t, "skip_interval": args.db_skip_interval, "taylor": taylor}
+                        kw["max_consecutive"] = mc
+                        if split is not None:
+                            kw.update(fn=split[0], bn=split[1])
+                        out.append(("db", kw))
     return out
 
 
@@ -273,7 +280,6 @@ def sweep(pipe, args, log=print) -> list[dict]:
         "cfg_scale": args.cfg_scale,
         "size": args.size,
         "prompts": len(prompts),
-        "max_consecutive": args.max_consecutive,
         "env": environment(pipe.device),
     }
     _gen(pipe, prompts[0], args.seed, 2, args)  # warm-up (allocations, lazy imports, RoPE tables)
@@ -289,9 +295,7 @@ def sweep(pipe, args, log=print) -> list[dict]:
             base_t["total"] += r.stats["timings"]["total_s"]
             refs.append({"image": _image_array(r), "latents": r.latents.double()})
             for i, (method, kw) in enumerate(settings):
-                cfg = CacheConfig.for_method(
-                    method, pipe=pipe, preset=args.preset, max_consecutive=args.max_consecutive, **kw
-                )
+                cfg = CacheConfig.for_method(method, pipe=pipe, preset=args.preset, **kw)
                 rc = _gen(pipe, prompt, seed, steps, args, cache=cfg)
                 set_t[i]["denoise"] += rc.stats["timings"]["denoise_s"]
                 set_t[i]["total"] += rc.stats["timings"]["total_s"]
@@ -357,6 +361,7 @@ def sweep(pipe, args, log=print) -> list[dict]:
                     "sampler_steps": kk,
                     "psnr_mean": fs["psnr_mean"],
                     "ssim_mean": fs["ssim_mean"],
+                    "latent_rel_err_mean": fs["latent_rel_err_mean"],
                     "evals_saved_factor": fs["evals_saved_factor"],
                 },
             }
@@ -388,16 +393,17 @@ def setting_name(row: dict) -> str:
     if m == "none":
         return "uncached"
     c = row.get("config", {})
+    mc = f" MC{c['max_consecutive']}"
     if m == "db":
         extra = f" F{c['fn']}B{c['bn']} N{c['skip_interval']}" + (" +taylor" if c.get("taylor") else "")
-        return f"db{extra} {row['threshold']:g}"
-    return f"{m} {row['threshold']:g}"
+        return f"db{extra}{mc} {row['threshold']:g}"
+    return f"{m}{mc} {row['threshold']:g}"
 
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'steps':>5}  {'setting':<26} {'evals':>7} {'saved':>6} {'speedup':>7} {'PSNR':>6} {'min':>6} "
-        f"{'SSIM':>6}  {'fewer-steps (same evals)':<26}"
+        f"{'steps':>5}  {'setting':<32} {'evals':>7} {'saved':>6} {'speedup':>7} {'PSNR':>6} {'min':>6} "
+        f"{'SSIM':>6} {'lat.err':>7}  {'fewer-steps (same evals)':<26}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -409,9 +415,9 @@ def format_table(rows: list[dict]) -> str:
             else ""
         )
         lines.append(
-            f"{r['steps']:>5}  {setting_name(r):<26} {r['main_layer_evals']:>7.1f} {r['evals_saved_factor']:>5.2f}x "
+            f"{r['steps']:>5}  {setting_name(r):<32} {r['main_layer_evals']:>7.1f} {r['evals_saved_factor']:>5.2f}x "
             f"{r['speedup_denoise']:>6.2f}x {r['psnr_mean']:>6.1f} {r.get('psnr_min', r['psnr_mean']):>6.1f} "
-            f"{r['ssim_mean']:>6.3f}  {fs_txt}"
+            f"{r['ssim_mean']:>6.3f} {r.get('latent_rel_err_mean', 0.0):>7.4f}  {fs_txt}"
         )
     return "\n".join(lines)
 
@@ -424,7 +430,6 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
     steps_list = sorted({r["steps"] for r in rows})
     fig, axes = plt.subplots(2, len(steps_list), figsize=(6 * len(steps_list), 9), squeeze=False)
-    colors = {"fb": "tab:blue", "tea": "tab:orange", "db": "tab:green", "steps": "black"}
     for col, steps in enumerate(steps_list):
         sub = [r for r in rows if r["steps"] == steps and r["method"] != "none"]
         groups: dict[str, list] = {}
@@ -433,18 +438,20 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
             key = r["method"]
             if key == "db":
                 key = f"db F{c['fn']}B{c['bn']}" + (" +taylor" if c.get("taylor") else "")
+            if key != "steps":
+                key += f" MC{c['max_consecutive']}"
             groups.setdefault(key, []).append(r)
         for row_i, xkey in enumerate(("evals_saved_factor", "speedup_denoise")):
             ax = axes[row_i][col]
             for key, rs in groups.items():
-                rs = sorted(rs, key=lambda r: r[xkey])
+                rs = sorted(rs, key=lambda r: r["evals_saved_factor"])  # connect in compute order (timing is noisy)
                 style = "--" if key == "steps" else "-"
                 ax.plot(
                     [r[xkey] for r in rs],
                     [r["psnr_mean"] for r in rs],
                     style,
                     marker="o",
-                    color=colors.get(key.split()[0]),
+                    color="black" if key == "steps" else None,
                     label="fewer steps" if key == "steps" else key,
                 )
             ax.axhline(TARGET_PSNR, color="grey", lw=0.8, ls=":")
@@ -468,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipe, args.model_path = _load(args)
     label = model_label(pipe)
     print(
@@ -486,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"model: {label} ({args.model_path})  device: {env['device']}  torch {env['torch']}  git {env['git']}")
     print(format_table(rows))
+    for r in rows:
+        if r["method"] == "steps" and r["sampler_steps"] == r["steps"]:
+            print(
+                f"timing noise: the {r['steps']}-step fewer-steps row re-runs the uncached sampler and measured "
+                f"{r['speedup_denoise']:.2f}x (1.00x = no noise)"
+            )
     met = [r for r in rows if r.get("target_met")]
     print(
         f"target (50 steps, CFG, ≥{TARGET_FACTOR}× fewer main-layer evaluations at ≥{TARGET_PSNR} dB, beating fewer "

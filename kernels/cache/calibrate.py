@@ -162,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--degree", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = leave torch's default)")
     p.add_argument("--table", help="coefficient table to update (default: kernels/cache/tea_coefficients.json)")
     p.add_argument("--dry-run", action="store_true", help="print the entry, do not store it")
     args = p.parse_args(argv)
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from zimage_core.default_model import default_model_path
     from zimage_core.pipeline import ZImage

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 from .policy import Rules
 
-# DBCache (Fn, Bn) default: measured with `python -m bench cache --db-split` (see kernels/cache/README.md).
-DB_DEFAULT_SPLIT = (2, 1)
+# DBCache (Fn, Bn) default: measured with `python -m bench cache --db-split` (kernels/cache/README.md, "DBCache split").
+DB_DEFAULT_SPLIT = (1, 1)
 
 
 @dataclass(frozen=True, kw_only=True)
