@@ -28,11 +28,12 @@ from PIL import Image
 
 from . import images as imgs
 from . import lora as lora_mod
-from ._sampler_stub import UnknownSchedulerError, resolve_scheduler
 from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
 from .errors import RequestError
 from .model import CaptionContext, ZImageTransformer
+from .scheduler_table import UnknownSchedulerError, resolve_scheduler
+from .schedules import img2img_start
 from .weights import CheckpointError, load_transformer
 
 SEED_MAX = 2**63 - 1
@@ -404,7 +405,7 @@ class ZImage:
         if work.image is None:
             if strength is not None:
                 raise RequestError("strength", "only applies with a seed image")
-            if getattr(spec, "requires_seed_image", False):
+            if spec.requires_seed_image:
                 raise RequestError("scheduler", f"{scheduler!r} inverts a seed image to noise: give a seed image")
         m = self.size_multiple
         _check_int("width", width, m, 4096, multiple=m)
@@ -418,11 +419,8 @@ class ZImage:
         sigmas = spec.sigmas(steps, shift)
         t_start = 0
         if work.image is not None:
-            t_start = (
-                int(max(steps - steps * strength, 0))
-                if diffusers_compat
-                else steps - math.floor(steps * strength + 1e-9)
-            )
+            # decisions.md: N − floor(N·strength); diffusers' img2img: int(N − N·strength)
+            t_start = int(max(steps - steps * strength, 0)) if diffusers_compat else img2img_start(steps, strength)
         run_sigmas = sigmas[t_start:]
 
         stats = {
@@ -505,7 +503,7 @@ class ZImage:
                 return out
 
             if len(run_sigmas) > 1:
-                x = spec.sample(counted, x, run_sigmas, generator=g, callback=on_step)
+                x = spec.sample(counted, x, run_sigmas, generator=g, callback=on_step, x0=x0)
             stats["nfe_per_result"] = counted.calls
             if cache_state is not None:
                 stats.setdefault("cache", []).append(cache_state.summary())
