@@ -139,3 +139,19 @@ def test_synthetic_tiny_path_and_dispatcher(tmp_path, capsys):
     assert code == 0
     rows = [r for r in report.read_jsonl(tmp_path / "rows.jsonl") if r["status"] == "ok"]
     assert rows[0]["model_kind"] == "synthetic-tiny" and rows[0]["notes"]
+
+
+@pytest.mark.gpu
+def test_gpu_mode_end_to_end_at_a_tiny_config(tmp_path):
+    """On CUDA: bf16, CUDA-event timers, NVML telemetry, peak memory and the Triton configuration, at a tiny config."""
+    common = ["--model", "synthetic-tiny", "--shapes", "64x64/b1/turbo2,64x64/b2/base2", "--no-plots"]
+    assert parity.main([*common, "--out", str(tmp_path / "p"), "--configs", "ours-torch,ours-triton"]) == 0
+    configs = "diffusers-eager,diffusers-compile,ours-torch,ours-triton"
+    assert throughput.main([*common, "--out", str(tmp_path / "t"), "--configs", configs, "--repeats", "2"]) == 0
+    rows = [r for r in report.read_jsonl(tmp_path / "t" / "rows.jsonl") if r["status"] == "ok"]
+    assert {r["config"] for r in rows} == set(configs.split(","))
+    for r in rows:
+        assert r["dtype"] == "bfloat16" and r["env"]["gpu"] and r["peak_mem_gb"] > 0
+        assert r["e2e_ms"]["median"] > 0 and r["forward_ms"]["n"] >= 2
+        if "nvml" not in r["env"]:
+            assert r["env"]["driver"] and r["telemetry"]["samples"] >= 1
