@@ -64,7 +64,8 @@ def main(argv: list[str]) -> int:
         ref_images = decode_float(pair.ref.vae, ref.latents, pair.device)
         for cfg in (c for c in configs if c.available):
             out = run(pair, cfg, shape, seed=args.seed, prompt=args.prompt, keep_steps=True)
-            steps = per_step_latents(out.recorder, shape, cfg.kind)
+            order = "diffusers" if out.stats.get("batched") else cfg.kind  # a batched run is one sequence
+            steps = per_step_latents(out.recorder, shape, order)
             images = decode_float(pair.ref.vae, out.latents, pair.device)
             res = common.check_parity(
                 out.latents, ref.latents, images, ref_images, lossy=cfg.lossy, tol=args.tol, min_psnr=args.min_psnr

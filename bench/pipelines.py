@@ -43,7 +43,7 @@ from .timing import Clock
 
 DEFAULT_PROMPT = "a photograph of a red fox sitting in fresh snow at golden hour, shallow depth of field"
 REFERENCE = "diffusers-eager"
-ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-triton", "ours-cache")
+ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-batched", "ours-triton", "ours-cache")
 # decisions.md defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
 CACHE_DEFAULTS = {"fbcache": 0.25, "teacache": 0.5, "dbcache": 0.25}
 
@@ -229,6 +229,7 @@ class Config:
     pipe: Any = None  # diffusers: the pipeline object to call (eager or with a compiled transformer)
     backend: str | None = None  # ours: kernel backend ("torch", "triton", "auto")
     cache: Any = None  # ours: a kernels.cache.CacheConfig
+    batch: bool = False  # ours: generate(batch_results=True), the results of a request as one batch
     compiled: bool = False
     info: dict = field(default_factory=dict)  # what the row should say about this configuration
 
@@ -330,6 +331,9 @@ def make_configs(pair: Pair, names: list[str], *, cache_spec=None, compile_mode=
             out.append(cfg)
         elif name == "ours-torch":
             out.append(Config(name, "ours", backend="torch"))
+        elif name == "ours-batched":
+            out.append(Config(name, "ours", backend="torch", batch=True,
+                              info={"note": "results batched: equal to solo runs up to rounding"}))
         elif name == "ours-triton":
             out.append(_triton_config(pair))
         elif name in ("ours-cache", "ours-caches"):
@@ -509,6 +513,7 @@ def run(
                 number_results=n,
                 output_type="pil",
                 cache=cfg.cache,
+                batch_results=cfg.batch,
                 step_callback=on_step,
             )
         end = clock.mark()
@@ -516,7 +521,8 @@ def run(
         latents, images = res.latents.float(), res.images
         stats = {
             "forwards": res.stats["forwards"],
-            "forward_batch": 2 if shape.cfg else 1,
+            "forward_batch": (2 if shape.cfg else 1) * (n if res.stats.get("batched") else 1),
+            "batched": bool(res.stats.get("batched")),
             "timings": res.stats.get("timings", {}),
         }
         if "cache" in res.stats:

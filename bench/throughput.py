@@ -20,8 +20,8 @@ from .shapes import resolve
 from .timing import Clock, Stats, fmt, peak_memory_gb, reset_peak_memory, round_robin
 
 DEFAULT_CONFIGS = {
-    "cpu": ["diffusers-eager", "ours-torch", "ours-triton", "ours-cache"],
-    "cuda": ["diffusers-eager", "diffusers-compile", "ours-torch", "ours-triton", "ours-cache"],
+    "cpu": ["diffusers-eager", "ours-torch", "ours-batched", "ours-triton", "ours-cache"],
+    "cuda": ["diffusers-eager", "diffusers-compile", "ours-torch", "ours-batched", "ours-triton", "ours-cache"],
 }
 
 

@@ -350,6 +350,7 @@ class ZImage:
         output_type: str = "pil",
         progress: bool = False,
         diffusers_compat: bool = False,
+        batch_results: bool = False,
         cache=None,
         step_callback: Callable | None = None,
         loras: Sequence = (),
@@ -360,6 +361,11 @@ class ZImage:
         white = repaint; ``mask_margin`` crops the masked region with that margin, works at the requested size and
         pastes back); outpainting (``outpaint={"top","bottom","left","right"}`` extends the canvas; width/height, if
         given, must equal the seed image's plus the extensions).
+
+        ``batch_results=True`` runs the results of a call as one batch (faster for several small images, like
+        diffusers' ``num_images_per_prompt``): each result keeps its own seed's noise, but then matches a solo run
+        only up to floating-point rounding. It applies to deterministic samplers without a step cache; stochastic
+        samplers and caches always run result by result.
 
         ``diffusers_compat=True`` consumes the generator exactly like diffusers' img2img/inpaint pipelines (VAE
         posterior sample before the noise) and uses their start step ``int(N − N·strength)``; by default the VAE
@@ -456,34 +462,41 @@ class ZImage:
         # ---- per result: initial latents, sampler loop ----
         t0 = self._sync_time()
         finals = []
+        batched = batch_results and len(seeds) > 1 and not spec.stochastic and cache is None
+        stats["batched"] = batched
         progress_bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            progress_bar = tqdm(total=stats["steps"] * number_results, desc="denoising", unit="step")
-        for s in seeds:
-            g = torch.Generator("cpu").manual_seed(s)
+            runs = 1 if batched else number_results
+            progress_bar = tqdm(total=stats["steps"] * runs, desc="denoising", unit="step")
+        for group in [seeds] if batched else [[s] for s in seeds]:
+            gens = [torch.Generator("cpu").manual_seed(s) for s in group]
+            g = gens[0]
             x0 = None
             if work.image is not None:
-                x0 = self.encode_image(work.image, g if diffusers_compat else None).to(self.device)
-            noise = torch.randn(
-                (1, self.transformer.config.in_channels, h_lat, w_lat), generator=g, dtype=torch.float32
-            ).to(self.device)
+                if diffusers_compat:
+                    x0 = torch.cat([self.encode_image(work.image, gi) for gi in gens]).to(self.device)
+                else:
+                    x0 = self.encode_image(work.image).to(self.device).expand(len(group), -1, -1, -1)
+            shape = (1, self.transformer.config.in_channels, h_lat, w_lat)
+            noise = torch.cat([torch.randn(shape, generator=gi, dtype=torch.float32) for gi in gens]).to(self.device)
             if x0 is not None:
                 sig = run_sigmas[0].to(self.device, torch.float32)
                 x = sig * noise + (1.0 - sig) * x0  # diffusers' scale_noise
             else:
                 x = noise
             cache_state = cache.new_state() if cache is not None else None
+            rep = [0] * len(group)
             denoise = self._denoiser(
-                ctx_pos,
-                ctx_neg,
+                ctx_pos.select(rep),
+                None if ctx_neg is None else ctx_neg.select(rep),
                 guidance,
                 cfg_norm,
                 cfg_trunc,
                 stats,
                 main_layers=None if cache_state is None else cache_state.main_layers,
-                ctx_low=ctx_low,
+                ctx_low=None if ctx_low is None else tuple(c if c is None else c.select(rep) for c in ctx_low),
             )
             counted = _counting(denoise)
             mask_lat = None if work.mask is None else work.mask_latents(self).to(self.device)
