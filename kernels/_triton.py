@@ -19,7 +19,6 @@ Why each piece exists:
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -106,20 +105,17 @@ def use_custom_op() -> bool:
     return torch.compiler.is_compiling()
 
 
-@functools.lru_cache(maxsize=None)
-def _scratch_allocator():
-    def alloc(size: int, alignment: int, stream):
-        # Device-side tensor descriptors (tl.make_tensor_descriptor) need a small global scratch buffer per launch.
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    return alloc
+def _scratch_alloc(size: int, alignment: int, stream):
+    # Device-side tensor descriptors (tl.make_tensor_descriptor) need a small global scratch buffer per launch; torch's
+    # caching allocator serves it (on the current device and stream, so CUDA-graph capture uses the graph's pool).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def ensure_allocator() -> None:
     """Install the scratch allocator. Set on every launch that needs it: triton keeps it in a ContextVar, and a
     thread that did not set it (a server's worker thread) would otherwise launch without one."""
-    triton.set_allocator(_scratch_allocator())
+    triton.set_allocator(_scratch_alloc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
