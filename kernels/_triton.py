@@ -56,12 +56,17 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def row_warps(block: int) -> int:
-    """Warps for a kernel that handles one row of ``block`` (padded) elements per program.
+def row_block(n_rows: int, block_c: int) -> tuple[int, int]:
+    """(rows per program, num_warps) for a kernel that handles ``[rows, block_c]`` tiles of a row-wise op.
 
-    Enough threads that each holds at most ~16 elements (two 16-byte vectors of bf16), no more than 16 warps.
+    On the GPU a program holds about 2048-4096 elements: one row at Z-Image's width (3840 -> 4096 lanes), several
+    short rows otherwise (per-head norms, small test models). Warps: enough that each thread holds ~8-16 elements
+    (one or two 16-byte vectors of bf16), at most 16. Under the interpreter every program costs milliseconds of
+    Python, so programs take up to 16k elements (whole small tensors in one program).
     """
-    return max(1, min(16, block // 512))
+    budget = 16384 if INTERPRET else 2048
+    rows = max(1, min(next_pow2(n_rows), budget // block_c))
+    return rows, max(1, min(16, rows * block_c // 512))
 
 
 def fp32_reciprocal(n: int) -> float:

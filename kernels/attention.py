@@ -174,7 +174,7 @@ def _attn_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), None (default) for fp16/bf16
     BLOCK_M: tl.constexpr,  #
     BLOCK_N: tl.constexpr,  #
-):
+):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     b = (off_bh // H).to(tl.int64)  # int64 bases: B·N·H·D exceeds 2^31 elements at real shapes
@@ -305,7 +305,7 @@ def _attn_fwd_tma_kernel(
     BLOCK_M: tl.constexpr,  #
     BLOCK_N: tl.constexpr,  #
     WARP_SPECIALIZE: tl.constexpr,  #
-):
+):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     b = (off_bh // H).to(tl.int64)
@@ -447,9 +447,7 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, confi
         if config is None:
             kernel[grid](*args, **meta)
         else:
-            kernel.fn[grid](
-                *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-            )
+            kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

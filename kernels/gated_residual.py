@@ -27,7 +27,7 @@ from ._triton import (
     launcher_device,
     next_pow2,
     round_to,
-    row_warps,
+    row_block,
     supported_device,
     tanh,
     use_custom_op,
@@ -41,27 +41,28 @@ def _gated_residual_kernel(
     Y, s_yb, s_yn,  # [B, N, C] branch output (attention or FFN), normalised here
     W,  # [C] norm weight
     Gate, s_gb,  # [B, 1, C] raw adaLN gate (ignored unless HAS_GATE)
-    N, C, eps, inv_c,  #
+    R, N, C, eps, inv_c,  # R = B·N rows
+    BLOCK_R: tl.constexpr,  #
     BLOCK_C: tl.constexpr,  #
     HAS_GATE: tl.constexpr,  #
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // N
-    n = row % N
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = rows // N
+    n = rows % N
     dtype = Out.dtype.element_ty
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
 
-    y = tl.load(Y + b * s_yb + n * s_yn + cols, mask=mask, other=0.0).to(tl.float32)
-    var = tl.sum(y * y, axis=0) * inv_c
-    yn = round_to(y * tl.math.rsqrt(var + eps), dtype)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    yn = round_to(yn * w, dtype)
+    y = tl.load(Y + (b * s_yb + n * s_yn)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(y * y, axis=1) * inv_c
+    yn = round_to(y * tl.math.rsqrt(var + eps)[:, None], dtype)
+    w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
+    yn = round_to(yn * w[None, :], dtype)
     if HAS_GATE:
-        g = tl.load(Gate + b * s_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(Gate + (b * s_gb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         yn = round_to(round_to(tanh(g), dtype) * yn, dtype)
-    x = tl.load(X + b * s_xb + n * s_xn + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + b * s_ob + n * s_on + cols, (x + yn).to(dtype), mask=mask)
+    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + (b * s_ob + n * s_on)[:, None] + cols[None, :], (x + yn).to(dtype), mask=mask)
 
 
 def supports(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None) -> bool:
@@ -84,16 +85,17 @@ def _launch(x, y, weight, gate, eps):
     if out.numel() == 0:
         return out
     weight = weight.contiguous()
-    block = next_pow2(C)
+    block_c = next_pow2(C)
+    block_r, warps = row_block(B * N, block_c)
     with launcher_device(x):
-        _gated_residual_kernel[(B * N,)](
+        _gated_residual_kernel[(triton.cdiv(B * N, block_r),)](
             out, out.stride(0), out.stride(1),
             x, x.stride(0), x.stride(1),
             y, y.stride(0), y.stride(1),
             weight,
             gate if gate is not None else x, gate.stride(0) if gate is not None else 0,
-            N, C, float(eps), fp32_reciprocal(C),
-            BLOCK_C=block, HAS_GATE=gate is not None, num_warps=row_warps(block),
+            B * N, N, C, float(eps), fp32_reciprocal(C),
+            BLOCK_R=block_r, BLOCK_C=block_c, HAS_GATE=gate is not None, num_warps=warps,
         )  # fmt: skip
     return out
 

@@ -24,7 +24,7 @@ from ._triton import (
     launcher_device,
     next_pow2,
     round_to,
-    row_warps,
+    row_block,
     supported_device,
     use_custom_op,
 )
@@ -35,23 +35,24 @@ def _layer_norm_modulate_kernel(
     Out, s_ob, s_on,  # [B, N, C] output
     X, s_xb, s_xn,  # [B, N, C] input
     Scale, s_sb,  # [B, 1, C] raw adaLN scale
-    N, C, eps, inv_c,  #
+    R, N, C, eps, inv_c,  # R = B·N rows
+    BLOCK_R: tl.constexpr,  #
     BLOCK_C: tl.constexpr,  #
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // N
-    n = row % N
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = rows // N
+    n = rows % N
     dtype = Out.dtype.element_ty
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
 
-    x = tl.load(X + b * s_xb + n * s_xn + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) * inv_c
-    d = tl.where(mask, x - mean, 0.0)  # padding lanes must not add mean^2 to the variance
-    var = tl.sum(d * d, axis=0) * inv_c
-    y = round_to(d * tl.math.rsqrt(var + eps), dtype)
-    s = tl.load(Scale + b * s_sb + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + b * s_ob + n * s_on + cols, (y * round_to(1.0 + s, dtype)).to(dtype), mask=mask)
+    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) * inv_c
+    d = tl.where(mask, x - mean[:, None], 0.0)  # padding lanes must not add mean^2 to the variance
+    var = tl.sum(d * d, axis=1) * inv_c
+    y = round_to(d * tl.math.rsqrt(var + eps)[:, None], dtype)
+    s = tl.load(Scale + (b * s_sb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + (b * s_ob + n * s_on)[:, None] + cols[None, :], (y * round_to(1.0 + s, dtype)).to(dtype), mask=mask)
 
 
 def supports(x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -67,14 +68,15 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block = next_pow2(C)
+    block_c = next_pow2(C)
+    block_r, warps = row_block(B * N, block_c)
     with launcher_device(x):
-        _layer_norm_modulate_kernel[(B * N,)](
+        _layer_norm_modulate_kernel[(triton.cdiv(B * N, block_r),)](
             out, out.stride(0), out.stride(1),
             x, x.stride(0), x.stride(1),
             scale, scale.stride(0),
-            N, C, float(eps), fp32_reciprocal(C),
-            BLOCK_C=block, num_warps=row_warps(block),
+            B * N, N, C, float(eps), fp32_reciprocal(C),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return out
 

@@ -27,7 +27,7 @@ from ._triton import (
     launcher_device,
     next_pow2,
     round_to,
-    row_warps,
+    row_block,
     supported_device,
     use_custom_op,
 )
@@ -39,26 +39,27 @@ def _rms_norm_modulate_kernel(
     X, s_xb, s_xn,  # [B, N, C] input, unit stride along C
     W,  # [C] norm weight
     Scale, s_sb,  # [B, 1, C] raw adaLN scale (ignored unless HAS_SCALE)
-    N, C, eps, inv_c,  #
-    BLOCK_C: tl.constexpr,  #
+    R, N, C, eps, inv_c,  # R = B·N rows
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # next_pow2(C)
     HAS_SCALE: tl.constexpr,  #
-):
-    row = tl.program_id(0).to(tl.int64)  # int64: B·N·C exceeds 2^31 at real shapes
-    b = row // N
-    n = row % N
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: B·N·C exceeds 2^31
+    b = rows // N
+    n = rows % N
     dtype = Out.dtype.element_ty
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
 
-    x = tl.load(X + b * s_xb + n * s_xn + cols, mask=mask, other=0.0).to(tl.float32)
-    var = tl.sum(x * x, axis=0) * inv_c  # fp32 mean of squares (padding lanes are 0)
-    y = round_to(x * tl.math.rsqrt(var + eps), dtype)  # x * rsqrt promotes to fp32, then cast to the weight dtype
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_to(y * w, dtype)
+    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=1) * inv_c  # fp32 mean of squares (padding lanes are 0)
+    y = round_to(x * tl.math.rsqrt(var + eps)[:, None], dtype)  # x * rsqrt promotes to fp32, cast to weight dtype
+    w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
+    y = round_to(y * w[None, :], dtype)
     if HAS_SCALE:
-        s = tl.load(Scale + b * s_sb + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(Scale + (b * s_sb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = y * round_to(1.0 + s, dtype)  # (1 + scale) is its own eager op: rounded before the product
-    tl.store(Out + b * s_ob + n * s_on + cols, y.to(dtype), mask=mask)
+    tl.store(Out + (b * s_ob + n * s_on)[:, None] + cols[None, :], y.to(dtype), mask=mask)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -80,15 +81,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, e
     if out.numel() == 0:
         return out
     weight = weight.contiguous()
-    block = next_pow2(C)
+    block_c = next_pow2(C)
+    block_r, warps = row_block(B * N, block_c)
     with launcher_device(x):
-        _rms_norm_modulate_kernel[(B * N,)](
+        _rms_norm_modulate_kernel[(triton.cdiv(B * N, block_r),)](
             out, out.stride(0), out.stride(1),
             x, x.stride(0), x.stride(1),
             weight,
             scale if scale is not None else x, scale.stride(0) if scale is not None else 0,
-            N, C, float(eps), fp32_reciprocal(C),
-            BLOCK_C=block, HAS_SCALE=scale is not None, num_warps=row_warps(block),
+            B * N, N, C, float(eps), fp32_reciprocal(C),
+            BLOCK_R=block_r, BLOCK_C=block_c, HAS_SCALE=scale is not None, num_warps=warps,
         )  # fmt: skip
     return out
 

@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton import FLOAT_DTYPES, exp, launcher_device, next_pow2, round_to, supported_device, use_custom_op
+from ._triton import FLOAT_DTYPES, exp, launcher_device, next_pow2, round_to, row_block, supported_device, use_custom_op
 
-BLOCK_F = 2048  # 10240 = 5 x 2048: no masked lanes at Z-Image's width; 8 bf16 per thread with 8 warps
+MAX_BLOCK_F = 2048  # 10240 = 5 x 2048: no masked lanes at Z-Image's width
 
 
 @triton.jit
@@ -29,17 +29,18 @@ def _swiglu_kernel(
     Out, s_o,  # [R, F] output rows
     A, s_a,  # [R, F] gate input (w1 x)
     B, s_b,  # [R, F] value input (w3 x)
-    F,  #
-    BLOCK: tl.constexpr,  #
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
+    R, F,  #
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_F: tl.constexpr,  # columns per program
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: R·F exceeds 2^31
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = (rows < R)[:, None] & (cols < F)[None, :]
     dtype = Out.dtype.element_ty
-    a = tl.load(A + row * s_a + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + row * s_b + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = round_to(tl.math.div_rn(a, 1.0 + exp(-a)), dtype)
-    tl.store(Out + row * s_o + cols, (silu * b).to(dtype), mask=mask)
+    a = tl.load(A + (rows * s_a)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + (rows * s_b)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    silu = round_to(tl.math.div_rn(a, 1.0 + exp(-a)), dtype)  # F.silu writes its own tensor: rounded
+    tl.store(Out + (rows * s_o)[:, None] + cols[None, :], (silu * b).to(dtype), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:
@@ -65,10 +66,21 @@ def _launch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     a2, b2, o2 = _rows(a), _rows(b), out.view(-1, a.shape[-1])  # [R, F] each
     R, F = a2.shape
-    block = min(BLOCK_F, next_pow2(F))
+    block_f = min(MAX_BLOCK_F, next_pow2(F))
+    block_r, warps = row_block(R, block_f)
     with launcher_device(a):
-        _swiglu_kernel[(R, triton.cdiv(F, block))](
-            o2, o2.stride(0), a2, a2.stride(0), b2, b2.stride(0), F, BLOCK=block, num_warps=max(1, min(8, block // 256))
+        _swiglu_kernel[(triton.cdiv(R, block_r), triton.cdiv(F, block_f))](
+            o2,
+            o2.stride(0),
+            a2,
+            a2.stride(0),
+            b2,
+            b2.stride(0),
+            R,
+            F,
+            BLOCK_R=block_r,
+            BLOCK_F=block_f,
+            num_warps=warps,
         )
     return out
 

@@ -164,7 +164,12 @@ def test_public_functions_dispatch_to_the_kernel(monkeypatch):
     gr.gated_residual(x, y, w, s, 1e-5)
     lnm.layer_norm_modulate(x, s, 1e-6)
     sw.swiglu(x, y)
-    assert calls == ["kernels.rms_norm_modulate", "kernels.gated_residual", "kernels.layer_norm_modulate", "kernels.swiglu"]
+    assert calls == [
+        "kernels.rms_norm_modulate",
+        "kernels.gated_residual",
+        "kernels.layer_norm_modulate",
+        "kernels.swiglu",
+    ]
 
 
 # ---- cpu tier: the support predicates decide the fallbacks without launching anything -------------------------
