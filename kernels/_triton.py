@@ -10,6 +10,9 @@ Why each piece exists:
 - ``tanh`` / ``exp``: the fused ops reproduce eager torch's CUDA math (``tanhf``/``expf`` from CUDA's math library,
   which is libdevice), so on the GPU they call libdevice. The interpreter cannot run libdevice (extern calls raise or
   return None), so there they use tl.math formulas; that only changes the last fp32 bit, far below fp16 rounding.
+- ``enable_fp_fusion=False`` on every launch of the bit-faithful elementwise kernels: with fusion on, LLVM/ptxas
+  contract e.g. ``round(t·y) + x`` into one ``fma.rn.bf16``, skipping the rounding of the product that eager torch
+  (separate kernels) performs. Attention keeps fusion on (no bit-exactness target, FMAs are its speed).
 - ``custom_op``: registration as a ``torch.library`` custom op with an explicit fake implementation (``triton_op``'s
   automatic fake fails under the interpreter, see ../shared/docs/style.md Appendix B). In eager mode the public
   functions call the launcher directly: a custom-op call costs tens of microseconds of Python dispatch per call,

@@ -124,9 +124,10 @@ def _plain_configs(full: bool):
             for s in (2, 3, 4)
             for w in (4, 8)
         ]
+    # Compiled for sm_90a (scripts/aot_compile.py): 128-row tiles need 8 warps at D = 128 (4 warps spill).
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3, num_warps=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3, num_warps=8),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=3, num_warps=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4),
     ]
@@ -146,7 +147,7 @@ def _prune_plain(configs, named_args, **kwargs):
             continue
         if fp32 and bm * bn > 64 * 64:  # fp32 tiles this size exceed shared memory at D = 128
             continue
-        if c.num_warps == 8 and bm * bn < 128 * 128:  # 8 warps on small tiles lose on sm_90 (Triton tutorial)
+        if bm == 128 and c.num_warps == 4 and named_args["Q"].shape[-1] > 64:  # spills (aot_compile.py, sm_90a)
             continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -221,19 +222,14 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_tma_loop(
-    acc, l_i, m_i, q, desc_k, desc_v, lo, hi, kv_len, qk_scale, offs_n,
-    BLOCK_N: tl.constexpr, MASK_KV: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):  # fmt: skip
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([start_n, 0])  # rows >= kv_len come back as zeros (descriptor shape is [kv_len, D])
-        qk = tl.dot(q, k.T)
-        if MASK_KV:
-            qk = tl.where((start_n + offs_n)[None, :] < kv_len, qk, float("-inf"))
-        v = desc_v.load([start_n, 0])
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, None)
-    return acc, l_i, m_i
+def _attn_tma_block(acc, l_i, m_i, q, desc_k, desc_v, start_n, kv_len, qk_scale, offs_n, MASK_KV: tl.constexpr):
+    """TMA-kernel block at keys ``start_n + offs_n``; K/V rows >= kv_len load as zeros (descriptor shape)."""
+    k = desc_k.load([start_n, 0])
+    qk = tl.dot(q, k.T)
+    if MASK_KV:  # zero-filled keys must not count as logit 0
+        qk = tl.where((start_n + offs_n)[None, :] < kv_len, qk, float("-inf"))
+    v = desc_v.load([start_n, 0])
+    return _online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, None)
 
 
 def _tma_configs(full: bool):
@@ -246,14 +242,17 @@ def _tma_configs(full: bool):
             for w in (4, 8)
             for ws in (False, True)
         ]
-    # Curated for H100/H200, hd128 bf16 non-causal (kernels.md §2: BLOCK_M 128, BLOCK_N 64-128, 2-4 stages; WS and
-    # non-WS both kept because WS support on Hopper varies across triton releases, §6.8).
+    # Curated for H100/H200, hd128 bf16 non-causal (kernels.md §2: BLOCK_M 128, BLOCK_N 64-128, 2-4 stages). Checked
+    # by compiling for sm_90a with triton 3.8 (scripts/aot_compile.py): none spills; shared memory 131-229 KB
+    # (limit 227 KiB = 232448 B). Warp specialization only takes effect with 4 warps (8 warps compile to the plain
+    # pipeline), and 128-row tiles without it need 8 warps (4 warps spill). WS and non-WS are both kept because WS
+    # support on Hopper varies across triton releases (kernels.md §6.8) and neither was timed yet.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WARP_SPECIALIZE": False}, num_stages=2, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WARP_SPECIALIZE": False}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WARP_SPECIALIZE": False}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WARP_SPECIALIZE": False}, num_stages=3, num_warps=8),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WARP_SPECIALIZE": True}, num_stages=2, num_warps=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WARP_SPECIALIZE": True}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WARP_SPECIALIZE": True}, num_stages=2, num_warps=8),
     ]
 
 
@@ -275,10 +274,10 @@ def _prune_tma(configs, named_args, **kwargs):
     ws_ok = warp_specialize_available()
     keep = []
     for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.kwargs["WARP_SPECIALIZE"] and not ws_ok:
+        bm = c.kwargs["BLOCK_M"]
+        if c.kwargs["WARP_SPECIALIZE"] and (not ws_ok or c.num_warps != 4):  # WS applies with 4 warps (see above)
             continue
-        if bm > max(n_q, 64) or (c.num_warps == 8 and bm * bn < 128 * 128):
+        if bm > max(n_q, 64) or (not c.kwargs["WARP_SPECIALIZE"] and bm == 128 and c.num_warps == 4):  # spills
             continue
         keep.append(c)
     return keep or [c for c in configs if not c.kwargs["WARP_SPECIALIZE"]][:1]
@@ -291,6 +290,7 @@ def _prune_tma(configs, named_args, **kwargs):
     prune=_prune_tma,
     full_configs=_tma_configs(True),
 )
+@triton.heuristics({"EVEN_KV": lambda a: not a["HAS_KV_LENS"] and a["N_KV"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _attn_fwd_tma_kernel(
     Out, s_ob, s_on, s_oh,  # [B, N_Q, H, D] output; all strides multiples of 16 bytes (TMA)
@@ -305,6 +305,7 @@ def _attn_fwd_tma_kernel(
     BLOCK_M: tl.constexpr,  #
     BLOCK_N: tl.constexpr,  #
     WARP_SPECIALIZE: tl.constexpr,  #
+    EVEN_KV: tl.constexpr,  # no key padding and N_KV a multiple of BLOCK_N: no mask at all (heuristic)
 ):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -336,14 +337,22 @@ def _attn_fwd_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     q = desc_q.load([start_m * BLOCK_M, 0])
 
-    n_full = (kv_len // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_tma_loop(
-        acc, l_i, m_i, q, desc_k, desc_v, 0, n_full, kv_len, qk_scale, offs_n, BLOCK_N, False, WARP_SPECIALIZE
-    )
-    # Tail: zero or one iteration, keys >= kv_len masked (their zero-filled scores must not count as 0 logits).
-    acc, l_i, m_i = _attn_tma_loop(
-        acc, l_i, m_i, q, desc_k, desc_v, n_full, kv_len, kv_len, qk_scale, offs_n, BLOCK_N, True, WARP_SPECIALIZE
-    )
+    if WARP_SPECIALIZE:
+        # One loop over every block, masked unless the keys are known to tile exactly (EVEN_KV): triton 3.8's
+        # warp-specialization pass rejects a second loop (crash) and drops WS for a data-dependent `if` in the loop.
+        for start_n in tl.range(0, kv_len, BLOCK_N, warp_specialize=True):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _attn_tma_block(
+                acc, l_i, m_i, q, desc_k, desc_v, start_n, kv_len, qk_scale, offs_n, not EVEN_KV
+            )
+    else:
+        # Full blocks unmasked, then the one partial block masked (kernels.md §2.5).
+        n_full = (kv_len // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, n_full, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _attn_tma_block(acc, l_i, m_i, q, desc_k, desc_v, start_n, kv_len, qk_scale, offs_n, False)
+        if n_full < kv_len:
+            acc, l_i, m_i = _attn_tma_block(acc, l_i, m_i, q, desc_k, desc_v, n_full, kv_len, qk_scale, offs_n, True)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     desc_o.store([start_m * BLOCK_M, 0], (acc / l_i[:, None]).to(Out.dtype.element_ty))

@@ -95,7 +95,7 @@ def _launch(x, y, weight, gate, eps):
             weight,
             gate if gate is not None else x, gate.stride(0) if gate is not None else 0,
             B * N, N, C, float(eps), fp32_reciprocal(C),
-            BLOCK_R=block_r, BLOCK_C=block_c, HAS_GATE=gate is not None, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, HAS_GATE=gate is not None, num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 

@@ -76,7 +76,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
             x, x.stride(0), x.stride(1),
             scale, scale.stride(0),
             B * N, N, C, float(eps), fp32_reciprocal(C),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 

@@ -167,7 +167,7 @@ def _launch(q, k, q_weight, k_weight, freqs_cis, eps):
             fr, s_fb, s_fn,
             B * N, N, H, float(eps), fp32_reciprocal(D),
             HALF_D=D // 2, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_P=block_p, HAS_ROPE=freqs_cis is not None,
-            num_warps=warps,
+            num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
     return q_out, k_out
 

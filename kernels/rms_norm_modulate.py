@@ -90,7 +90,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, e
             weight,
             scale if scale is not None else x, scale.stride(0) if scale is not None else 0,
             B * N, N, C, float(eps), fp32_reciprocal(C),
-            BLOCK_R=block_r, BLOCK_C=block_c, HAS_SCALE=scale is not None, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, HAS_SCALE=scale is not None, num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 

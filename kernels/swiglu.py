@@ -70,18 +70,9 @@ def _launch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     block_r, warps = row_block(R, block_f)
     with launcher_device(a):
         _swiglu_kernel[(triton.cdiv(R, block_r), triton.cdiv(F, block_f))](
-            o2,
-            o2.stride(0),
-            a2,
-            a2.stride(0),
-            b2,
-            b2.stride(0),
-            R,
-            F,
-            BLOCK_R=block_r,
-            BLOCK_F=block_f,
-            num_warps=warps,
-        )
+            o2, o2.stride(0), a2, a2.stride(0), b2, b2.stride(0), R, F,
+            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=warps, enable_fp_fusion=False,
+        )  # fmt: skip
     return out
 
 
