@@ -23,6 +23,7 @@ Why each piece exists:
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -40,6 +41,22 @@ def full_autotune() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "").strip().lower() == "full"
 
 
+def _bench_or_skip(kernel_call, quantiles):
+    """Autotune timing that turns a config which fails to compile or launch into +inf instead of an exception.
+
+    Triton's autotuner only skips out-of-resources / ptxas failures; a crash in a compiler pass (e.g. triton 3.8's
+    warp-specialization pass on some loop shapes, see kernels/attention.py) would otherwise abort the first call of
+    the op. If every config fails, the launch after autotuning raises the real error.
+    """
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+    except Exception as e:  # noqa: BLE001 - any failing config is skipped, with a warning naming the error
+        warnings.warn(f"autotune: skipping a config that failed: {type(e).__name__}: {str(e)[:200]}", stacklevel=2)
+        return [float("inf")] * len(quantiles)
+
+
 def autotune(configs, key, *, interpret_config=None, prune=None, full_configs=None):
     """``triton.autotune`` that keeps a single config under the interpreter.
 
@@ -52,7 +69,7 @@ def autotune(configs, key, *, interpret_config=None, prune=None, full_configs=No
     if full_configs is not None and full_autotune():
         configs = full_configs
     prune_by = {"early_config_prune": prune} if prune is not None else None
-    return triton.autotune(list(configs), key=key, prune_configs_by=prune_by)
+    return triton.autotune(list(configs), key=key, prune_configs_by=prune_by, do_bench=_bench_or_skip)
 
 
 def next_pow2(n: int) -> int:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -409,12 +410,28 @@ def supports(q, k, v, kv_lens=None, scale=None) -> bool:
     return True
 
 
+_TMA_FAILED: set = set()  # (dtype, head_dim) whose TMA kernel failed to compile/launch here: auto uses "plain"
+
+
 def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, config: triton.Config | None = None):
     """Run one of the two kernels. path: 'tma' / 'plain' / None (auto: TMA where available, see PATH_ENV);
     config: a fixed ``triton.Config`` instead of autotuning (tests use it to cover several tile shapes)."""
     assert supports(q, k, v, kv_lens, scale), "attention: unsupported inputs reached the Triton launcher"
     B, N_Q, H, D = q.shape
     N_KV = k.shape[1]
+    path = path or _path_setting()
+    if path == "auto":
+        if tma_path_available(q, k, v) and (q.dtype, D) not in _TMA_FAILED:
+            try:
+                return _launch(q, k, v, kv_lens, scale, path="tma", config=config)
+            except Exception as e:  # noqa: BLE001 - e.g. a compiler pass failure on an untested triton/GPU stack
+                _TMA_FAILED.add((q.dtype, D))
+                warnings.warn(
+                    f"attention: the TMA kernel failed ({type(e).__name__}: {str(e)[:200]}); using the pointer "
+                    f"kernel for {q.dtype} D={D} from now on (set {PATH_ENV}=tma to see the error)",
+                    stacklevel=2,
+                )
+        path = "plain"
     out = torch.empty((B, N_Q, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -424,9 +441,6 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, confi
         kv_lens = kv_lens.contiguous()
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
 
-    path = path or _path_setting()
-    if path == "auto":
-        path = "tma" if tma_path_available(q, k, v) else "plain"
     if path == "tma":
         if not INTERPRET:  # the interpreter runs the TMA kernel's logic for any dtype (tests use fp32 too)
             assert D in TMA_HEAD_DIMS and q.dtype != torch.float32, "the TMA kernel takes fp16/bf16 with D 32-128"

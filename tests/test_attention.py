@@ -190,3 +190,36 @@ def test_warp_specialized_loop(n, lens):
     kv_lens = None if lens is None else torch.tensor(lens)
     cfg = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=2)
     _check(q, k, v, kv_lens, path="tma", config=cfg)
+
+
+def test_auto_path_falls_back_to_the_pointer_kernel_when_tma_fails(monkeypatch):
+    """On a stack where the TMA kernel cannot compile, 'auto' warns once and keeps working on the pointer kernel."""
+    q, k, v = _qkv(1, 20, 1, 32, torch.float32)
+    monkeypatch.setattr(attn, "tma_path_available", lambda *a: True)
+    monkeypatch.setattr(attn, "_TMA_FAILED", set())
+    real = attn._launch
+
+    def launch(*a, path=None, **kw):
+        if path == "tma":
+            raise RuntimeError("PassManager::run failed")
+        return real(*a, path=path, **kw)
+
+    monkeypatch.setattr(attn, "_launch", launch)
+    monkeypatch.setattr(attn, "_attn_fwd_kernel", _Recorder(attn._attn_fwd_kernel))
+    with pytest.warns(UserWarning, match="pointer kernel"):
+        real(q, k, v, None, None, path="auto")
+    assert attn._TMA_FAILED == {(torch.float32, 32)}
+    assert attn._attn_fwd_kernel.calls == 1
+
+
+class _Recorder:
+    """Stands in for a kernel object: counts launches (no Triton launch happens in this cpu-tier test)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls += 1
+
+        return run
