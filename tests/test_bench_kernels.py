@@ -52,12 +52,17 @@ def test_cases_cover_every_op_and_the_target_shape():
 def test_failed_refcheck_is_not_timed(monkeypatch):
     """A provider whose result breaks the tolerance rule gets a FAIL row without timings, and main's exit is 1."""
     case = bk.Case("swiglu", "t", dict(R=4, F=64))
-    provs = {"eager": bk.reference.swiglu, "broken": lambda a, b: bk.reference.swiglu(a, b) * 1.01}
+
+    def crashes(a, b):
+        raise ValueError("boom")
+
+    provs = {"eager": bk.reference.swiglu, "broken": lambda a, b: bk.reference.swiglu(a, b) * 1.01, "crash": crashes}
     ns = bk.parse_args(["--cases", "small", "--quick"])
     rows = bk.run_case(case, torch.device("cpu"), torch.float32, provs, {"device": "cpu"}, None, ns)
-    good, bad = rows
+    good, bad, crash = rows
     assert good["refcheck"]["passed"] and good["median_ms"] > 0 and good["gbps"] > 0
     assert not bad["refcheck"]["passed"] and bad["median_ms"] is None and "FAILED" in bad["note"]
+    assert not crash["refcheck"]["passed"] and "boom" in crash["note"] and crash["median_ms"] is None
 
 
 def test_torch_only_run_writes_jsonl(tmp_path, capsys):
