@@ -202,3 +202,25 @@ def test_swiglu_support_predicate():
     assert not sw.supports(a, torch.randn(4, 7))
     assert not sw.supports(a.t(), a.t())  # column stride != 1
     assert torch.equal(sw.swiglu(a.t(), a.t()), reference.swiglu(a.t(), a.t()))
+
+
+def test_bf16_on_the_interpreter_runs_the_reference():
+    """The interpreter's bf16 is wrong, so on CPU every op hands bf16 to the torch reference (same result)."""
+    from kernels import attention, qk_norm_rope
+    from kernels.triton_ops import TRITON_OPS
+
+    x, y = torch.randn(2, 5, 32).bfloat16(), torch.randn(2, 5, 32).bfloat16()
+    w, s = torch.ones(32, dtype=torch.bfloat16), torch.randn(2, 1, 32).bfloat16()
+    q = x.unflatten(-1, (2, 16))
+    assert not any(
+        [
+            rnm.supports(x, w, s),
+            gr.supports(x, y, w, s),
+            lnm.supports(x, s),
+            sw.supports(x, y),
+            qk_norm_rope.supports(q, q, w[:16], w[:16], None),
+            attention.supports(q, q, q),
+        ]
+    )
+    assert torch.equal(TRITON_OPS.rms_norm_modulate(x, w, s, 1e-5), reference.rms_norm_modulate(x, w, s, 1e-5))
+    assert torch.equal(TRITON_OPS.attention(q, q, q), reference.attention(q, q, q))
