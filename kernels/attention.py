@@ -24,7 +24,7 @@ What is specific to Z-Image (../shared/docs/kernels.md §1.3, §2.5, §7):
 Status: both kernels are tested against the reference under the Triton interpreter (fp32/fp16, ragged kv_lens,
 lengths that are not multiples of the tile, head dims 32/64/128 and one padded head dim) and compile for sm_90a
 ahead of time (``scripts/aot_compile.py``). Neither has run on a GPU yet: the bf16/real-shape/compile/graph tests in
-``tests/test_attention_gpu.py`` and the throughput numbers are still to be measured.
+``tests/test_kernels_gpu.py`` and the throughput numbers are still to be measured.
 
 Unsupported (the torch reference runs instead): mixed dtypes, head dim > 256 or odd, a non-positive scale, q/k/v
 whose batch or head counts differ, kv_lens not an int32/int64 ``[B]`` tensor on q's device.
