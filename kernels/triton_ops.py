@@ -1,8 +1,32 @@
-"""The Triton implementation of the op switch (filled in by the Triton kernels; see kernels/README)."""
+"""The Triton implementation of the op switch: every op of ``kernels.Ops`` backed by its Triton kernel.
+
+Each public function checks whether its kernel supports the given tensors (device, dtypes, shapes; see each file's
+docstring) and otherwise runs the torch reference, so the model never fails on an unsupported case:
+
+- attention: falls back for mixed dtypes, odd head dims or head dims > 256, non-positive scales, kv_lens that are
+  not an int32/int64 ``[B]`` tensor on q's device;
+- qk_norm_rope: mixed dtypes (q/k vs weights), odd head dims, freqs_cis not complex64 ``[B or 1, N, D/2]``;
+- rms_norm_modulate / gated_residual / layer_norm_modulate: inputs that are not ``[B, N, C]`` with unit stride along
+  C, or whose weight / scale / gate dtype differs from the activation dtype (the reference then promotes);
+- swiglu: different shapes or dtypes of ``a`` and ``b``, or views that cannot be seen as ``[rows, F]`` rows.
+"""
 
 from __future__ import annotations
 
-from .backend import TORCH_OPS
+from .attention import attention
+from .backend import Ops
+from .gated_residual import gated_residual
+from .layer_norm_modulate import layer_norm_modulate
+from .qk_norm_rope import qk_norm_rope
+from .rms_norm_modulate import rms_norm_modulate
+from .swiglu import swiglu
 
-# Until a Triton kernel exists for an op, the Triton backend runs that op's torch reference.
-TRITON_OPS = TORCH_OPS.__class__(**{**TORCH_OPS.__dict__, "name": "triton"})
+TRITON_OPS = Ops(
+    name="triton",
+    attention=attention,
+    qk_norm_rope=qk_norm_rope,
+    rms_norm_modulate=rms_norm_modulate,
+    gated_residual=gated_residual,
+    swiglu=swiglu,
+    layer_norm_modulate=layer_norm_modulate,
+)

@@ -28,11 +28,12 @@ from PIL import Image
 
 from . import images as imgs
 from . import lora as lora_mod
-from ._sampler_stub import UnknownSchedulerError, resolve_scheduler
 from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
 from .errors import RequestError
 from .model import CaptionContext, ZImageTransformer
+from .scheduler_table import UnknownSchedulerError, resolve_scheduler
+from .schedules import img2img_start
 from .weights import CheckpointError, load_transformer
 
 SEED_MAX = 2**63 - 1
@@ -349,6 +350,7 @@ class ZImage:
         output_type: str = "pil",
         progress: bool = False,
         diffusers_compat: bool = False,
+        batch_results: bool = False,
         cache=None,
         step_callback: Callable | None = None,
         loras: Sequence = (),
@@ -359,6 +361,11 @@ class ZImage:
         white = repaint; ``mask_margin`` crops the masked region with that margin, works at the requested size and
         pastes back); outpainting (``outpaint={"top","bottom","left","right"}`` extends the canvas; width/height, if
         given, must equal the seed image's plus the extensions).
+
+        ``batch_results=True`` runs the results of a call as one batch (faster for several small images, like
+        diffusers' ``num_images_per_prompt``): each result keeps its own seed's noise, but then matches a solo run
+        only up to floating-point rounding. It applies to deterministic samplers without a step cache; stochastic
+        samplers and caches always run result by result.
 
         ``diffusers_compat=True`` consumes the generator exactly like diffusers' img2img/inpaint pipelines (VAE
         posterior sample before the noise) and uses their start step ``int(N − N·strength)``; by default the VAE
@@ -404,7 +411,7 @@ class ZImage:
         if work.image is None:
             if strength is not None:
                 raise RequestError("strength", "only applies with a seed image")
-            if getattr(spec, "requires_seed_image", False):
+            if spec.requires_seed_image:
                 raise RequestError("scheduler", f"{scheduler!r} inverts a seed image to noise: give a seed image")
         m = self.size_multiple
         _check_int("width", width, m, 4096, multiple=m)
@@ -418,11 +425,8 @@ class ZImage:
         sigmas = spec.sigmas(steps, shift)
         t_start = 0
         if work.image is not None:
-            t_start = (
-                int(max(steps - steps * strength, 0))
-                if diffusers_compat
-                else steps - math.floor(steps * strength + 1e-9)
-            )
+            # decisions.md: N − floor(N·strength); diffusers' img2img: int(N − N·strength)
+            t_start = int(max(steps - steps * strength, 0)) if diffusers_compat else img2img_start(steps, strength)
         run_sigmas = sigmas[t_start:]
 
         stats = {
@@ -458,19 +462,25 @@ class ZImage:
         # ---- per result: initial latents, sampler loop ----
         t0 = self._sync_time()
         finals = []
+        batched = batch_results and len(seeds) > 1 and not spec.stochastic and cache is None
+        stats["batched"] = batched
         progress_bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            progress_bar = tqdm(total=stats["steps"] * number_results, desc="denoising", unit="step")
-        for s in seeds:
-            g = torch.Generator("cpu").manual_seed(s)
+            runs = 1 if batched else number_results
+            progress_bar = tqdm(total=stats["steps"] * runs, desc="denoising", unit="step")
+        for group in [seeds] if batched else [[s] for s in seeds]:
+            gens = [torch.Generator("cpu").manual_seed(s) for s in group]
+            g = gens[0]
             x0 = None
             if work.image is not None:
-                x0 = self.encode_image(work.image, g if diffusers_compat else None).to(self.device)
-            noise = torch.randn(
-                (1, self.transformer.config.in_channels, h_lat, w_lat), generator=g, dtype=torch.float32
-            ).to(self.device)
+                if diffusers_compat:
+                    x0 = torch.cat([self.encode_image(work.image, gi) for gi in gens]).to(self.device)
+                else:
+                    x0 = self.encode_image(work.image).to(self.device).expand(len(group), -1, -1, -1)
+            shape = (1, self.transformer.config.in_channels, h_lat, w_lat)
+            noise = torch.cat([torch.randn(shape, generator=gi, dtype=torch.float32) for gi in gens]).to(self.device)
             if x0 is not None:
                 sig = run_sigmas[0].to(self.device, torch.float32)
                 x = sig * noise + (1.0 - sig) * x0  # diffusers' scale_noise
@@ -478,15 +488,16 @@ class ZImage:
                 x = noise
             # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
             cache_state = cache.new_state(num_steps=steps, start_step=t_start) if cache is not None else None
+            rep = [0] * len(group)
             denoise = self._denoiser(
-                ctx_pos,
-                ctx_neg,
+                ctx_pos.select(rep),
+                None if ctx_neg is None else ctx_neg.select(rep),
                 guidance,
                 cfg_norm,
                 cfg_trunc,
                 stats,
                 main_layers=None if cache_state is None else cache_state.main_layers,
-                ctx_low=ctx_low,
+                ctx_low=None if ctx_low is None else tuple(c if c is None else c.select(rep) for c in ctx_low),
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
             mask_lat = None if work.mask is None else work.mask_latents(self).to(self.device)
@@ -506,7 +517,7 @@ class ZImage:
                 return out
 
             if len(run_sigmas) > 1:
-                x = spec.sample(counted, x, run_sigmas, generator=g, callback=on_step)
+                x = spec.sample(counted, x, run_sigmas, generator=g, callback=on_step, x0=x0)
             stats["nfe_per_result"] = counted.calls
             if cache_state is not None:
                 stats.setdefault("cache", []).append(cache_state.summary())
