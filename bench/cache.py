@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -76,27 +75,13 @@ def ssim(a, b, data_range: float = 255.0, sigma: float = 1.5) -> float:
 
 
 def environment(device) -> dict:
-    import torch
+    """The harness's common environment dict (``bench.env``) plus a short device label."""
+    from .env import device_label
+    from .env import environment as bench_environment
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    from kernels.cache.calibrate import git_sha
-
-    if getattr(device, "type", str(device)) == "cuda":
-        dev = torch.cuda.get_device_name(device)
-    else:
-        dev = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {
-        "device": dev,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git": git_sha(),
-    }
+    env = bench_environment(device)
+    env["device_label"] = device_label(env)
+    return env
 
 
 def model_label(pipe) -> str:
@@ -491,11 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     env = rows[0]["env"]
+    git = (env.get("git_sha") or "unknown")[:12] + ("-dirty" if env.get("git_dirty") else "")
     title = (
         f"Step caches on the {label} model ({pipe.transformer.config.n_layers} main layers), "
-        f"{rows[0]['prompts']} prompts, {args.size}px — {env['device']}, git {env['git']}"
+        f"{rows[0]['prompts']} prompts, {args.size}px — {env['device_label']}, git {git}"
     )
-    print(f"model: {label} ({args.model_path})  device: {env['device']}  torch {env['torch']}  git {env['git']}")
+    print(f"model: {label} ({args.model_path})  device: {env['device_label']}  torch {env['torch']}  git {git}")
     print(format_table(rows))
     for r in rows:
         if r["method"] == "steps" and r["sampler_steps"] == r["steps"]:

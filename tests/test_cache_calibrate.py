@@ -89,7 +89,7 @@ def test_bench_cache_smoke(pipe_folder, tmp_path, capsys):
     assert {r["method"] for r in rows} == {"none", "fb", "tea", "db", "steps"}
     for r in rows:
         assert r["model_label"] == "random" and r["steps"] == 5
-        assert {"device", "torch", "triton", "git"} <= set(r["env"])
+        assert {"device", "device_label", "torch", "triton", "git_sha"} <= set(r["env"])
     fb0 = next(r for r in rows if r["method"] == "fb" and r["threshold"] == 0)
     assert fb0["psnr_mean"] == 100.0 and fb0["evals_saved_factor"] == 1.0  # never hits: identical images
     tea = next(r for r in rows if r["method"] == "tea")

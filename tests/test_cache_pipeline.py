@@ -174,9 +174,11 @@ def test_teacache_coefficients_from_the_table_or_identity(pipe, tmp_path, monkey
     save_entry({"fingerprint": fp, "preset": "z-image-turbo", "coefficients": [2.0, 0.0], "r2": 0.9})
     got = lookup(pipe, "runware:z-image@0")  # no exact preset: the model's other entry, and the source says so
     assert got.coefficients == (2.0, 0.0) and "z-image-turbo" in got.source["note"]
-    save_entry({"fingerprint": fp, "preset": "runware:z-image@0", "coefficients": [3.0, 0.1], "r2": 0.8})
-    cfg = CacheConfig.for_method("tea", 0.4, pipe=pipe, preset="runware:z-image@0")
+    entry = {"fingerprint": fp, "preset": "runware:z-image@0", "coefficients": [3.0, 0.1], "r2": 0.8}
+    save_entry({**entry, "x_range": [0.05, 0.3]})
+    cfg = CacheConfig.for_method("teaCache", 0.4, pipe=pipe, preset="runware:z-image@0")
     assert cfg.coefficients == (3.0, 0.1) and cfg.coefficients_source["r2"] == 0.8 and cfg.threshold == 0.4
+    assert cfg.fit_range == (0.05, 0.3)
     assert lookup(pipe, "z-image-turbo").coefficients == (2.0, 0.0)
     # a different model (other weights) does not pick them up
     other = SimpleNamespace(transformer=torch.nn.Linear(2, 2), default_model="x")

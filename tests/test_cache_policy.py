@@ -183,6 +183,11 @@ def test_method_configs_map_onto_rules():
     tea = TeaCacheConfig(coefficients=[2.0, 0.5])
     assert tea.rules().accumulate and tea.threshold == 0.5 and tea.split(30) == (0, 0)
     assert tea.rescale(0.25) == pytest.approx(2.0 * 0.25 + 0.5)
+    # outside the fitted range the polynomial is not trusted: value at the end, scaled linearly
+    wild = TeaCacheConfig(coefficients=[-100.0, 30.0, 0.0], fit_range=(0.1, 0.2))  # poly < 0 beyond x = 0.3
+    assert wild.rescale(0.15) == pytest.approx(-100 * 0.15**2 + 30 * 0.15)
+    assert wild.rescale(0.8) == pytest.approx((-100 * 0.2**2 + 30 * 0.2) * 0.8 / 0.2) and wild.rescale(0.8) > 0
+    assert wild.rescale(0.05) == pytest.approx((-100 * 0.1**2 + 30 * 0.1) * 0.05 / 0.1)
     db = DBCacheConfig(fn=4, bn=2, skip_interval=7)
     assert db.rules().skip_interval == 7 and db.split(30) == (4, 2)
     assert db.split(3) == (2, 0) and db.split(2) == (1, 0)  # at least one middle layer is left

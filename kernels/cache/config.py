@@ -9,6 +9,7 @@ with ``python -m bench cache --db-split`` (see ``DB_DEFAULT_SPLIT`` below) and d
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
@@ -63,13 +64,16 @@ class CacheConfig:
     # ---- construction --------------------------------------------------------------------------------------------
     @staticmethod
     def for_method(method: str, threshold: float | None = None, *, pipe=None, preset: str | None = None, **kw):
-        """``fb`` | ``tea`` | ``db`` with that method's defaults; ``threshold=None`` keeps the default.
+        """``fb`` | ``tea`` | ``db`` (also ``fbCache``/``fbcache``, ...) with that method's defaults; ``threshold=None``
+        keeps the default.
 
         With ``pipe`` (a ``ZImage``), TeaCache takes the calibrated coefficients for that model and ``preset``
         (``kernels/cache/tea_coefficients.json``); without, or when none are stored, the identity rescaling."""
-        if method not in CONFIGS:
-            raise ValueError(f"unknown cache method {method!r}; known: {sorted(CONFIGS)}")
-        cls = CONFIGS[method]
+        key = str(method).strip().lower()
+        key = key[: -len("cache")] if key.endswith("cache") and key != "cache" else key  # "fbCache", "teacache"
+        if key not in CONFIGS:
+            raise ValueError(f"unknown cache method {method!r}; known: {sorted(CONFIGS)} (or fbCache, teaCache, ...)")
+        cls = CONFIGS[key]
         if threshold is not None:
             kw["threshold"] = threshold
         if cls is TeaCacheConfig and pipe is not None and "coefficients" not in kw:
@@ -77,6 +81,8 @@ class CacheConfig:
 
             coeffs = lookup(pipe, preset)
             kw.update(coefficients=coeffs.coefficients, coefficients_source=coeffs.source)
+            if coeffs.source.get("x_range"):
+                kw["fit_range"] = tuple(coeffs.source["x_range"])
         return cls(**kw)
 
 
@@ -98,11 +104,15 @@ class TeaCacheConfig(CacheConfig):
     (step to step); reuse the whole main stack's residual while the accumulator stays below the distance.
 
     ``coefficients``: rescaling polynomial, highest power first (``numpy.poly1d`` order). Default: the identity
-    ``(1, 0)`` (the raw change, uncalibrated) — ``for_method(..., pipe=...)`` substitutes calibrated ones."""
+    ``(1, 0)`` (the raw change, uncalibrated) — ``for_method(..., pipe=...)`` substitutes calibrated ones.
+    ``fit_range``: the (min, max) change the polynomial was fitted on. Outside it a degree-4 fit can swing to huge or
+    negative values, so the polynomial is evaluated at the nearest end and scaled linearly, ``poly(end)·x/end``
+    (falling back to the raw change if ``poly(end) <= 0``)."""
 
     method: ClassVar[str] = "tea"
     threshold: float = 0.5
     coefficients: tuple[float, ...] = (1.0, 0.0)
+    fit_range: tuple[float, float] | None = None
     coefficients_source: dict = field(
         default_factory=lambda: {"kind": "identity", "note": "uncalibrated: raw relative L1 change, not rescaled"},
         compare=False,
@@ -110,6 +120,8 @@ class TeaCacheConfig(CacheConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        if self.fit_range is not None:
+            object.__setattr__(self, "fit_range", (float(self.fit_range[0]), float(self.fit_range[1])))
         if not self.coefficients:
             raise ValueError("TeaCache coefficients must not be empty")
         super().__post_init__()
@@ -120,11 +132,20 @@ class TeaCacheConfig(CacheConfig):
     def split(self, n_layers: int) -> tuple[int, int]:
         return 0, 0
 
-    def rescale(self, x: float) -> float:
+    def _poly(self, x: float) -> float:
         acc = 0.0
         for c in self.coefficients:  # Horner, highest power first
             acc = acc * x + c
         return acc
+
+    def rescale(self, x: float) -> float:
+        if self.fit_range is not None and not math.isnan(x):
+            lo, hi = self.fit_range
+            end = hi if x > hi else lo if x < lo else None
+            if end is not None and end > 0:
+                at_end = self._poly(end)
+                return at_end * x / end if at_end > 0 else x
+        return self._poly(x)
 
 
 @dataclass(frozen=True, kw_only=True)
