@@ -73,7 +73,7 @@ def test_throughput_times_only_configs_that_passed(folder, tmp_path, capsys):
     ok = [r for r in rows if r["status"] == "ok"]
     caches = ("ours-fbcache", "ours-teacache", "ours-dbcache")  # kernels.cache: lossy configs that run and are timed
     assert {(r["case"], r["config"]) for r in ok} == {
-        (c, k) for c in TINY.split(",") for k in ("diffusers-eager", "ours-torch", *caches)
+        (c, k) for c in TINY.split(",") for k in ("diffusers-eager", "ours-torch", "ours-batched", *caches)
     }
     assert all(r["lossy"] for r in ok if r["config"] in caches)
     for r in ok:
@@ -84,6 +84,8 @@ def test_throughput_times_only_configs_that_passed(folder, tmp_path, capsys):
         assert r["repro"].startswith("python -m bench throughput")
     ours = next(r for r in ok if r["config"] == "ours-torch" and r["batch"] == 2)
     assert ours["forward_batch"] == 2 and ours["forwards_per_request"] == 2 * 2  # 2 results × 2 steps, CFG batched
+    batched = next(r for r in ok if r["config"] == "ours-batched" and r["batch"] == 2)
+    assert batched["forward_batch"] == 4 and batched["forwards_per_request"] == 2  # one batched run of 2 steps
     eager = next(r for r in ok if r["config"] == "diffusers-eager" and r["batch"] == 2)
     assert eager["forward_batch"] == 4 and eager["forwards_per_request"] == 2 and eager["speedup"] == 1.0
     assert "| 64x64/b1/turbo2 | ours-torch |" in text
