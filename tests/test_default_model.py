@@ -34,7 +34,7 @@ def test_caption_grammar_round_trips():
     with pytest.raises(ValueError):
         dataset.Scene.from_caption("a red circle")
     with pytest.raises(ValueError):
-        dataset.Scene("small", "red", "circle", "center", "red")  # same colour twice
+        dataset.Scene("small", "red", "circle", "middle center", "red")  # same colour twice
 
 
 def test_heldout_split_is_disjoint_and_every_word_is_trained():
@@ -69,7 +69,7 @@ def test_checker_is_not_fooled():
     blank = np.full((128, 128, 3), dataset.COLORS["blue"], dtype=np.uint8)
     r = read_image(blank)
     assert r.background == "blue" and r.color is None and r.shape is None
-    assert not r.agrees(dataset.Scene("small", "red", "circle", "center", "blue"))
+    assert not r.agrees(dataset.Scene("small", "red", "circle", "middle center", "blue"))
     s = dataset.Scene("large", "red", "square", "top left", "blue")
     img = dataset.render(s)
     assert not read_image(img).agrees(dataset.Scene("large", "red", "circle", "top left", "blue"))

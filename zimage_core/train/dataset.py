@@ -30,13 +30,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 # Object extent in pixels at 128x128 (the diameter, the side, or the triangle's base and height).
-SIZES: dict[str, int] = {"small": 24, "large": 36}
+SIZES: dict[str, int] = {"small": 32, "large": 48}
 # A 3x3 grid: the row word (top / middle / bottom) then the column word (left / center / right). Every position is
 # two words, so every caption has the same length and each attribute word sits at a fixed index.
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 POSITIONS: dict[str, tuple[int, int]] = {f"{r} {c}": (i, j) for i, r in enumerate(ROWS) for j, c in enumerate(COLUMNS)}
-POSITION_JITTER = 3  # pixels (at 128x128), uniform in [-3, 3] on each axis
+# Centres of the grid's rows and columns as fractions of the height and width (27, 64 and 101 px at 128): inset
+# from the thirds' centres so that a large object in a corner stays inside the image.
+GRID_CENTERS = (27 / 128, 0.5, 101 / 128)
+POSITION_JITTER = 2  # pixels (at 128x128), uniform in [-2, 2] on each axis
 SIZE_JITTER = 2  # pixels, uniform in [-2, 2]
 SUPERSAMPLE = 4
 
@@ -139,7 +142,7 @@ def layout(scene: Scene, width: int = 128, height: int = 128, rng: random.Random
     row, col = POSITIONS[scene.position]
     s = min(width, height) / 128
     extent = SIZES[scene.size] * s
-    cx, cy = (col + 0.5) * width / 3, (row + 0.5) * height / 3
+    cx, cy = GRID_CENTERS[col] * width, GRID_CENTERS[row] * height
     if rng is not None:
         cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER) * s
         cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER) * s
