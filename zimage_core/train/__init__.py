@@ -1,0 +1,1 @@
+"""Training the embedded default model: procedural shapes dataset, pixel-analysis checker, training script."""
