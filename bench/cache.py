@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of --model: build a random-weight pipeline with this many main layers (label 'random')",
     )
     p.add_argument("--preset", help="model preset id (defaults and TeaCache coefficients); default: the model's")
-    p.add_argument("--prompts", help="prompt file, one per line (default: kernels/cache/prompts.txt)")
+    p.add_argument(
+        "--prompts", help="prompt file, one per line (default: the model's own prompts, else kernels/cache/prompts.txt)"
+    )
     p.add_argument("-n", "--num-prompts", type=int, default=4)
     p.add_argument("--steps", type=_ints, default=[30, 50], help="comma-separated step counts")
     p.add_argument("--cfg-scale", type=float, default=5.0, help="standard CFG scale (> 1: CFG on)")
@@ -253,7 +255,7 @@ def sweep(pipe, args, log=print) -> list[dict]:
     from kernels.cache.calibrate import load_prompts
     from kernels.cache.teacache import model_fingerprint
 
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = load_prompts(args.prompts, args.num_prompts, pipe)
     settings = _settings(args)
     n_layers = pipe.transformer.config.n_layers
     common = {

@@ -332,8 +332,15 @@ def make_configs(pair: Pair, names: list[str], *, cache_spec=None, compile_mode=
         elif name == "ours-torch":
             out.append(Config(name, "ours", backend="torch"))
         elif name == "ours-batched":
-            out.append(Config(name, "ours", backend="torch", batch=True,
-                              info={"note": "results batched: equal to solo runs up to rounding"}))
+            out.append(
+                Config(
+                    name,
+                    "ours",
+                    backend="torch",
+                    batch=True,
+                    info={"note": "results batched: equal to solo runs up to rounding"},
+                )
+            )
         elif name == "ours-triton":
             out.append(_triton_config(pair))
         elif name in ("ours-cache", "ours-caches"):

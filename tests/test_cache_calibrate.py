@@ -31,6 +31,19 @@ def test_bundled_prompts():
     assert cal.load_prompts(n=3) == prompts[:3]
 
 
+def test_a_model_with_its_own_prompts_uses_them_unless_a_file_is_given(tmp_path):
+    class Pipe:
+        meta = {"prompts": ["a red circle", "a blue square", "a green triangle"]}
+
+    assert cal.load_prompts(pipe=Pipe()) == Pipe.meta["prompts"]
+    assert cal.load_prompts(n=2, pipe=Pipe()) == Pipe.meta["prompts"][:2]
+    f = tmp_path / "p.txt"
+    f.write_text("one\n\ntwo\n")
+    assert cal.load_prompts(str(f), pipe=Pipe()) == ["one", "two"]
+    Pipe.meta = {}
+    assert cal.load_prompts(pipe=Pipe()) == cal.load_prompts()
+
+
 @pytest.fixture(scope="module")
 def pipe_folder(tmp_path_factory):
     from zimage_core.components import RANDOM_TRANSFORMER, build_random_pipeline

@@ -192,15 +192,24 @@ def test_default_mode_start_step_and_noise(ours):
 def test_batched_results_match_solo_runs_closely(ours, theirs):
     """batch_results=True: one batched trajectory, each result from its own seed; equal to solo runs up to rounding,
     and to diffusers' batched num_images_per_prompt within the parity bar."""
-    kw = dict(seed=40, steps=4, cfg_scale=3.0, width=64, height=64, shift=SHIFT, cfg_normalization=0,
-              output_type="latent")
+    kw = dict(
+        seed=40, steps=4, cfg_scale=3.0, width=64, height=64, shift=SHIFT, cfg_normalization=0, output_type="latent"
+    )
     batched = ours.generate("two birds", number_results=3, batch_results=True, **kw)
     solo = ours.generate("two birds", number_results=3, **kw)
     assert batched.stats["batched"] and not solo.stats["batched"]
     assert batched.stats["forwards"] == 4 and solo.stats["forwards"] == 12
     assert rel_err(batched.latents, solo.latents) <= 1e-6
-    want = theirs(prompt="two birds", width=64, height=64, num_inference_steps=4, guidance_scale=2.0,
-                  num_images_per_prompt=3, generator=gens(40, 3), output_type="latent").images
+    want = theirs(
+        prompt="two birds",
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        num_images_per_prompt=3,
+        generator=gens(40, 3),
+        output_type="latent",
+    ).images
     assert rel_err(batched.latents, want) <= 1e-5
     stochastic = ours.generate("two birds", number_results=2, batch_results=True, scheduler="Euler a", **kw)
     assert not stochastic.stats["batched"]  # stochastic samplers always run result by result

@@ -1,8 +1,9 @@
 """The embedded default model: what ``zimage generate`` runs when no ``--model`` is given.
 
-If the package ships a trained small model (``zimage_core/assets/default/``), that is the default. Otherwise a
-small *random-weight* pipeline is built deterministically (seed 0) into the user's cache on first use; it exercises
-every code path but draws noise-like images.
+The package ships a small model of the Z-Image architecture trained on a procedural shapes dataset
+(``zimage_core/assets/default/``, see docs/default-model.md); that is the default. If the folder is missing (a
+stripped install), a small *random-weight* pipeline is built deterministically (seed 0) into the user's cache on
+first use instead; it exercises every code path but draws noise-like images.
 """
 
 from __future__ import annotations

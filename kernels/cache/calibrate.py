@@ -29,10 +29,15 @@ from .reference import l1_sums, relative_change
 PROMPTS_PATH = Path(__file__).with_name("prompts.txt")
 
 
-def load_prompts(spec: str | None = None, n: int | None = None) -> list[str]:
-    """Prompts from a file (one per line) or the bundled set; the first ``n``."""
-    path = Path(spec) if spec else PROMPTS_PATH
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def load_prompts(spec: str | None = None, n: int | None = None, pipe=None) -> list[str]:
+    """Prompts from a file (one per line); without one, the model's own (``zimage_fast.json`` "prompts": the
+    trained default model lists captions it can draw), else the bundled set. The first ``n``."""
+    own = list((getattr(pipe, "meta", None) or {}).get("prompts", ())) if spec is None else []
+    if own:
+        prompts = own
+    else:
+        path = Path(spec) if spec else PROMPTS_PATH
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return prompts[:n] if n else prompts
 
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from .teacache import save_entry
 
     pipe = ZImage.from_pretrained(args.model or default_model_path(), device=args.device)  # bf16 on CUDA, fp32 CPU
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = load_prompts(args.prompts, args.num_prompts, pipe)
     entry = calibrate(
         pipe,
         prompts,

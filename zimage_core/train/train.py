@@ -17,8 +17,8 @@ alone):
    negates its output into the velocity ``ε − x0``). σ is logit-normal, mapped through the same shift the default
    schedule uses. The loss is weighted towards the object's latent pixels (``fg_weight``, see
    :func:`foreground_weights`). The caption is replaced by the empty prompt's features with probability
-   ``p_uncond`` so that classifier-free guidance works. AdamW, warm-up then cosine decay, gradient clipping, EMA of the weights (the
-   EMA weights are what ships).
+   ``p_uncond`` so that classifier-free guidance works. AdamW, warm-up then cosine decay, gradient clipping, EMA
+   of the weights (the EMA weights are what ships).
 5. **Save.** A diffusers-format folder (``save_pipeline_folder``) with ``zimage_fast.json`` holding the model id,
    the generation defaults and a record of the training run.
 """
@@ -455,6 +455,10 @@ def run(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
 
     record = {
         "name": "zimage-fast shapes (toy)",
+        "kind": "trained-small",
+        # captions it draws (8 training, 8 held-out): the default prompts of `bench cache` and the calibration
+        "prompts": [s.caption for s, _ in dataset.eval_prompts(0, 8, heldout=False, split_seed=cfg.split_seed)]
+        + [s.caption for s, _ in dataset.eval_prompts(0, 8, heldout=True, split_seed=cfg.split_seed)],
         "model_id": MODEL_ID,
         "defaults": dict(cfg.defaults),
         "training": {
