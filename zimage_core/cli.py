@@ -1,6 +1,6 @@
 """``zimage``: the command line.
 
-zimage generate "a red circle in the top left on a blue background" -o out.png
+zimage generate "a large red circle in the top left on a blue background" -o out.png
 zimage infer request.json            # prints the imageInference response JSON
 """
 

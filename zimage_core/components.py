@@ -92,8 +92,9 @@ def small_text_encoder(hidden: int, vocab_size: int, layers: int = 2, heads: int
     return Qwen3Model(cfg).eval()
 
 
-def small_vae(channels=(16, 32, 32, 32), seed: int = 0):
-    """AutoencoderKL with Z-Image's latent layout: 16 channels, ×8 downsampling (4 levels), FLUX scaling/shift."""
+def small_vae(channels=(16, 32, 32, 32), seed: int = 0, groups: int = 8, scaling_factor=0.3611, shift_factor=0.1159):
+    """AutoencoderKL with Z-Image's latent layout: 16 channels, ×8 downsampling (4 levels), FLUX scaling/shift
+    unless given; ``groups`` GroupNorm groups."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -105,10 +106,10 @@ def small_vae(channels=(16, 32, 32, 32), seed: int = 0):
         block_out_channels=list(channels),
         layers_per_block=1,
         latent_channels=16,
-        norm_num_groups=8,
+        norm_num_groups=groups,
         sample_size=128,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()

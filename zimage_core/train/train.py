@@ -185,22 +185,10 @@ def shapes_vae(channels=(8, 16, 32, 32), groups: int = 1, seed: int = 0):
     per group a flat image's colour is normalised away and can only leak in through the zero padding at the
     borders; with one group per norm the colour survives as the pattern across channels.
     """
-    from diffusers import AutoencoderKL
+    from ..components import small_vae
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(channels),
-        up_block_types=["UpDecoderBlock2D"] * len(channels),
-        block_out_channels=list(channels),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=groups,
-        sample_size=128,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    # diffusers' default scaling (0.18215, no shift) until training sets them from the latent statistics
+    return small_vae(tuple(channels), seed=seed, groups=groups, scaling_factor=0.18215, shift_factor=None)
 
 
 def edge_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
