@@ -167,6 +167,18 @@ def test_heldout_accuracy_at_default_settings(pipe):
     assert seconds < 120, seconds
 
 
+def test_foreground_weights_cover_the_object_and_only_near_it():
+    from zimage_core.train.train import foreground_weights
+
+    s = dataset.Scene("small", "red", "circle", "top left", "blue")
+    w = foreground_weights([s], dataset.render(s)[None], weight=5.0)[0, 0]  # [16, 16] latent pixels
+    cx, cy, extent = dataset.layout(s)
+    assert w.shape == (16, 16) and set(w.unique().tolist()) == {1.0, 6.0}
+    assert w[int(cy) // 8, int(cx) // 8] == 6.0  # the object's centre
+    assert (w[12:, 12:] == 1.0).all()  # the far corner is background
+    assert w.eq(6.0).sum() <= ((extent / 8 + 3) ** 2)  # the object's patches and one ring around them
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The training script
 # ---------------------------------------------------------------------------------------------------------------
