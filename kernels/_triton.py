@@ -182,3 +182,13 @@ exp = _exp_portable if INTERPRET else _exp_libdevice
 def round_to(x, DTYPE: tl.constexpr):
     """Round fp32 ``x`` to ``DTYPE`` and back: reproduces one eager op that writes a ``DTYPE`` tensor."""
     return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def rms_norm_rows(x, w, eps, inv_c, DTYPE: tl.constexpr):
+    """Eager RMSNorm of fp32 rows ``x`` [R, C] (padding lanes 0) with fp32 weight ``w`` [C], in fp32 holding
+    ``DTYPE`` values: fp32 mean of squares (sum times ``fl32(1/C)``), ``x * rsqrt(var + eps)`` rounded to the weight
+    dtype, times the weight, rounded. Shared by ``rms_norm_modulate`` and ``gated_residual`` so the two norms agree."""
+    var = tl.sum(x * x, axis=1) * inv_c
+    y = round_to(x * tl.math.rsqrt(var + eps)[:, None], DTYPE)
+    return round_to(y * w[None, :], DTYPE)

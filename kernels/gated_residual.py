@@ -26,6 +26,7 @@ from ._triton import (
     fp32_reciprocal,
     launcher_device,
     next_pow2,
+    rms_norm_rows,
     round_to,
     row_block,
     supported_device,
@@ -54,10 +55,8 @@ def _gated_residual_kernel(
     mask = (rows < R)[:, None] & (cols < C)[None, :]
 
     y = tl.load(Y + (b * s_yb + n * s_yn)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    var = tl.sum(y * y, axis=1) * inv_c
-    yn = round_to(y * tl.math.rsqrt(var + eps)[:, None], dtype)
     w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
-    yn = round_to(yn * w[None, :], dtype)
+    yn = rms_norm_rows(y, w, eps, inv_c, dtype)
     if HAS_GATE:
         g = tl.load(Gate + (b * s_gb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         yn = round_to(round_to(tanh(g), dtype) * yn, dtype)

@@ -26,6 +26,7 @@ from ._triton import (
     fp32_reciprocal,
     launcher_device,
     next_pow2,
+    rms_norm_rows,
     round_to,
     row_block,
     supported_device,
@@ -52,10 +53,8 @@ def _rms_norm_modulate_kernel(
     mask = (rows < R)[:, None] & (cols < C)[None, :]
 
     x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    var = tl.sum(x * x, axis=1) * inv_c  # fp32 mean of squares (padding lanes are 0)
-    y = round_to(x * tl.math.rsqrt(var + eps)[:, None], dtype)  # x * rsqrt promotes to fp32, cast to weight dtype
     w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
-    y = round_to(y * w[None, :], dtype)
+    y = rms_norm_rows(x, w, eps, inv_c, dtype)  # padding lanes are 0: they add nothing to the mean of squares
     if HAS_SCALE:
         s = tl.load(Scale + (b * s_sb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = y * round_to(1.0 + s, dtype)  # (1 + scale) is its own eager op: rounded before the product
