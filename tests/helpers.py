@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import torch
 
 # Three small configs that differ in head_dim, RoPE axes, layer and refiner counts (diffusers' config keys).
@@ -84,3 +86,17 @@ def flat(outs) -> torch.Tensor:
 def rel_l2(a, b) -> float:
     a, b = flat(a), flat(b)
     return float((a - b).norm() / b.norm())
+
+
+def image_request(**fields) -> dict:
+    """A minimal valid imageInference request (fresh taskUUID, base64 PNG output) updated with ``fields``."""
+    r = {
+        "taskType": "imageInference",
+        "taskUUID": str(uuid.uuid4()),
+        "model": "runware:z-image@0",
+        "positivePrompt": "a red circle",
+        "outputType": "base64Data",
+        "outputFormat": "PNG",
+    }
+    r.update(fields)
+    return r

@@ -11,6 +11,7 @@ from PIL import Image
 from kernels import TORCH_OPS
 from kernels.cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig, from_request
 from kernels.cache.teacache import lookup, model_fingerprint, save_entry
+from tests.helpers import image_request
 
 STEPS = 8
 BIG = 1e9  # a threshold nothing reaches: every step that may reuse does
@@ -216,8 +217,6 @@ def test_two_threads_give_exactly_their_solo_results(pipe):
 
 
 def test_request_api_runs_each_cache(pipe):
-    import uuid
-
     from zimage_core.api import infer
 
     for opts in (
@@ -225,19 +224,7 @@ def test_request_api_runs_each_cache(pipe):
         {"teaCache": True, "teaCacheDistance": 0.8, "cacheStartStepPercentage": 25, "cacheEndStep": 7},
         {"dbCache": True, "dbCacheThreshold": 0.4, "dbCacheSkipInterval": 3, "cacheMaxConsecutiveSteps": 2},
     ):
-        req = {
-            "taskType": "imageInference",
-            "taskUUID": str(uuid.uuid4()),
-            "model": "runware:z-image@0",
-            "positivePrompt": "a red circle",
-            "outputType": "base64Data",
-            "outputFormat": "PNG",
-            "width": 128,
-            "height": 128,
-            "steps": STEPS,
-            "seed": 3,
-            "acceleratorOptions": opts,
-        }
+        req = image_request(width=128, height=128, steps=STEPS, seed=3, acceleratorOptions=opts)
         (resp,) = infer(pipe, req)
         assert resp["seed"] == 3 and resp["imageBase64Data"]
     cfg = from_request(

@@ -85,7 +85,6 @@ def test_checker_is_not_fooled():
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return ZImage.default(device="cpu", dtype=torch.float32)
 
 

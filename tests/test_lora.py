@@ -1,12 +1,12 @@
 """LoRA adapters: run-time application equals merged weights; formats; high/low phases; per-thread isolation."""
 
 import threading
-import uuid
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers import image_request
 from zimage_core import lora as lora_mod
 from zimage_core.api import ServerConfig
 from zimage_core.errors import RequestError
@@ -154,15 +154,9 @@ def test_concurrent_requests_do_not_see_each_others_lora(tiny_pipe, tmp_path):
 def test_request_api_with_lora_store(tiny_pipe, tmp_path):
     write_peft(tmp_path / "civitai_123_4.safetensors", make_adapters(tiny_pipe.transformer))
     cfg = ServerConfig(lora_resolver=LoraStore(tmp_path))
-    req = {
-        "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),
-        "model": "runware:z-image@0",
-        "positivePrompt": "a blue square",
-        "outputType": "base64Data",
-        "seed": 1,
-        "lora": [{"model": "civitai:123@4", "weight": 0.8, "transformer": "low"}],
-    }
+    req = image_request(
+        positivePrompt="a blue square", seed=1, lora=[{"model": "civitai:123@4", "weight": 0.8, "transformer": "low"}]
+    )
     assert tiny_pipe.infer(req, cfg)[0]["seed"] == 1
     with pytest.raises(RequestError) as e:
         tiny_pipe.infer({**req, "lora": [{"model": "civitai:999@1"}]}, cfg)

@@ -14,22 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.helpers import image_request
 from zimage_core.api import ServerConfig, get_response
 from zimage_core.errors import RequestError
 from zimage_core.request import SCHEDULERS, SCHEMA
 
-
-def base_request(**kw):
-    r = {
-        "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),
-        "model": "runware:z-image@0",
-        "positivePrompt": "a red circle",
-        "outputType": "base64Data",
-        "outputFormat": "PNG",
-    }
-    r.update(kw)
-    return r
+base_request = image_request
 
 
 def png_b64(size=(128, 128), color=(200, 30, 30)) -> str:

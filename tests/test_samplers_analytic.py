@@ -50,15 +50,6 @@ class Gaussian:
 BED = Gaussian(MU, SD)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors and a shared 2-core machine: intra-op threads only add contention (about 4x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 STARTS = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 

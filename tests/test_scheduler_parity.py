@@ -30,17 +30,8 @@ SHIFT = 3.0
 FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=SHIFT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: intra-op threads only add contention on a shared 2-core machine (35x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def denoise(_one_thread):
+def denoise():
     """The small model as a sampler sees it: σ (float) -> velocity, with ZImagePipeline's timestep arithmetic."""
     model = ZImageTransformer.from_diffusers(diffusers_transformer("hd32"))
     g = torch.Generator().manual_seed(7)
