@@ -412,6 +412,8 @@ def format_table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib
 
+    from .report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -450,11 +452,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,18 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG, 110 dpi, parent folders created) and close ``fig``; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_latency_by_resolution(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
     """End-to-end latency (median, min–max bars) against megapixels, one line per configuration, one panel per
     (batch, preset+steps)."""
@@ -138,11 +150,7 @@ def plot_latency_by_resolution(rows: list[dict], path: str | Path, title: str = 
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_speed_vs_quality(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
@@ -176,8 +184,4 @@ def plot_speed_vs_quality(rows: list[dict], path: str | Path, title: str = "") -
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
