@@ -264,11 +264,13 @@ class ZImage:
         def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
             b = x.shape[0]
             # diffusers: timesteps = σ·1000 (fp32), model t = (1000 − timestep) / 1000 (fp32)
-            timestep = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(()) * 1000
-            t = ((1000 - timestep) / 1000).expand(b)
+            # computed on the host (IEEE fp32 either way) so that reading t for CFG truncation costs no device sync
+            timestep = torch.tensor(float(sigma), dtype=torch.float32) * 1000
+            t_host = (1000 - timestep) / 1000
+            t = t_host.to(x.device).expand(b)
             lora_mod.set_sigma(float(sigma))
             single, both = high if float(sigma) >= lora_mod.HIGH_NOISE_SIGMA else low
-            apply_cfg = both is not None and guidance > 0 and float(t[0]) <= cfg_truncation
+            apply_cfg = both is not None and guidance > 0 and float(t_host) <= cfg_truncation
             xin = x.to(transformer.dtype)
             if apply_cfg:
                 xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
