@@ -195,3 +195,12 @@ def test_training_script_smoke(tmp_path):
     small = ZImage.from_pretrained(out, device="cpu", dtype=torch.float32)
     res = small.generate("a small red circle in the top left on a blue background", seed=0, steps=2)
     assert res.images[0].size == (128, 128)
+
+
+def test_training_script_refuses_bad_overrides(tmp_path, capsys):
+    from zimage_core.train.train import main
+
+    for bad, field in (("no_such_field=1", "no_such_field"), ("steps=many", "steps")):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "m"), "--set", bad])
+        assert e.value.code == 2 and field in capsys.readouterr().err

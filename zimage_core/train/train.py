@@ -481,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         if key not in TrainConfig.__dataclass_fields__:
             p.error(f"unknown TrainConfig field {key!r}")
-        overrides[key] = json.loads(value)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            p.error(f"--set {key}: the value must be JSON (e.g. {key}=3000 or {key}=[8.0, 2.5]), got {value!r}")
     cfg = TrainConfig(seed=args.seed, threads=args.threads, **overrides)
     run(cfg, Path(args.out), args.work)
     return 0
