@@ -30,6 +30,7 @@ from kernels import Ops, get_ops, reference
 from kernels.backend import validate_backend
 
 from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
+from .hooks import StackHook, run_stack
 
 FINAL_NORM_EPS = 1e-6
 
@@ -239,10 +240,18 @@ MainLayers = Callable[[torch.Tensor, BlockInputs, nn.ModuleList], torch.Tensor]
 
 
 def run_layers(hidden: torch.Tensor, inp: BlockInputs, layers: Sequence[nn.Module]) -> torch.Tensor:
-    """The default main stack: every layer in order. Step caches replace this callable (kernels.cache)."""
-    for layer in layers:
-        hidden = layer(hidden, inp)
-    return hidden
+    """The default main stack: every layer in order."""
+    return run_stack(hidden, inp, layers)
+
+
+class _MainLayersHook(StackHook):
+    """Adapter for the legacy ``main_layers`` callable (it replaces the whole stack; no after_layer hooks)."""
+
+    def __init__(self, fn: MainLayers):
+        self.fn = fn
+
+    def around_stack(self, inner, hidden, inp, stack):
+        return self.fn(hidden, inp, stack.layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,11 +349,13 @@ class ZImageTransformer(nn.Module):
         *,
         patch_size: int = 2,
         f_patch_size: int = 1,
+        hooks: Sequence[StackHook] = (),
         main_layers: MainLayers | None = None,
     ) -> list[torch.Tensor]:
         """The forward pass with a precomputed caption context (equal to ``forward`` with its captions).
 
-        ``main_layers(hidden, inputs, self.layers)`` runs the 30 main layers; step caches substitute it.
+        ``hooks`` act around the main layers (``zimage_core.hooks``: step caches, ControlNet hints, sequence
+        parallelism), composed for this call only. ``main_layers`` is the legacy single slot (an outermost hook).
         """
         cfg = self.config
         key = f"{patch_size}-{f_patch_size}"
@@ -400,7 +411,9 @@ class ZImageTransformer(nn.Module):
         )  # [B, max(Np + Lp), dim]
         uni_freqs = pad_sequence([torch.cat([f, c]) for f, c in zip(img_freqs, context.freqs)], batch_first=True)
         inp = BlockInputs(ops, batch_lengths(uni_lens, device), uni_freqs, adaln_input)
-        unified = (main_layers or run_layers)(unified, inp, self.layers)
+        if main_layers is not None:
+            hooks = (*hooks, _MainLayersHook(main_layers))
+        unified = run_stack(unified, inp, self.layers, hooks)
 
         out = self.all_final_layer[key](unified, adaln_input, ops)  # [B, N, patch_dim]
         # Unpatchify: the first N_img tokens of each sample are its image.
