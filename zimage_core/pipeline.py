@@ -45,7 +45,7 @@ class Defaults:
 
     steps: int
     cfg_scale: float
-    shift: float | None  # None: take the shift from the checkpoint's scheduler config
+    shift: float | None = None  # None (every built-in preset): the checkpoint's scheduler config decides the shift
     cfg_normalization: float = 0.0  # 0 = off; f > 0 clamps ‖pred‖ to f·‖pos‖ (diffusers' cfg_normalization)
     cfg_truncation: float = 1.0  # CFG only while t = 1 − σ ≤ this (diffusers' cfg_truncation)
     width: int = 1024
@@ -53,10 +53,11 @@ class Defaults:
     max_sequence_length: int = 512
 
 
-# decisions.md: base model 30 steps, CFGScale 5, shift 6, CFG normalization on; turbo 8 steps, CFGScale 1, shift 3.
+# Base model: 30 steps, CFGScale 5, CFG normalization on; turbo: 8 steps, CFGScale 1. A preset never sets the shift:
+# the loaded checkpoint's scheduler/scheduler_config.json does (Z-Image 6.0, Z-Image-Turbo 3.0), as in diffusers.
 MODEL_PRESETS: dict[str, Defaults] = {
-    "runware:z-image@0": Defaults(steps=30, cfg_scale=5.0, shift=6.0, cfg_normalization=1.0),
-    "z-image-turbo": Defaults(steps=8, cfg_scale=1.0, shift=3.0),
+    "runware:z-image@0": Defaults(steps=30, cfg_scale=5.0, cfg_normalization=1.0),
+    "z-image-turbo": Defaults(steps=8, cfg_scale=1.0),
 }
 
 
