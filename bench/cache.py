@@ -85,7 +85,7 @@ def environment(device) -> dict:
 
 
 def model_label(pipe) -> str:
-    from kernels.cache.teacache import model_kind
+    from zimage_core.cache.teacache import model_kind
 
     return model_kind(pipe)
 
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", help="model preset id (defaults and TeaCache coefficients); default: the model's")
     p.add_argument(
-        "--prompts", help="prompt file, one per line (default: the model's own prompts, else kernels/cache/prompts.txt)"
+        "--prompts",
+        help="prompt file, one per line (default: the model's own prompts, else zimage_core/cache/prompts.txt)",
     )
     p.add_argument("-n", "--num-prompts", type=int, default=4)
     p.add_argument("--steps", type=_ints, default=[30, 50], help="comma-separated step counts")
@@ -251,9 +252,9 @@ def _fewer_steps_row(pipe, args, prompts, refs, steps, kk, base_t, common) -> di
 
 
 def sweep(pipe, args, log=print) -> list[dict]:
-    from kernels.cache import CacheConfig
-    from kernels.cache.calibrate import load_prompts
-    from kernels.cache.teacache import model_fingerprint
+    from zimage_core.cache import CacheConfig
+    from zimage_core.cache.calibrate import load_prompts
+    from zimage_core.cache.teacache import model_fingerprint
 
     prompts = load_prompts(args.prompts, args.num_prompts, pipe)
     settings = _settings(args)

@@ -1,4 +1,4 @@
-"""The step caches' decision policy (kernels.cache.policy): pure functions, every rule of decisions.md."""
+"""The step caches' decision policy (zimage_core.cache.policy): pure functions, every rule of decisions.md."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.cache import DBCacheConfig, FBCacheConfig, TeaCacheConfig
-from kernels.cache.policy import Counters, Rules, StepInfo, decide, forced
+from zimage_core.cache import DBCacheConfig, FBCacheConfig, TeaCacheConfig
+from zimage_core.cache.policy import Counters, Rules, StepInfo, decide, forced
 
 
 def simulate(rules, num_steps, changes, start_step=0, rescale=None, reset_at=()):

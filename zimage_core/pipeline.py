@@ -28,15 +28,14 @@ from PIL import Image
 
 from . import images as imgs
 from . import lora as lora_mod
-from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
+from .config import SEED_MAX
 from .errors import RequestError
+from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .schedules import img2img_start
 from .weights import CheckpointError, load_transformer
-
-SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -117,8 +116,6 @@ class ZImage:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._image_processor = None
         self._mask_processor = None
-        self.outputs = imgs.OutputCache()  # earlier outputs by imageUUID, for seedImage/maskImage references
-        self.server = ServerConfig()  # pluggable server pieces for infer(): image store, price, checkers
 
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -245,7 +242,7 @@ class ZImage:
         cfg_normalization: float,
         cfg_truncation: float,
         stats: dict,
-        main_layers: Callable | None = None,
+        hooks: Sequence[StackHook] = (),
         ctx_low: tuple[CaptionContext, CaptionContext | None] | None = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """``denoise(x, sigma) -> v``: the guided flow velocity for fp32 latents x [B, C, h, w].
@@ -277,7 +274,7 @@ class ZImage:
                 xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
             else:
                 ctx = single
-            out = transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, main_layers=main_layers)
+            out = transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, hooks=hooks)
             stats["forwards"] += 1
             stats["sequences"] += len(out)
             if apply_cfg:
@@ -357,6 +354,7 @@ class ZImage:
         cache=None,
         step_callback: Callable | None = None,
         loras: Sequence = (),
+        hooks: Sequence[StackHook] = (),
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -499,7 +497,7 @@ class ZImage:
                 cfg_norm,
                 cfg_trunc,
                 stats,
-                main_layers=None if cache_state is None else cache_state.main_layers,
+                hooks=[*hooks, *([] if cache_state is None else [cache_state])],
                 ctx_low=None if ctx_low is None else tuple(c if c is None else c.select(rep) for c in ctx_low),
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
@@ -550,9 +548,11 @@ class ZImage:
         return time.perf_counter()
 
     # ---- the request API ---------------------------------------------------------------------------------------
-    def infer(self, request: dict, config: ServerConfig | None = None) -> list[dict]:
-        """Run one ``imageInference`` task (see ``zimage_core.api``); returns the list of response objects."""
-        from .api import infer
+    def infer(self, request: dict, config=None) -> list[dict]:
+        """Run one ``imageInference`` task through the service layer (``zimage_core.service.infer``; ``config``: a
+        ``ServerConfig``, default one per pipeline); returns the list of response objects. The one place the library
+        reaches the service: a convenience for Python callers, imported only when called."""
+        from .service import infer
 
         return infer(self, request, config)
 
