@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics
+
 PSNR_CAP = 100.0
 TARGET_FACTOR, TARGET_PSNR, TARGET_STEPS = 2.5, 30.0, 50
 
@@ -42,12 +44,8 @@ DEFAULT_THRESHOLDS = {
 
 
 def psnr(a, b, data_range: float = 255.0) -> float:
-    """PSNR in dB computed in float64 (cache-dit's uint8 version wraps mod 256). Identical → ``PSNR_CAP``."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    if mse == 0.0:
-        return PSNR_CAP
-    return min(PSNR_CAP, 10.0 * math.log10(data_range**2 / mse))
+    """``bench.metrics.psnr`` on the 0..255 scale, capped at ``PSNR_CAP`` (identical images)."""
+    return metrics.psnr(np.asarray(a), np.asarray(b), data_range, cap=PSNR_CAP)
 
 
 def ssim(a, b, data_range: float = 255.0, sigma: float = 1.5) -> float:

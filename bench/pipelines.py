@@ -540,10 +540,7 @@ def per_step_latents(rec: Recorder, shape: Shape, kind: str) -> list[torch.Tenso
 def decode_float(vae, latents: torch.Tensor, device) -> torch.Tensor:
     """Float images in [0, 1], [n, 3, H, W] on CPU, decoded one at a time by the shared VAE (no 8-bit rounding):
     what the image PSNR is computed on."""
-    cfg = vae.config
-    out = []
-    for i in range(latents.shape[0]):
-        z = latents[i : i + 1].to(device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-        img = vae.decode(z, return_dict=False)[0].float()
-        out.append((img / 2 + 0.5).clamp(0, 1).cpu())
-    return torch.cat(out)
+    from zimage_core.pipeline import vae_decode
+
+    out = [vae_decode(vae, latents[i : i + 1].to(device)).float() for i in range(latents.shape[0])]
+    return torch.cat([(img / 2 + 0.5).clamp(0, 1).cpu() for img in out])

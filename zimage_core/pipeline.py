@@ -271,10 +271,7 @@ class ZImage:
     # ---- VAE ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        cfg = self.vae.config
-        z = latents.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-        image = self.vae.decode(z, return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type="pil")
+        return self.image_processor.postprocess(vae_decode(self.vae, latents), output_type="pil")
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -601,6 +598,14 @@ class ZImage:
 ZImage.generate.__doc__ = ZImage._generate.__doc__ + "\n\n" + (ZImage.generate.__doc__ or "")
 
 
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> the VAE's image tensor in [-1, 1] (unscaled and unshifted as diffusers' Z-Image does)."""
+    cfg = vae.config
+    z = latents.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+    return vae.decode(z, return_dict=False)[0]
+
+
 def _phased_caption_lora(loras) -> bool:
     return any(
         phase != "both" and any(n.startswith(("cap_embedder", "context_refiner")) for n in lw.modules)
@@ -617,4 +622,4 @@ def _counting(fn):
     return wrapped
 
 
-__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage"]
+__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "vae_decode"]
