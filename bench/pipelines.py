@@ -44,7 +44,7 @@ from .timing import Clock
 DEFAULT_PROMPT = "a photograph of a red fox sitting in fresh snow at golden hour, shallow depth of field"
 REFERENCE = "diffusers-eager"
 ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-batched", "ours-triton", "ours-cache")
-# decisions.md defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
+# the request API's defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
 CACHE_DEFAULTS = {"fbcache": 0.25, "teacache": 0.5, "dbcache": 0.25}
 
 # The real VAE (FLUX AE) config, zimage-reference.md §2.3.
@@ -257,7 +257,7 @@ def _triton_config(pair: Pair) -> Config:
 
 
 def parse_cache_spec(spec: str | None) -> dict[str, float | None]:
-    """``"fbcache=0.25,teacache"`` -> {"fbcache": 0.25, "teacache": 0.5 (decisions.md default)}; None: all three."""
+    """``"fbcache=0.25,teacache"`` -> {"fbcache": 0.25, "teacache": 0.5 (the default)}; None: all three."""
     if not spec:
         return dict(CACHE_DEFAULTS)
     out = {}

@@ -2,7 +2,7 @@
 
 This is the single source of truth for what each op computes: the model runs on it on CPU, the Triton kernels are
 tested against it, and the benchmarks compare with it. Each function reproduces diffusers 0.42.1's Z-Image numerics
-down to the cast points (see ../shared/docs/zimage-reference.md §1.3, "Precision notes"):
+down to the cast points:
 
 - RMSNorm: variance in fp32, ``x * rsqrt(var + eps)`` (promotes to fp32), cast to the *weight* dtype, then times
   the weight (``diffusers.models.normalization.RMSNorm``).

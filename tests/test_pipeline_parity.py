@@ -179,7 +179,7 @@ def test_inpaint_matches_diffusers(folder, ours):
 
 
 def test_default_mode_start_step_and_noise(ours):
-    """Our default img2img: start step N − floor(N·strength) (decisions.md) and the same initial noise as t2i."""
+    """Our default img2img: start step N − floor(N·strength) and the same initial noise as t2i."""
     image = _test_image()
     res = ours.generate("a", seed=3, steps=10, strength=0.35, seed_image=image, output_type="latent", cfg_scale=1)
     assert res.stats["t_start"] == 10 - 3 and res.stats["steps"] == 3

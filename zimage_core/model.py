@@ -1,7 +1,7 @@
 """Our Z-Image transformer: a readable re-implementation of diffusers' ``ZImageTransformer2DModel`` (0.42.1).
 
 The state dict uses exactly diffusers' keys, so checkpoints load unchanged (``zimage_core.weights``). The forward
-pass follows ../shared/docs/zimage-reference.md §1.3 step by step; the fused ops (attention, QK-norm + RoPE,
+pass follows diffusers 0.42.1's ``ZImageTransformer2DModel`` step by step; the fused ops (attention, QK-norm + RoPE,
 RMSNorm·(1+scale), x + tanh(g)·RMSNorm(y), SwiGLU, final LayerNorm·(1+scale)) go through one switch
 (``kernels.get_ops``) whose torch backend is the reference and whose Triton backend is the fast path.
 

@@ -1,6 +1,6 @@
 """Samplers for a flow-matching (rectified-flow) model, in one k-diffusion-like shape.
 
-Reference: ../shared/docs/samplers.md (conventions §1, update rules §3; section numbers below refer to it).
+Conventions and update rules follow k-diffusion in flow-matching form (``docs/schedulers.md`` maps API names here).
 
 Every sampler is ``sample_x(denoise, x, sigmas, *, generator=None, callback=None, **knobs) -> x`` where
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 import urllib.request
 import uuid
@@ -105,7 +104,6 @@ def get_response(config: ServerConfig, task_uuid: str) -> dict:
 def _run(pipe, v, config: ServerConfig) -> list[dict]:
     r = v.raw
     inputs = r.get("inputs", {})
-    seed = r.get("seed", random.randrange(2**32))
     cache = None
     if v.cache is not None:
         cache = _step_cache(v, pipe)
@@ -114,7 +112,7 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
         negative_prompt=r.get("negativePrompt"),
         steps=v.steps,
         cfg_scale=v.cfg_scale,
-        seed=seed,
+        seed=r.get("seed"),  # absent: generate draws one
         scheduler=r["scheduler"],
         number_results=r["numberResults"],
         model=r["model"],

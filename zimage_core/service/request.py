@@ -206,7 +206,7 @@ def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
 
 
 def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int, int] | None:
-    """A half-open [start, end) step window from absolute or percentage bounds (decisions.md), or None if unset."""
+    """A half-open [start, end) step window from absolute or percentage bounds, or None if unset."""
     bounds = {}
     for b in ("Start", "End"):
         a, p = f"{prefix}{b}Step", f"{prefix}{b}StepPercentage"
