@@ -178,7 +178,7 @@ CONFIGS: dict[str, type[CacheConfig]] = {"fb": FBCacheConfig, "tea": TeaCacheCon
 
 
 def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
-    """The config for a validated request (``zimage_core.request``: ``{"method", "threshold", "max_consecutive",
+    """The config for a validated request (``zimage_core.service.request``: ``{"method", "threshold", "max_consecutive",
     "skip_interval"?}`` and the resolved half-open window). ``steps`` is checked against the window."""
     if window is not None and window[1] > steps:
         raise ValueError(f"cache window {window} ends after the last step ({steps})")
