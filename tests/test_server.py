@@ -382,3 +382,18 @@ def test_no_keys_means_loopback_only():
     Settings(host="0.0.0.0", api_keys=["k"]).check()
     with pytest.raises(SystemExit, match="without API keys"):
         Settings(host="0.0.0.0").check()
+
+
+def test_cli_serve_options(monkeypatch):
+    from zimage_core import cli
+
+    seen = {}
+    monkeypatch.setattr("zimage_core.service.server.serve", lambda settings: seen.setdefault("s", settings) and 0)
+    monkeypatch.setenv("ZIMAGE_API_KEYS", "a, b")
+    assert (
+        cli.main(["serve", "--port", "9", "--queue", "3", "--allow-outbound", "--outbound-allow-net", "10.0.0.0/8"])
+        == 0
+    )
+    st = seen["s"]
+    assert (st.port, st.queue, st.api_keys, st.outbound.enabled) == (9, 3, ["a", "b"], True)
+    assert st.outbound.address_allowed("10.1.2.3") and not st.outbound.address_allowed("192.168.1.1")

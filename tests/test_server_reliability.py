@@ -83,6 +83,24 @@ def test_disconnect_mid_task_cancels_unstarted_tasks_and_the_server_stays_health
         assert health(s.base)["completed"] - before <= 3  # the first, the new one, and at most one that had started
 
 
+def test_a_resend_on_a_new_connection_survives_the_old_connection_closing(tiny_pipe):
+    with ServerThread(tiny_pipe) as s:
+
+        async def go():
+            old = await RawClient(s.ws_url).__aenter__()
+            blocker, t = task(**SLOW), task(seed=77)
+            await old.send([blocker, t])  # t waits behind blocker
+            async with RawClient(s.ws_url) as new:  # the client reconnects (old socket not closed) and resends t
+                await new.send([t])
+                await asyncio.sleep(0.1)
+                await old.__aexit__(None, None, None)  # now the old socket goes away
+                return t, await new.collect({t["taskUUID"]}, {})
+
+        t, got = run(go())
+    item = got[t["taskUUID"]][0]
+    assert "imageUUID" in item and item["seed"] == 77
+
+
 def test_queue_overflow_is_an_immediate_server_busy_and_http_429(tiny_pipe):
     with ServerThread(tiny_pipe, queue=2) as s:
 

@@ -319,6 +319,9 @@ class Service:
                     raise existing.error
                 if async_:
                     return [{**it, "status": "success"} for it in existing.items]
+                if conn is not None and existing.connection is not None and not existing.done.is_set():
+                    existing.connection = conn  # a reconnected client's resend: the new socket owns it now
+                    conn.tasks.add(existing)
                 return existing  # answered from the first run
             if existing is not None:
                 self.registry.remove(existing)
@@ -430,7 +433,7 @@ class Service:
         conn.closed = True
         n = 0
         for task in list(conn.tasks):
-            if task.status == PENDING and not task.done.is_set():
+            if task.connection is conn and task.status == PENDING and not task.done.is_set():
                 task.cancelled = True
                 task.finish(error=ApiError("cancelled"))
                 n += 1
