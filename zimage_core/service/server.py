@@ -233,7 +233,6 @@ class Service:
             self._spawn(self._load())
 
     def _model_ready(self) -> None:
-        engine.set_output_capacity(self.pipe, 1024)
         self.queue.ready.set()
 
     async def _load(self) -> None:
