@@ -358,3 +358,16 @@ def test_sigterm_under_load_answers_every_task_and_exits_cleanly():
     assert all(len(items) == 1 for items in got.values())
     assert set(kinds) <= {"result", "shuttingDown"} and "result" in kinds and "shuttingDown" in kinds, kinds
     assert "shutting down" in out
+
+
+def test_image_store_is_bounded_in_count_and_bytes(tmp_path):
+    from zimage_core.service.server import ImageStore
+
+    store = ImageStore(str(tmp_path), "http://h", default_ttl=3600, max_items=3, max_bytes=250)
+    names = [store.put(str(uuid.uuid4()), b"x" * 100, "png").rsplit("/", 1)[1] for _ in range(2)]
+    assert all(store.get(n) for n in names)
+    third = store.put(str(uuid.uuid4()), b"x" * 100, "png").rsplit("/", 1)[1]  # 300 bytes > 250: oldest goes
+    assert store.get(names[0]) is None and not (tmp_path / names[0]).exists()
+    assert store.get(names[1]) and store.get(third)
+    more = [store.put(str(uuid.uuid4()), b"y", "png").rsplit("/", 1)[1] for _ in range(3)]
+    assert len(list(tmp_path.iterdir())) == 3 and all(store.get(n) for n in more)
