@@ -434,11 +434,27 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="shorter timing (smoke runs)")
     ap.add_argument("--out", help="write the JSON lines here")
     ap.add_argument("--save", action="store_true", help="write the JSON lines to bench/results/kernels-<device>-<day>")
+    ap.add_argument("--compiled", action="store_true",
+                    help="instead of timing: compile every kernel for sm_90a at Z-Image's shapes (no GPU needed) and "
+                    "print registers / spills / shared memory / SASS facts (scripts/aot_compile.py)")  # fmt: skip
+    ap.add_argument("--arch", type=int, default=90, help="with --compiled: compute capability x10")
     return ap.parse_args(argv)
+
+
+def compiled_table(args) -> int:
+    """``--compiled``: the facts table of scripts/aot_compile.py, run with TRITON_INTERPRET=0 (it compiles real GPU
+    code, which the interpreter's kernels cannot)."""
+    cmd = [sys.executable, str(REPO / "scripts" / "aot_compile.py"), "--arch", str(args.arch)]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--json", args.out] if args.out else []
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.call(cmd, env=env, cwd=REPO)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.compiled:
+        return compiled_table(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     args.cases = args.cases or ("zimage" if device.type == "cuda" else "small")
