@@ -28,6 +28,7 @@ from PIL import Image
 
 from . import images as imgs
 from . import lora as lora_mod
+from . import nosync
 from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
 from .errors import RequestError
@@ -267,7 +268,7 @@ class ZImage:
             # computed on the host (IEEE fp32 either way) so that reading t for CFG truncation costs no device sync
             timestep = torch.tensor(float(sigma), dtype=torch.float32) * 1000
             t_host = (1000 - timestep) / 1000
-            t = t_host.to(x.device).expand(b)
+            t = nosync.device_timestep(t_host, b, x.device)  # a fill kernel: no pageable copy, no sync
             lora_mod.set_sigma(float(sigma))
             single, both = high if float(sigma) >= lora_mod.HIGH_NOISE_SIGMA else low
             apply_cfg = both is not None and guidance > 0 and float(t_host) <= cfg_truncation
@@ -282,14 +283,7 @@ class ZImage:
             if apply_cfg:
                 preds = []
                 for j in range(b):
-                    pos, neg = out[j].float(), out[b + j].float()
-                    pred = pos + guidance * (pos - neg)
-                    if cfg_normalization > 0:
-                        pos_norm, pred_norm = torch.linalg.vector_norm(pos), torch.linalg.vector_norm(pred)
-                        max_norm = pos_norm * cfg_normalization
-                        if pred_norm > max_norm:
-                            pred = pred * (max_norm / pred_norm)
-                    preds.append(pred)
+                    preds.append(nosync.cfg_combine(out[j].float(), out[b + j].float(), guidance, cfg_normalization))
                 pred = torch.stack(preds)
             else:
                 pred = torch.stack([o.float() for o in out])
