@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -197,6 +198,23 @@ def _sdpa(backend: str):
     return run
 
 
+def _flash_attn(module: str):
+    """FlashAttention's ``flash_attn_func`` on [B, N, H, D] (``flash_attn``: FA2; ``flash_attn_interface``: FA3), or
+    None when not importable. Ragged batches are not offered: its varlen API needs packed tokens (a copy)."""
+    try:
+        fn = importlib.import_module(module).flash_attn_func
+    except Exception:  # noqa: BLE001 - not installed / no CUDA build: no row
+        return None
+
+    def run(q, k, v, kv_lens=None):
+        if kv_lens is not None:
+            raise Unsupported("flash_attn_func takes no key lengths (varlen needs packed tokens)")
+        out = fn(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
 def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: bool) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     if triton_ok:
@@ -220,6 +238,11 @@ def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: boo
     if op == "attention":
         for b in SDPA_BACKENDS:
             out[f"sdpa-{b}"] = _sdpa(b)
+        if device.type == "cuda":
+            for name, module in (("flash-attn-2", "flash_attn"), ("flash-attn-3", "flash_attn_interface")):
+                fa = _flash_attn(module)
+                if fa is not None:
+                    out[name] = fa
     elif compile_eager:
         out["compiled"] = torch.compile(getattr(reference, op), fullgraph=True)
     return out

@@ -187,7 +187,8 @@ def sass_facts(sass: str) -> dict:
             parts = m.group(0).split(".")
             bits = next((int(p) for p in parts[2:] if p in ("64", "128")), None)
             if bits is None:
-                bits = 16 if any(p in ("U16", "S16") for p in parts) else 8 if any(p in ("U8", "S8") for p in parts) else 32
+                narrow = {"U16": 16, "S16": 16, "U8": 8, "S8": 8}
+                bits = next((narrow[p] for p in parts if p in narrow), 32)
             widths[f"{parts[0].lower()}{bits}"] += 1
 
     def count(pattern):
@@ -295,7 +296,8 @@ def check(row: dict) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the facts."""
-    head = "| kernel | case | config | regs | spill B | smem KiB | global accesses | HGMMA | setmaxnreg | MUFU | SHFL | instrs | ok |"
+    cols = "kernel case config regs spill_B smem_KiB global_accesses HGMMA setmaxnreg MUFU SHFL instrs ok".split()
+    head = "| " + " | ".join(c.replace("_", " ") for c in cols) + " |"
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         if not r.get("ok"):

@@ -6,10 +6,10 @@ Reference: ``kernels.reference.qk_norm_rope`` (diffusers' ``norm_q``/``norm_k`` 
 does not care about the axes. vllm-omni PR #7597 and sglang PR #21440 ship the same fusion (one launch for q and k);
 this kernel is written from the reference.
 
-Layout: one program per token ``(b, n)`` (several tokens when heads are small) holds all heads of q and of k
-(flat ``[T, H, D]`` tiles: 16-byte vector accesses, the pairs split in registers after a reshape) and loads each token's ``cos/sin`` row once for
-both. Per-head norms favour row-batched kernels over one program per (token, head) (sglang PR #20632's
-measurements).
+Layout: one program per token ``(b, n)`` (several tokens when heads are small) holds all heads of q and of k in
+flat ``[T, H, D]`` tiles (16-byte vector accesses; the pairs are split in registers after a reshape, which keeps
+each pair in one thread: no shuffles) and loads each token's ``cos/sin`` row once for both. Per-head norms favour
+row-batched kernels over one program per (token, head) (sglang PR #20632's measurements).
 
 Numerics, following eager torch's cast points: fp32 sum of squares times ``fl32(1/D)``, ``x * rsqrt(var + eps)``
 rounded to the weight dtype, times the weight (rounded), then the rotation in fp32 on those rounded values

@@ -85,7 +85,8 @@ def environment(py: str) -> dict:
     )
     out = _run_text([py, "-c", probe], timeout=120)
     env = json.loads(out) if out else {"probe": "failed"}
-    smi = _run_text(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"])
+    query = "--query-gpu=name,driver_version,clocks.max.sm,power.limit"
+    smi = _run_text(["nvidia-smi", query, "--format=csv,noheader"])
     env["nvidia_smi"] = smi
     if smi:
         env["driver"] = smi.split(",")[1].strip()

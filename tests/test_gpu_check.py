@@ -61,9 +61,10 @@ def test_a_step_over_its_budget_is_killed_and_reported(tmp_path):
         assert time.monotonic() - t0 < 15
     assert r["status"] == "timeout" and r["rc"] is None
     with open(log_path, "w") as log:
-        assert gpu_check.run_step("skip", ["bash", "-c", "exit 77"], 10, log, dict(os.environ), skip_codes=(77,))[
-            "status"
-        ] == "skipped"
+        assert (
+            gpu_check.run_step("skip", ["bash", "-c", "exit 77"], 10, log, dict(os.environ), skip_codes=(77,))["status"]
+            == "skipped"
+        )
         assert gpu_check.run_step("fail", ["bash", "-c", "exit 3"], 10, log, dict(os.environ))["status"] == "failed"
     assert "slow" not in log_path.read_text()  # reopened with "w"
     assert "===== fail: failed (rc 3)" in log_path.read_text()

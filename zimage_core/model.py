@@ -29,8 +29,8 @@ from torch.nn.utils.rnn import pad_sequence
 from kernels import Ops, get_ops, reference
 from kernels.backend import validate_backend
 
-from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
 from . import nosync
+from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
 from .hooks import StackHook, run_stack
 
 FINAL_NORM_EPS = 1e-6
