@@ -70,3 +70,17 @@ def test_public_api_falls_back_to_the_reference_with_lse():
     ref_out, _ = reference.attention_lse(q, k, v, kv_lens=lens)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse.double(), _lse64(q, k, lens, 16**-0.5), rtol=0, atol=1e-4)
+
+
+@pytest.mark.interpret
+def test_lse_custom_op_opcheck_and_fake():
+    """``torch.ops.zimage.attention_lse``: opcheck (schema, fake vs real, autograd registration) and CUDA fakes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _inputs(2, 24, 2, 32)
+    lens = torch.tensor([24, 19], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.zimage.attention_lse, (q, k, v, lens, None))
+    with FakeTensorMode():
+        qf = torch.empty(2, 24, 2, 32, device="cuda", dtype=torch.bfloat16)
+        out, lse = torch.ops.zimage.attention_lse(qf, qf, qf, None, None)
+        assert out.shape == qf.shape and lse.shape == (2, 2, 24) and lse.dtype == torch.float32
