@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -197,6 +198,23 @@ def _sdpa(backend: str):
     return run
 
 
+def _flash_attn(module: str):
+    """FlashAttention's ``flash_attn_func`` on [B, N, H, D] (``flash_attn``: FA2; ``flash_attn_interface``: FA3), or
+    None when not importable. Ragged batches are not offered: its varlen API needs packed tokens (a copy)."""
+    try:
+        fn = importlib.import_module(module).flash_attn_func
+    except Exception:  # noqa: BLE001 - not installed / no CUDA build: no row
+        return None
+
+    def run(q, k, v, kv_lens=None):
+        if kv_lens is not None:
+            raise Unsupported("flash_attn_func takes no key lengths (varlen needs packed tokens)")
+        out = fn(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
 def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: bool) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     if triton_ok:
@@ -220,6 +238,11 @@ def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: boo
     if op == "attention":
         for b in SDPA_BACKENDS:
             out[f"sdpa-{b}"] = _sdpa(b)
+        if device.type == "cuda":
+            for name, module in (("flash-attn-2", "flash_attn"), ("flash-attn-3", "flash_attn_interface")):
+                fa = _flash_attn(module)
+                if fa is not None:
+                    out[name] = fa
     elif compile_eager:
         out["compiled"] = torch.compile(getattr(reference, op), fullgraph=True)
     return out
@@ -434,11 +457,27 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="shorter timing (smoke runs)")
     ap.add_argument("--out", help="write the JSON lines here")
     ap.add_argument("--save", action="store_true", help="write the JSON lines to bench/results/kernels-<device>-<day>")
+    ap.add_argument("--compiled", action="store_true",
+                    help="instead of timing: compile every kernel for sm_90a at Z-Image's shapes (no GPU needed) and "
+                    "print registers / spills / shared memory / SASS facts (scripts/aot_compile.py)")  # fmt: skip
+    ap.add_argument("--arch", type=int, default=90, help="with --compiled: compute capability x10")
     return ap.parse_args(argv)
+
+
+def compiled_table(args) -> int:
+    """``--compiled``: the facts table of scripts/aot_compile.py, run with TRITON_INTERPRET=0 (it compiles real GPU
+    code, which the interpreter's kernels cannot)."""
+    cmd = [sys.executable, str(REPO / "scripts" / "aot_compile.py"), "--arch", str(args.arch)]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--json", args.out] if args.out else []
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.call(cmd, env=env, cwd=REPO)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.compiled:
+        return compiled_table(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     args.cases = args.cases or ("zimage" if device.type == "cuda" else "small")

@@ -73,7 +73,8 @@ def autotune(configs, key, *, interpret_config=None, prune=None, full_configs=No
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (>= 1); plain Python (triton.next_power_of_2 goes through a JIT-function call)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def row_block(n_rows: int, block_c: int) -> tuple[int, int]:

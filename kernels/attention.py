@@ -46,7 +46,6 @@ from ._triton import (
     FLOAT_DTYPES,
     INTERPRET,
     autotune,
-    check_int32_indexable,
     cuda_capability,
     ensure_allocator,
     launcher_device,
@@ -109,6 +108,15 @@ def _attn_block(
 
 
 @triton.jit
+def _store_lse(LSE, b, h, H, N_Q, offs_m, m_i, l_i):
+    """Row log-sum-exp of the scaled scores, natural log, fp32 ``[B, H, N_Q]``; -inf for a row with no valid key.
+    ``m_i`` is the running max in base 2 (scores times scale·log2 e), ``l_i`` the sum of exp2(score - m_i)."""
+    lse = (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453  # ln 2: base 2 -> natural
+    lse = tl.where(l_i > 0.0, lse, float("-inf"))
+    tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+@triton.jit
 def _load_kv_len(KV_LENS, b, N_KV, HAS_KV_LENS: tl.constexpr):
     if HAS_KV_LENS:
         kv_len = tl.load(KV_LENS + b).to(tl.int32)
@@ -168,12 +176,14 @@ def _attn_fwd_kernel(
     K, s_kb, s_kn, s_kh,  # [B, N_KV, H, D]
     V, s_vb, s_vn, s_vh,  # [B, N_KV, H, D]
     KV_LENS,  # [B] int32/int64 valid key lengths (ignored unless HAS_KV_LENS)
+    LSE,  # [B, H, N_Q] fp32 log-sum-exp of each query row (written only when RETURN_LSE)
     N_Q, N_KV, H, qk_scale,  # qk_scale = softmax scale * log2(e)
     N_Q_BUCKET, N_KV_BUCKET,  # autotune keys only (powers of two): a new caption length must not re-tune
     HEAD_DIM: tl.constexpr,  #
     HEAD_DIM_PAD: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16) (tl.arange / tl.dot need it)
     HAS_KV_LENS: tl.constexpr,  #
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32), None (default) for fp16/bf16
+    RETURN_LSE: tl.constexpr,  #
     BLOCK_M: tl.constexpr,  #
     BLOCK_N: tl.constexpr,  #
 ):  # fmt: skip
@@ -215,6 +225,8 @@ def _attn_fwd_kernel(
             True, PAD_D, INPUT_PRECISION,
         )  # fmt: skip
 
+    if RETURN_LSE:
+        _store_lse(LSE, b, h, H, N_Q, offs_m, m_i, l_i)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # kv_len == 0: acc is 0, output 0
     out = acc / l_i[:, None]
     tl.store(
@@ -299,10 +311,12 @@ def _attn_fwd_tma_kernel(
     K, s_kb, s_kn, s_kh,  #
     V, s_vb, s_vn, s_vh,  #
     KV_LENS,  #
+    LSE,  #
     N_Q, N_KV, H, qk_scale,  #
     N_Q_BUCKET, N_KV_BUCKET,  #
     HEAD_DIM: tl.constexpr,  #
     HAS_KV_LENS: tl.constexpr,  #
+    RETURN_LSE: tl.constexpr,  #
     BLOCK_M: tl.constexpr,  #
     BLOCK_N: tl.constexpr,  #
     WARP_SPECIALIZE: tl.constexpr,  #
@@ -355,6 +369,8 @@ def _attn_fwd_tma_kernel(
         if n_full < kv_len:
             acc, l_i, m_i = _attn_tma_block(acc, l_i, m_i, q, desc_k, desc_v, n_full, kv_len, qk_scale, offs_n, True)
 
+    if RETURN_LSE:
+        _store_lse(LSE, b, h, H, N_Q, start_m * BLOCK_M + tl.arange(0, BLOCK_M), m_i, l_i)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     desc_o.store([start_m * BLOCK_M, 0], (acc / l_i[:, None]).to(Out.dtype.element_ty))
 
@@ -413,9 +429,12 @@ def supports(q, k, v, kv_lens=None, scale=None) -> bool:
 _TMA_FAILED: set = set()  # (dtype, head_dim) whose TMA kernel failed to compile/launch here: auto uses "plain"
 
 
-def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, config: triton.Config | None = None):
+def _launch(
+    q, k, v, kv_lens=None, scale=None, *, path: str | None = None, config: triton.Config | None = None, lse=False
+):
     """Run one of the two kernels. path: 'tma' / 'plain' / None (auto: TMA where available, see PATH_ENV);
-    config: a fixed ``triton.Config`` instead of autotuning (tests use it to cover several tile shapes)."""
+    config: a fixed ``triton.Config`` instead of autotuning (tests use it to cover several tile shapes);
+    lse: also return the fp32 ``[B, H, N_Q]`` log-sum-exp of each query row (``(out, lse)``)."""
     assert supports(q, k, v, kv_lens, scale), "attention: unsupported inputs reached the Triton launcher"
     B, N_Q, H, D = q.shape
     N_KV = k.shape[1]
@@ -423,7 +442,7 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, confi
     if path == "auto":
         if tma_path_available(q, k, v) and (q.dtype, D) not in _TMA_FAILED:
             try:
-                return _launch(q, k, v, kv_lens, scale, path="tma", config=config)
+                return _launch(q, k, v, kv_lens, scale, path="tma", config=config, lse=lse)
             except Exception as e:  # noqa: BLE001 - e.g. a compiler pass failure on an untested triton/GPU stack
                 _TMA_FAILED.add((q.dtype, D))
                 warnings.warn(
@@ -433,10 +452,14 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, confi
                 )
         path = "plain"
     out = torch.empty((B, N_Q, H, D), dtype=q.dtype, device=q.device)
+    lse_out = torch.empty((B, H, N_Q), dtype=torch.float32, device=q.device) if lse else None
     if out.numel() == 0:
-        return out
+        return (out, lse_out) if lse else out
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        check_int32_indexable(t[0, :, 0], f"{name} (one batch/head slice)")
+        # one (batch, head) slice spans (N-1)·|s_n| + (D-1)·|s_d| + 1 elements: from shape and strides, no views
+        n, _, _, d = t.shape
+        _, s_n, _, s_d = t.stride()
+        assert (n - 1) * abs(s_n) + (d - 1) * abs(s_d) < 2**31 - 1, f"attention: {name} slice spans >= 2^31 elements"
     if kv_lens is not None:
         kv_lens = kv_lens.contiguous()
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E
@@ -458,10 +481,11 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, confi
         k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2),
         kv_lens if kv_lens is not None else q,
+        lse_out if lse else out,
         N_Q, N_KV, H, qk_scale,
         next_pow2(N_Q), next_pow2(N_KV),
     )  # fmt: skip
-    meta = dict(HEAD_DIM=D, HAS_KV_LENS=kv_lens is not None, **extra)
+    meta = dict(HEAD_DIM=D, HAS_KV_LENS=kv_lens is not None, RETURN_LSE=lse, **extra)
 
     def grid(META):
         return (triton.cdiv(N_Q, META["BLOCK_M"]), B * H)
@@ -471,7 +495,20 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, path: str | None = None, confi
             kernel[grid](*args, **meta)
         else:
             kernel.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    return out
+    return (out, lse_out) if lse else out
+
+
+@torch.library.custom_op("zimage::attention_lse", mutates_args=())
+def _attention_lse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, v, kv_lens, scale, lse=True)
+
+
+@_attention_lse_op.register_fake
+def _(q, k, v, kv_lens, scale):
+    B, N_Q, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, N_Q), dtype=torch.float32)
 
 
 @torch.library.custom_op("zimage::attention", mutates_args=())
@@ -493,10 +530,21 @@ def attention(
     *,
     kv_lens: torch.Tensor | None = None,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal softmax attention; q ``[B, N_q, H, D]``, k/v ``[B, N_kv, H, D]``; keys ``j >= kv_lens[b]``
     ignored; ``scale`` defaults to ``1/sqrt(D)``. Returns a new contiguous ``[B, N_q, H, D]`` tensor in q's dtype.
-    Same result as ``kernels.reference.attention`` (fp32 accumulation)."""
+    Same result as ``kernels.reference.attention`` (fp32 accumulation).
+
+    ``return_lse``: return ``(out, lse)`` with ``lse`` the fp32 ``[B, H, N_q]`` natural log-sum-exp of each query
+    row's scaled scores over its valid keys (``-inf`` when it has none), what ring attention needs to merge partial
+    results (``kernels.reference.attention_lse``)."""
+    if return_lse:
+        if not supports(q, k, v, kv_lens, scale):
+            return reference.attention_lse(q, k, v, kv_lens=kv_lens, scale=scale)
+        if use_custom_op():
+            return _attention_lse_op(q, k, v, kv_lens, scale)
+        return _launch(q, k, v, kv_lens, scale, lse=True)
     if not supports(q, k, v, kv_lens, scale):
         return reference.attention(q, k, v, kv_lens=kv_lens, scale=scale)
     if use_custom_op():

@@ -6,10 +6,10 @@ Reference: ``kernels.reference.qk_norm_rope`` (diffusers' ``norm_q``/``norm_k`` 
 does not care about the axes. vllm-omni PR #7597 and sglang PR #21440 ship the same fusion (one launch for q and k);
 this kernel is written from the reference.
 
-Layout: one program per token ``(b, n)`` (several tokens when heads are small) holds all heads of q and of k
-(``[T, H, D/2, 2]`` tiles, split into even/odd halves in registers) and loads each token's ``cos/sin`` row once for
-both. Per-head norms favour row-batched kernels over one program per (token, head) (sglang PR #20632's
-measurements).
+Layout: one program per token ``(b, n)`` (several tokens when heads are small) holds all heads of q and of k in
+flat ``[T, H, D]`` tiles (16-byte vector accesses; the pairs are split in registers after a reshape, which keeps
+each pair in one thread: no shuffles) and loads each token's ``cos/sin`` row once for both. Per-head norms favour
+row-batched kernels over one program per (token, head) (sglang PR #20632's measurements).
 
 Numerics, following eager torch's cast points: fp32 sum of squares times ``fl32(1/D)``, ``x * rsqrt(var + eps)``
 rounded to the weight dtype, times the weight (rounded), then the rotation in fp32 on those rounded values
@@ -46,32 +46,32 @@ def _norm_rope_heads(
     dst, s_oh,  # [T] output token base pointers; head stride
     src, s_h,  # [T] input token base pointers; head stride
     W, cos, sin,  # weight pointer [D]; cos/sin [T, D/2] fp32
-    heads, elem, lane_ok, mask, eps, inv_d,  # [H]; [D/2, 2] offsets in a head; [D/2, 2]; [T, H, D/2, 2]
+    heads, dims, d_ok, mask, eps, inv_d,  # [H]; [D] offsets within a head; [D] lane valid; [T, H, D]
+    BLOCK_T: tl.constexpr,  #
+    BLOCK_H: tl.constexpr,  #
+    BLOCK_D: tl.constexpr,  #
     DTYPE: tl.constexpr,  #
     HAS_ROPE: tl.constexpr,  #
 ):  # fmt: skip
-    """RMSNorm every head of T tokens of q (or k), then rotate their pairs; [T, H, D/2, 2] tiles."""
-    w = tl.load(W + elem, mask=lane_ok, other=0.0).to(tl.float32)  # [D/2, 2]
-    offs = src[:, None, None, None] + heads[None, :, None, None] * s_h + elem[None, None, :, :]
-    x = tl.load(offs, mask=mask, other=0.0).to(tl.float32)
-    xe, xo = tl.split(x)  # [T, H, D/2] even / odd element of each pair
-    we, wo = tl.split(w)  # [D/2]
-    var = (tl.sum(xe * xe, axis=2) + tl.sum(xo * xo, axis=2)) * inv_d  # [T, H] fp32 mean of squares
+    """RMSNorm every head of T tokens of q (or k), then rotate their pairs. Loads and stores are flat [T, H, D]
+    tiles (contiguous along D: 16-byte vectors); the pairs are split in registers (a reshape to [.., D/2, 2] keeps
+    each pair in one thread, so the split costs no shuffles)."""
+    w = tl.load(W + dims, mask=d_ok, other=0.0).to(tl.float32)  # [D]
+    offs = src[:, None, None] + heads[None, :, None] * s_h + dims[None, None, :]
+    x = tl.load(offs, mask=mask, other=0.0).to(tl.float32)  # [T, H, D]
+    var = tl.sum(x * x, axis=2) * inv_d  # [T, H] fp32 mean of squares
     r = tl.math.rsqrt(var + eps)[:, :, None]
     # RMSNorm with eager's roundings: x * rsqrt in fp32 -> weight dtype, times the weight -> weight dtype.
-    a = round_to(round_to(xe * r, DTYPE) * we[None, None, :], DTYPE)
-    b = round_to(round_to(xo * r, DTYPE) * wo[None, None, :], DTYPE)
+    y = round_to(round_to(x * r, DTYPE) * w[None, None, :], DTYPE)
     if HAS_ROPE:
         # (a + ib)(cos + i sin) in fp32 on the rounded norm output; rounded once, at the store.
+        a, b = tl.split(tl.reshape(y, [BLOCK_T, BLOCK_H, BLOCK_D // 2, 2]))  # [T, H, D/2] even / odd of each pair
         c = cos[:, None, :]
         s = sin[:, None, :]
         re = a * c - b * s
         im = a * s + b * c
-    else:
-        re = a
-        im = b
-    y = tl.join(re, im)  # [T, H, D/2, 2]: interleaved pairs again
-    out = dst[:, None, None, None] + heads[None, :, None, None] * s_oh + elem[None, None, :, :]
+        y = tl.reshape(tl.join(re, im), [BLOCK_T, BLOCK_H, BLOCK_D])  # interleaved pairs again
+    out = dst[:, None, None] + heads[None, :, None] * s_oh + dims[None, None, :]
     tl.store(out, y.to(DTYPE), mask=mask)
 
 
@@ -83,11 +83,10 @@ def _qk_norm_rope_kernel(
     K, s_kb, s_kn, s_kh,  # [B, N, H, D] input k, unit stride along D
     QW, KW,  # [D] norm weights
     Freqs, s_fb, s_fn,  # [B, N, D/2, 2] fp32 (cos, sin) = view_as_real(freqs_cis); s_fb may be 0 (broadcast)
-    T, N, H, eps, inv_d,  # T = B·N tokens
-    HALF_D: tl.constexpr,  # D / 2
+    T, N, H, D, eps, inv_d,  # T = B·N tokens
     BLOCK_T: tl.constexpr,  # tokens per program (1 at Z-Image's 30 x 128 heads)
     BLOCK_H: tl.constexpr,  # next_pow2(H)
-    BLOCK_P: tl.constexpr,  # next_pow2(D / 2)
+    BLOCK_D: tl.constexpr,  # next_pow2(D)
     HAS_ROPE: tl.constexpr,  #
 ):  # fmt: skip
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64 token bases
@@ -96,25 +95,24 @@ def _qk_norm_rope_kernel(
     dtype = QOut.dtype.element_ty
 
     heads = tl.arange(0, BLOCK_H)
-    pairs = tl.arange(0, BLOCK_P)
-    two = tl.arange(0, 2)
-    elem = pairs[:, None] * 2 + two[None, :]  # [P, 2] offset of element (pair, half) within a head
-    lane_ok = (pairs < HALF_D)[:, None] & (two < 2)[None, :]  # [P, 2]
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
     tok_ok = tok < T
-    mask = tok_ok[:, None, None, None] & (heads < H)[None, :, None, None] & lane_ok[None, None, :, :]
+    mask = tok_ok[:, None, None] & (heads < H)[None, :, None] & d_ok[None, None, :]
 
     if HAS_ROPE:
-        f_mask = tok_ok[:, None, None] & lane_ok[None, :, :]
-        f = tl.load(Freqs + (b * s_fb + n * s_fn)[:, None, None] + elem[None, :, :], mask=f_mask, other=0.0)
-        cos, sin = tl.split(f)  # [T, P]: freqs_cis = cos + i·sin
+        # the (cos, sin) row of each token, flat [T, D] fp32 (16-byte vectors), split in registers
+        f_mask = tok_ok[:, None] & d_ok[None, :]
+        f = tl.load(Freqs + (b * s_fb + n * s_fn)[:, None] + dims[None, :], mask=f_mask, other=0.0)
+        cos, sin = tl.split(tl.reshape(f, [BLOCK_T, BLOCK_D // 2, 2]))  # [T, D/2]: freqs_cis = cos + i·sin
     else:
-        cos = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.float32)
+        cos = tl.zeros([BLOCK_T, BLOCK_D // 2], dtype=tl.float32)
         sin = cos
 
     _norm_rope_heads(QOut + b * s_qob + n * s_qon, s_qoh, Q + b * s_qb + n * s_qn, s_qh, QW, cos, sin,
-                     heads, elem, lane_ok, mask, eps, inv_d, dtype, HAS_ROPE)  # fmt: skip
+                     heads, dims, d_ok, mask, eps, inv_d, BLOCK_T, BLOCK_H, BLOCK_D, dtype, HAS_ROPE)  # fmt: skip
     _norm_rope_heads(KOut + b * s_kob + n * s_kon, s_koh, K + b * s_kb + n * s_kn, s_kh, KW, cos, sin,
-                     heads, elem, lane_ok, mask, eps, inv_d, dtype, HAS_ROPE)  # fmt: skip
+                     heads, dims, d_ok, mask, eps, inv_d, BLOCK_T, BLOCK_H, BLOCK_D, dtype, HAS_ROPE)  # fmt: skip
 
 
 def _freqs_ok(freqs_cis: torch.Tensor | None, B: int, N: int, D: int) -> bool:
@@ -155,8 +153,8 @@ def _launch(q, k, q_weight, k_weight, freqs_cis, eps):
         s_fb, s_fn = fr.stride(0), fr.stride(1)
     else:
         fr, s_fb, s_fn = q, 0, 0  # never read
-    block_h, block_p = next_pow2(H), next_pow2(D // 2)
-    block_t, warps = row_block(B * N, block_h * block_p * 2)
+    block_h, block_d = next_pow2(H), next_pow2(D)
+    block_t, warps = row_block(B * N, block_h * block_d)
     with launcher_device(q):
         _qk_norm_rope_kernel[(triton.cdiv(B * N, block_t),)](
             q_out, *q_out.stride()[:3],
@@ -165,8 +163,8 @@ def _launch(q, k, q_weight, k_weight, freqs_cis, eps):
             k, *k.stride()[:3],
             q_weight.contiguous(), k_weight.contiguous(),
             fr, s_fb, s_fn,
-            B * N, N, H, float(eps), fp32_reciprocal(D),
-            HALF_D=D // 2, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_P=block_p, HAS_ROPE=freqs_cis is not None,
+            B * N, N, H, D, float(eps), fp32_reciprocal(D),
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, HAS_ROPE=freqs_cis is not None,
             num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
     return q_out, k_out

@@ -145,3 +145,21 @@ def apply_residual(
     if delta is not None and coef != 0.0:
         out = out + coef * delta.float()
     return out.to(hidden.dtype)
+
+
+def attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(attention(...), lse)``: lse is the fp32 ``[B, H, N_q]`` natural log-sum-exp over the valid keys of each
+    query row's scaled scores (``-inf`` for a row with no valid key); output and lse in fp32 arithmetic."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if kv_lens is not None:
+        scores = scores.masked_fill(~key_padding_mask(kv_lens, k.shape[1]), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where every key is masked
+    return attention(q, k, v, kv_lens=kv_lens, scale=scale), lse

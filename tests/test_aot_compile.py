@@ -1,6 +1,8 @@
-"""The GPU kernels compile for sm_90a on this CPU-only host (triton's bundled ptxas): scripts/aot_compile.py --quick.
+"""Compiled-code guarantees for sm_90a, checked on this CPU-only host with Triton's bundled ptxas / cuobjdump.
 
-This is the only check CI has of the code the interpreter does not run (TMA descriptors, wgmma, warp specialization,
+scripts/aot_compile.py --quick compiles every op at Z-Image's shapes with the specialization the JIT applies at run
+time (kernels/compiled.py records each launcher's real arguments and passes them through Triton's JIT binder). This
+is the only check CI has of the code the interpreter does not run (TMA descriptors, wgmma, warp specialization,
 libdevice calls, the no-FMA-contraction option of the bit-faithful kernels). It compiles; it does not execute.
 """
 
@@ -10,26 +12,86 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+KERNELS = {
+    "_rms_norm_modulate_kernel",
+    "_gated_residual_kernel",
+    "_layer_norm_modulate_kernel",
+    "_swiglu_kernel",
+    "_qk_norm_rope_kernel",
+    "_attn_fwd_tma_kernel",
+    "_attn_fwd_kernel",
+}
 
 
-def test_gpu_kernels_compile_for_sm90(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = tmp_path / "aot.jsonl"
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "aot.jsonl"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
     res = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "aot_compile.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
         env=env,
         cwd=REPO,
-        timeout=900,
+        timeout=1200,
     )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    kernels = {r["kernel"] for r in rows}
-    assert {"_attn_fwd_tma_kernel", "_attn_fwd_kernel", "_qk_norm_rope_kernel", "_swiglu_kernel"} <= kernels
+    assert out.exists(), res.stdout[-4000:] + res.stderr[-4000:]
+    return res, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_every_kernel_compiles_for_sm90a_and_keeps_every_guarantee(rows):
+    res, rows = rows
+    assert {r["kernel"] for r in rows} == KERNELS
+    broken = {f"{r['kernel']} {r.get('config')}": r["problems"] for r in rows if r["problems"]}
+    assert not broken, broken
+    assert res.returncode == 0, res.stdout[-4000:]
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["local_memory"] == 0 and r["shared_bytes"] <= 232448, r
+
+
+def test_elementwise_kernels_use_16_byte_vectors_only(rows):
+    _, rows = rows
+    for r in rows:
+        if r["kernel"] in KERNELS - {"_attn_fwd_tma_kernel", "_attn_fwd_kernel"}:
+            widths = r["global_access_bits"]
+            assert widths and set(widths) <= {"ldg128", "stg128"}, (r["kernel"], widths)
+            assert not r["half_fma"], r["kernel"]  # bit-faithful kernels: no contracted bf16 multiply-add
+
+
+def test_review_fixes_hold_in_the_compiled_code(rows):
+    """qk_norm_rope on a flat tile: was 192 SHFL, 32-bit accesses; gated_residual: was 34 MUFU (tanh per row)."""
+    _, rows = rows
+    by = {r["kernel"]: r for r in rows}
+    assert by["_qk_norm_rope_kernel"]["shfl"] <= 64, by["_qk_norm_rope_kernel"]
+    assert by["_gated_residual_kernel"]["mufu"] <= 4, by["_gated_residual_kernel"]
+
+
+def test_hopper_attention_uses_wgmma_tma_and_warp_specialization(rows):
+    _, rows = rows
     tma = [r for r in rows if r["kernel"] == "_attn_fwd_tma_kernel"]
-    assert all(r["tma"] and r["wgmma"] for r in tma)
-    # triton >= 3.5 forms producer/consumer warp groups for the WARP_SPECIALIZE config (setmaxnreg in the PTX).
-    assert any(r["warp_specialized"] for r in tma if r["config"]["WARP_SPECIALIZE"])
-    assert not any(r["half_fma"] for r in rows if r["config"].get("enable_fp_fusion") is False)
+    assert tma and all(r["hgmma"] and r["ptx_wgmma"] and r["tma"] for r in tma)
+    ws = [r for r in tma if "WARP_SPECIALIZE=True" in r["config"]]
+    assert ws and all(r["setmaxnreg"] for r in ws)  # producer/consumer register split
+    assert all(r["hgmma"] for r in rows if r["kernel"] == "_attn_fwd_kernel")  # tl.dot lowers to wgmma on sm_90a
+
+
+def test_sass_parser_on_a_hand_written_listing():
+    from kernels.compiled import sass_facts
+
+    sass = """
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;              /* 0x000000040204781 */
+        /*0020*/                   LDG.E.U16 R8, desc[UR4][R6.64] ;              /* 0x000000040608781 */
+        /*0030*/                   LDG.E R9, desc[UR4][R6.64+0x4] ;              /* 0x000000040609781 */
+        /*0040*/                   MUFU.RSQ R10, R9 ;                             /* 0x000000000910308 */
+        /*0050*/                   SHFL.BFLY PT, R11, R10, 0x1, 0x1f ;            /* 0x0c201f000b0b7589 */
+        /*0060*/                   STG.E.64 desc[UR4][R2.64], R4 ;               /* 0x000000040200798 */
+        /*0070*/                   STL [R1], R4 ;                                 /* 0x000000040100738 */
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ; /* 0x0000000818187df0 */
+    """
+    f = sass_facts(sass)
+    assert f["instructions"] == 8
+    assert f["global_access_bits"] == {"ldg128": 1, "ldg16": 1, "ldg32": 1, "stg64": 1}
+    assert (f["mufu"], f["shfl"], f["local_memory"], f["hgmma"]) == (1, 1, 1, 1)

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     common.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     common.add_argument("--kernels", choices=["auto", "torch", "triton"], help="op backend (default: auto)")
+    common.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the transformer blocks (default: on with CUDA, off on CPU; ZIMAGE_COMPILE=0 turns it off)",
+    )
 
     g = sub.add_parser("generate", parents=[common], help="generate images from a prompt")
     g.add_argument("prompt")
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     try:
         pipe = _load(args)
+        from .compile import default_enabled
+
+        if args.compile if args.compile is not None else default_enabled(pipe.device):
+            pipe.optimize()
         if args.command == "generate":
             return _generate(pipe, args)
         text = sys.stdin.read() if args.request == "-" else Path(args.request).read_text()

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import lora as lora_mod
+from . import nosync
 from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer
 
@@ -100,7 +101,7 @@ class Denoiser:
         b = x.shape[0]
         timestep = torch.tensor(float(sigma), dtype=torch.float32) * 1000
         t_host = (1000 - timestep) / 1000
-        t = t_host.to(x.device).expand(b)
+        t = nosync.device_timestep(t_host, b, x.device)  # a fill kernel: no pageable copy, no sync
         lora_mod.set_sigma(float(sigma))
         single, both = self.high if float(sigma) >= lora_mod.HIGH_NOISE_SIGMA else self.low
         apply_cfg = both is not None and self.guidance > 0 and float(t_host) <= self.cfg_truncation
@@ -119,13 +120,7 @@ class Denoiser:
         return -pred.squeeze(2)  # flow velocity, fp32 [B, C, h, w]
 
     def _guide(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        pred = pos + self.guidance * (pos - neg)
-        if self.cfg_normalization > 0:
-            pos_norm, pred_norm = torch.linalg.vector_norm(pos), torch.linalg.vector_norm(pred)
-            max_norm = pos_norm * self.cfg_normalization
-            if pred_norm > max_norm:
-                pred = pred * (max_norm / pred_norm)
-        return pred
+        return nosync.cfg_combine(pos, neg, self.guidance, self.cfg_normalization)
 
 
 __all__ = ["Denoiser", "GenerationStats"]

@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from kernels import Ops, get_ops, reference
 from kernels.backend import validate_backend
 
+from . import nosync
 from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
 from .hooks import StackHook, run_stack
 
@@ -216,7 +217,7 @@ def batch_lengths(lens: Sequence[int], device) -> torch.Tensor | None:
     """kv_lens for a batch: None when every sample has the same length (no mask, as in diffusers)."""
     if all(n == lens[0] for n in lens):
         return None
-    return torch.tensor(lens, dtype=torch.int32, device=device)
+    return nosync.kv_lens_tensor(lens, device)  # made once per length tuple: no host copy per forward
 
 
 @dataclass

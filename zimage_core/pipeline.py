@@ -580,6 +580,17 @@ class ZImage:
             )
         return latents
 
+    def optimize(self, enabled: bool = True, **compile_kw) -> ZImage:
+        """Regional ``torch.compile`` of the transformer blocks (``enabled=False``: back to eager); keywords go to
+        ``zimage_core.compile.compile_blocks`` (mode, fullgraph, backend). Returns self."""
+        from . import compile as compile_mod
+
+        if enabled:
+            compile_mod.compile_blocks(self.transformer, **compile_kw)
+        else:
+            compile_mod.uncompile_blocks(self.transformer)
+        return self
+
     def _sync_time(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

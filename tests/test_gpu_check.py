@@ -1,0 +1,76 @@
+"""scripts/gpu_check.sh: its --dry-run on CPU walks the same steps as the GPU run, so the script cannot rot unseen.
+
+The dry run's figures mean nothing (tiny shapes, CPU); what is checked is the control flow: every step runs (the GPU
+tier answers "no CUDA" and is recorded as skipped), the files stay within the GPU machine's limit of 8 and carry the
+environment, and a step that overruns its budget is killed and reported as a timeout, not waited for.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.slow
+def test_dry_run_walks_every_step_within_the_file_limit(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert all(p.is_file() for p in out.iterdir())  # no folders: the GPU machine returns plain files
+    assert len(files) <= 8 and set(files) <= set(gpu_check.FILES), files
+    assert {"env.json", "summary.md", "steps.log", "gpu_tests.log", "kernels.jsonl", "throughput.jsonl"} <= set(files)
+
+    env_json = json.loads((out / "env.json").read_text())
+    for key in ("device", "torch", "triton", "diffusers", "git_sha", "timestamp", "mode"):
+        assert key in env_json, key
+    assert env_json["mode"].startswith("dry-run")
+
+    summary = (out / "summary.md").read_text()
+    status = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()[6:9]}
+    assert status == {"gpu-tests": "skipped", "kernels": "ok", "throughput": "ok"}, summary
+    assert "no CUDA device" in (out / "gpu_tests.log").read_text()
+
+    kernel_rows = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
+    checked = [r for r in kernel_rows if r["refcheck"] is not None]
+    assert {r["op"] for r in checked} == {"gated_residual", "qk_norm_rope"}
+    assert all(r["refcheck"]["passed"] for r in checked)
+    thr = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
+    assert {r["config"] for r in thr} == {"diffusers-eager", "ours-torch"}
+    assert all(r["status"] == "ok" and r["step_ms"]["median"] > 0 for r in thr)
+
+
+def test_a_step_over_its_budget_is_killed_and_reported(tmp_path):
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        t0 = time.monotonic()
+        # the child sleeps in a grandchild too: the whole process group must go
+        cmd = ["bash", "-c", "sleep 30 & sleep 30"]
+        r = gpu_check.run_step("slow", cmd, 1.0, log, dict(os.environ))
+        assert time.monotonic() - t0 < 15
+    assert r["status"] == "timeout" and r["rc"] is None
+    with open(log_path, "w") as log:
+        assert (
+            gpu_check.run_step("skip", ["bash", "-c", "exit 77"], 10, log, dict(os.environ), skip_codes=(77,))["status"]
+            == "skipped"
+        )
+        assert gpu_check.run_step("fail", ["bash", "-c", "exit 3"], 10, log, dict(os.environ))["status"] == "failed"
+    assert "slow" not in log_path.read_text()  # reopened with "w"
+    assert "===== fail: failed (rc 3)" in log_path.read_text()
+
+
+def test_without_cuda_the_real_run_refuses_with_77(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "environment", lambda py: {"cuda_available": False, "timestamp": "x"})
+    assert gpu_check.main(["--out", str(tmp_path)]) == 77
+    assert not any(tmp_path.iterdir())
