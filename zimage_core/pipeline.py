@@ -118,6 +118,7 @@ class ZImage:
         self._mask_processor = None
         self.outputs = imgs.OutputCache()  # earlier outputs by imageUUID, for seedImage/maskImage references
         self.server = ServerConfig()  # pluggable server pieces for infer(): image store, price, checkers
+        self.parallel = None  # a zimage_core.parallel.ParallelContext when this process is one rank of a parallel run
 
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -276,7 +277,11 @@ class ZImage:
                 xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
             else:
                 ctx = single
-            out = transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, main_layers=main_layers)
+            xs = list(xin.unsqueeze(2).unbind(0))
+            if self.parallel is None:
+                out = transformer.forward_with_context(xs, t, ctx, main_layers=main_layers)
+            else:  # this rank's share of the batch / sequence; returns the whole batch's outputs
+                out = self.parallel.forward(transformer, xs, t, ctx, cfg_batch=apply_cfg, main_layers=main_layers)
             stats["forwards"] += 1
             stats["sequences"] += len(out)
             if apply_cfg:
@@ -490,6 +495,8 @@ class ZImage:
                 x = noise
             # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
             cache_state = cache.new_state(num_steps=steps, start_step=t_start) if cache is not None else None
+            if cache_state is not None and self.parallel is not None:  # every rank takes the same decision
+                cache_state.reduce_metric = self.parallel.reduce_metric
             rep = [0] * len(group)
             denoise = self._denoiser(
                 ctx_pos.select(rep),
