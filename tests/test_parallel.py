@@ -9,6 +9,7 @@ decisions equal to one process's.
 from __future__ import annotations
 
 import time
+import zlib
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ from zimage_core.parallel import (
 TOL = 1e-5
 LAUNCH_TIMEOUT_S = 240  # a hang fails the test instead of blocking the suite
 COLLECTIVE_TIMEOUT_S = 60
+# fork: the ranks start from this process's imports (the test session runs one torch thread; conftest); a rank
+# started by spawn imports torch again, seconds each on a loaded machine
+START = dict(start_method="fork", timeout_s=LAUNCH_TIMEOUT_S, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
 
 PIPE_CONFIG = ZImageConfig(  # 6 heads: uneven on 4 ranks (2, 2, 1, 1)
     dim=96,
@@ -39,8 +43,8 @@ PIPE_CONFIG = ZImageConfig(  # 6 heads: uneven on 4 ranks (2, 2, 1, 1)
     axes_dims=(4, 6, 6),
     axes_lens=(1536, 160, 160),
 )
-PROMPT = "a large red circle in the top left on a blue background"
-GEN = dict(  # negative prompt of another length: ragged captions inside the CFG batch
+PROMPT = "a large red circle in the top left on a blue background"  # 55 caption tokens -> padded to 64
+GEN = dict(  # the negative prompt pads to 32 tokens: ragged captions inside the CFG batch
     negative_prompt="blurry",
     width=64,
     height=64,
@@ -51,10 +55,9 @@ GEN = dict(  # negative prompt of another length: ragged captions inside the CFG
     seed=7,
     output_type="latent",
 )
-
-# Cache runs: a negative prompt of the same padded caption length (96 tokens). One process computes the cache metric
-# over the whole CFG batch, batch-padding rows of the shorter caption included; a CFG-parallel rank holds one half
-# and has no such rows, so with ragged captions the two metrics differ slightly (README: "Step caches").
+# Cache runs: a negative prompt of the same padded caption length (64). One process computes the cache metric over
+# the whole CFG batch, batch-padding rows of the shorter caption included; a CFG-parallel rank holds one half and
+# has no such rows, so with ragged captions the two metrics differ slightly (README: "Step caches").
 GEN_CACHE = dict(GEN, negative_prompt="a small blue square in the bottom right on a red background")
 
 
@@ -124,10 +127,31 @@ def decisions(result) -> list[tuple[int, bool, str]]:
     return [(d["step"], d["computed"], d["reason"]) for d in result.stats["cache"][0]["decisions"]]
 
 
-def load_pipe(path):
+def make_pipe():
+    """A ZImage whose caption features are a seeded function of the prompt (one feature row per character).
+
+    The text encoder and the VAE are not parallelised (the ranks would each run them whole); leaving them out keeps
+    each rank's start-up to importing torch. Everything from the caption features on is the real pipeline.
+    """
+    from types import SimpleNamespace
+
     from zimage_core.pipeline import ZImage
 
-    return ZImage.from_pretrained(path, device="cpu", dtype=torch.float32)
+    class FeaturePipe(ZImage):
+        def encode_prompts(self, prompts, max_sequence_length=512):
+            feats = []
+            for p in prompts:
+                g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+                feats.append(torch.randn(max(len(p), 1), PIPE_CONFIG.cap_feat_dim, generator=g))
+            return feats
+
+    torch.manual_seed(3)
+    transformer = ZImageTransformer(PIPE_CONFIG).eval()
+    with torch.no_grad():
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(32, 32, 32, 32)))  # x8: latents only
+    return FeaturePipe(transformer, None, None, vae)
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -150,7 +174,7 @@ def _cache_cases(world: int):
     return ["ulysses=2", "cfg=2"] if world == 2 else ["ulysses=2,cfg=2"]
 
 
-def rank_main(rank: int, world: int, pipe_dir: str, threshold: float):
+def rank_main(rank: int, world: int, threshold: float):
     out: dict = {}
     contexts: dict[str, ParallelContext] = {}
 
@@ -165,7 +189,7 @@ def rank_main(rank: int, world: int, pipe_dir: str, threshold: float):
         c = ctx("ulysses=4")
         hook = SequenceParallelHook(c.mesh.sp_group, 4, "ulysses")
         out["stack ulysses=4 50 tokens"] = odd_stack([hook])
-    pipe = load_pipe(pipe_dir)
+    pipe = make_pipe()
     for spec in _generate_cases(world):
         out[f"generate {spec}"] = ctx(spec).generate(pipe, PROMPT, **GEN).latents
     for spec in _cache_cases(world):
@@ -201,16 +225,9 @@ def crash_main(rank: int):
 
 # ---- the tests ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    from zimage_core.components import build_random_pipeline
-
-    return str(build_random_pipeline(tmp_path_factory.mktemp("par") / "pipe", seed=3, config=PIPE_CONFIG))
-
-
-@pytest.fixture(scope="module")
-def single(pipe_dir):
+def single():
     """One process: the generate latents, a cache threshold that splits the measured changes, its decisions."""
-    pipe = load_pipe(pipe_dir)
+    pipe = make_pipe()
     plain = pipe.generate(PROMPT, **GEN)
     probe = pipe.generate(PROMPT, **GEN_CACHE, cache=cache_config(1e9))  # measures every change the policy looks at
     changes = sorted(d["change"] for d in probe.stats["cache"][0]["decisions"] if d["change"] is not None)
@@ -224,15 +241,9 @@ def single(pipe_dir):
     return {"latents": plain.latents, "threshold": threshold, "cached": cached}
 
 
-def _check_world(world, pipe_dir, single):
+def _check_world(world, single):
     t0 = time.monotonic()
-    results = launch(
-        rank_main,
-        world,
-        (world, pipe_dir, single["threshold"]),
-        timeout_s=LAUNCH_TIMEOUT_S,
-        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
-    )
+    results = launch(rank_main, world, (world, single["threshold"]), **START)
     elapsed = time.monotonic() - t0
     errors = {}
     for spec, heads, kind in _transformer_cases(world):
@@ -257,22 +268,22 @@ def _check_world(world, pipe_dir, single):
     return results, elapsed
 
 
-def test_two_ranks_ulysses_ring_cfg_parity_and_cache_decisions(pipe_dir, single):
-    results, _ = _check_world(2, pipe_dir, single)
+def test_two_ranks_ulysses_ring_cfg_parity_and_cache_decisions(single):
+    results, _ = _check_world(2, single)
     # rank 1's bad input fails both ranks with its field; afterwards both still run requests
     assert [r["bad input"] for r in results] == [("RequestError", "steps")] * 2
     for r in results:
         assert rel_err(single["latents"], r["after error"]) <= TOL
 
 
-def test_four_ranks_30_heads_ulysses_ring_and_ulysses_x_cfg(pipe_dir, single):
-    _check_world(4, pipe_dir, single)
+def test_four_ranks_30_heads_ulysses_ring_and_ulysses_x_cfg(single):
+    _check_world(4, single)
 
 
 def test_a_rank_failing_mid_forward_fails_the_run_without_hanging():
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        launch(crash_main, 2, timeout_s=LAUNCH_TIMEOUT_S, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
+        launch(crash_main, 2, **START)
     assert info.value.rank == 1 and "rank 1 broke in layer 0" in str(info.value)
     assert time.monotonic() - t0 < COLLECTIVE_TIMEOUT_S  # ended by the failure, not by the collective timeout
 
