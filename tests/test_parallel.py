@@ -313,3 +313,37 @@ def test_parallel_config_parse_and_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             ParallelConfig.parse(text)
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+CLI_ARGS = ["a large red circle in the top left on a blue background", "--steps", "2", "--seed", "1"]
+CLI_ARGS += ["--cfg-scale", "3", "--width", "64", "--height", "64", "--quiet"]
+
+
+def test_cli_generate_parallel_matches_one_process(tmp_path, monkeypatch, capfd):
+    import numpy as np
+    from PIL import Image
+
+    from zimage_core import cli
+
+    monkeypatch.setenv("ZIMAGE_PARALLEL_START", "fork")
+    assert cli.main(["generate", *CLI_ARGS, "-o", str(tmp_path / "one.png")]) == 0
+    assert cli.main(["generate", *CLI_ARGS, "--parallel", "ulysses=2", "-o", str(tmp_path / "par.png")]) == 0
+    out = capfd.readouterr().out
+    assert "parallel: ulysses=2,heads=uneven on 2 ranks (gloo)" in out
+    one, par = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "par"))
+    assert one.shape == par.shape == (64, 64, 3)
+    assert np.abs(one - par).max() <= 1  # latents agree to ~1e-7; a pixel can round the other way
+
+
+def test_cli_parallel_bad_spec_and_bad_input_fail_cleanly(tmp_path, monkeypatch, capfd):
+    from zimage_core import cli
+
+    monkeypatch.setenv("ZIMAGE_PARALLEL_START", "fork")
+    assert cli.main(["generate", *CLI_ARGS, "--parallel", "cfg=3"]) == 2
+    assert "--parallel: parallel cfg degree must be 1 or 2" in capfd.readouterr().err
+    bad = [*CLI_ARGS, "--steps", "0", "--parallel", "cfg=2", "-o", str(tmp_path / "x.png")]
+    assert cli.main(["generate", *bad]) == 2
+    err = capfd.readouterr().err
+    assert err.count("zimage: error: steps: must be in [1, 1000], got 0") == 1  # rank 0 reports, every rank exits 2
+    assert not (tmp_path / "x.png").exists()
