@@ -347,3 +347,32 @@ def test_cli_parallel_bad_spec_and_bad_input_fail_cleanly(tmp_path, monkeypatch,
     err = capfd.readouterr().err
     assert err.count("zimage: error: steps: must be in [1, 1000], got 0") == 1  # rank 0 reports, every rank exits 2
     assert not (tmp_path / "x.png").exists()
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------------------
+def test_bench_parallel_model_matches_hand_computed_zimage_sizes():
+    from bench.parallel import Shape, step_model
+
+    # Z-Image at 1024²: 4096 image + 128 caption tokens, CFG batch of 2, dim 3840 = 30 heads x 128, 30 layers
+    shape = Shape(3840, 30, 10240, 30, 4224, 2, 16 * 128 * 128)
+    u2 = step_model(shape, "ulysses=2")
+    assert u2["elements_per_layer"] == {"all_to_all qkv": 3 * 2 * 2112 * 3840, "all_to_all out": 2 * 4224 * 15 * 128}
+    u4 = step_model(shape, "ulysses=4,heads=uneven")  # rank 0 holds 8 of the 30 heads
+    assert u4["elements_per_layer"] == {"all_to_all qkv": 3 * 2 * 1056 * 3840, "all_to_all out": 2 * 4224 * 8 * 128}
+    pad = step_model(shape, "ulysses=4,heads=pad")  # 32 heads on the wire
+    assert pad["elements_per_layer"]["all_to_all qkv"] == 3 * 2 * 1056 * 32 * 128
+    ring = step_model(shape, "ring=4")
+    assert ring["elements_per_layer"] == {"ring k,v (P-1 hops)": 2 * 2 * 1056 * 3840 * 3}
+    cfg = step_model(shape, "cfg=2")
+    assert cfg["elements_per_step"] == {"all_gather cfg": 16 * 128 * 128}
+    assert cfg["bytes_sent_per_rank"] == 16 * 128 * 128 * 2
+
+
+def test_bench_parallel_measures_and_counts_what_the_model_says(tmp_path, capsys):
+    from bench import parallel
+
+    args = ["--heads", "6", "--layers", "1", "--latent", "8", "--caption", "8", "--reps", "1", "--out", str(tmp_path)]
+    assert parallel.main(args) == 0  # non-zero when counted collective elements differ from the model
+    text = capsys.readouterr().out
+    assert "CPU timings do not predict GPU scaling" in text and "| ulysses=2 x cfg=2 | 4 |" in text
+    assert (tmp_path / "table.md").exists() and (tmp_path / "rows.json").exists()
