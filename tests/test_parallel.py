@@ -13,6 +13,7 @@ import zlib
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from zimage_core import RequestError, ZImageConfig, ZImageTransformer
 from zimage_core.hooks import run_stack
@@ -57,7 +58,7 @@ GEN = dict(  # the negative prompt pads to 32 tokens: ragged captions inside the
 )
 # Cache runs: a negative prompt of the same padded caption length (64). One process computes the cache metric over
 # the whole CFG batch, batch-padding rows of the shorter caption included; a CFG-parallel rank holds one half and
-# has no such rows, so with ragged captions the two metrics differ slightly (README: "Step caches").
+# has no such rows, so with ragged captions the two metrics differ slightly (README: "Multi-GPU").
 GEN_CACHE = dict(GEN, negative_prompt="a small blue square in the bottom right on a red background")
 
 
@@ -183,8 +184,19 @@ def rank_main(rank: int, world: int, threshold: float):
             contexts[spec] = ParallelContext(ParallelConfig.parse(spec))
         return contexts[spec]
 
+    calls = {"all_to_all_single": 0, "batch_isend_irecv": 0}  # proof that the sharded path ran
+    for name in calls:
+        real = getattr(dist, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        setattr(dist, name, counted)  # this rank is its own process: the patch ends with it
     for spec, heads, kind in _transformer_cases(world):
+        before = dict(calls)
         out[f"transformer {spec} {heads} heads {kind}"] = transformer_out(heads, kind, ctx(spec).hooks())
+        out[f"calls {spec} {heads} heads {kind}"] = {k: calls[k] - before[k] for k in calls}
     if world == 4:
         c = ctx("ulysses=4")
         hook = SequenceParallelHook(c.mesh.sp_group, 4, "ulysses")
@@ -250,6 +262,12 @@ def _check_world(world, single):
         ref = transformer_out(heads, kind)
         for r in range(world):
             errors[(r, spec, heads, kind)] = rel_err(ref, results[r][f"transformer {spec} {heads} heads {kind}"])
+            calls = results[r][f"calls {spec} {heads} heads {kind}"]
+            n_layers = 2  # make_model: two all-to-alls per main layer (q, k, v stacked; out), P − 1 ring hops
+            if spec.startswith("ulysses"):
+                assert calls == {"all_to_all_single": 2 * n_layers, "batch_isend_irecv": 0}, calls
+            else:
+                assert calls == {"all_to_all_single": 0, "batch_isend_irecv": n_layers * (world - 1)}, calls
     if world == 4:
         ref = odd_stack()
         for r in range(world):
