@@ -39,11 +39,13 @@ def generate_parallel(args) -> int:
             return rank_generate(dist.get_rank(), config, args)
         finally:
             dist.destroy_process_group()
+    backend = "gloo" if str(args.device or "").startswith("cpu") else None  # None: NCCL when there are enough GPUs
     try:
         codes = launch(
             rank_generate,
             config.world_size,
             (config, args),
+            backend=backend,
             timeout_s=float(os.environ.get(TIMEOUT_ENV, 3600)),
             start_method=os.environ.get(START_ENV, "spawn"),
         )
