@@ -306,6 +306,28 @@ def test_a_rank_failing_mid_forward_fails_the_run_without_hanging():
     assert time.monotonic() - t0 < COLLECTIVE_TIMEOUT_S  # ended by the failure, not by the collective timeout
 
 
+def hang_main(rank: int):
+    """Rank 1 never reaches the collective (it hangs, it does not die)."""
+    if rank == 1:
+        time.sleep(600)
+    dist.barrier()
+
+
+def test_a_hung_rank_fails_the_run_at_the_collective_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(hang_main, 2, start_method="fork", timeout_s=LAUNCH_TIMEOUT_S, collective_timeout_s=3)
+    assert info.value.rank == 0  # rank 0's barrier timed out; rank 1 was terminated
+    assert time.monotonic() - t0 < 60
+
+
+def test_the_launcher_kills_a_run_past_its_time_limit():
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="exceeded 3 s"):
+        launch(hang_main, 2, start_method="fork", timeout_s=3, collective_timeout_s=600)
+    assert time.monotonic() - t0 < 30
+
+
 # ---- no processes needed -----------------------------------------------------------------------------------------
 def test_head_splits():
     assert head_splits(30, 4, "uneven") == (30, [8, 8, 7, 7])
