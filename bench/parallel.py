@@ -60,6 +60,8 @@ class Shape:
     tokens: int  # unified sequence per sample (image + caption, padded)
     batch: int  # sequences in the step's forward (2 with CFG)
     latent_elems: int  # one output latent [C, 1, h, w]
+    refiner_tokens: int = 0  # image tokens of the noise refiner (runs whole on every rank)
+    refiner_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ def step_model(shape: Shape, spec: str, elem_bytes: int = 2, hw: Hardware = Hard
     else:
         attn = 4 * B * N * N * shape.heads * D
     flops = shape.layers * (linear + attn)
+    R = shape.refiner_tokens  # the noise refiner is not sharded: every rank runs it on its whole batch
+    flops += shape.refiner_layers * 2 * B * R * (4 * shape.dim**2 + 3 * shape.dim * shape.ffn + 2 * R * shape.dim)
     per_layer = {}
     if cfg.ulysses > 1:
         qkv = 3 * B * n * padded * D  # one all_to_all of q, k, v stacked
@@ -128,8 +132,9 @@ def gpu_table(res: int, caption: int = 128) -> list[dict]:
     from zimage_core.config import PRESETS
 
     c = PRESETS["z-image"]
-    tokens = (res // 16) ** 2 + caption
-    shape = Shape(c.dim, c.n_heads, c.ffn_dim, c.n_layers, tokens, 2, 16 * (res // 8) ** 2)
+    image = (res // 16) ** 2
+    tokens = image + caption
+    shape = Shape(c.dim, c.n_heads, c.ffn_dim, c.n_layers, tokens, 2, 16 * (res // 8) ** 2, image, c.n_refiner_layers)
     base = step_model(shape, "")
     rows = []
     for spec in ["", *GPU_MODES]:
@@ -313,7 +318,8 @@ def main(argv: list[str]) -> int:
     text = [
         "## Modelled: Z-Image (30 layers, 30 heads, dim 3840), bf16, CFG batch of 2, caption 128 tokens",
         f"Assumptions: {hw.name}: {hw.tflops:.0f} TFLOP/s achieved per GPU, {hw.gbps:.0f} GB/s per GPU per "
-        "direction, communication not overlapped with compute; main layers only.",
+        "direction, communication not overlapped with compute; main layers sharded, the noise refiner (2 layers on "
+        "the image tokens) run whole on every rank, context refiner (once per request) and final layer left out.",
         "",
     ]
     model_rows = gpu_table(1024) + gpu_table(2048)
