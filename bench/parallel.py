@@ -60,7 +60,7 @@ class Shape:
     tokens: int  # unified sequence per sample (image + caption, padded)
     batch: int  # sequences in the step's forward (2 with CFG)
     latent_elems: int  # one output latent [C, 1, h, w]
-    refiner_tokens: int = 0  # image tokens of the noise refiner (runs whole on every rank)
+    refiner_tokens: int = 0  # image tokens per sequence of the noise refiner
     refiner_layers: int = 0
 
 
@@ -77,26 +77,20 @@ def parse_spec(spec: str):
     return ParallelConfig.parse(spec)
 
 
-def step_model(shape: Shape, spec: str, elem_bytes: int = 2, hw: Hardware = Hardware()) -> dict:
-    """Per rank, one step: FLOPs, elements handed to collectives (rank 0), bytes sent to other ranks, time."""
+def stack_model(shape: Shape, cfg, layers: int, N: int) -> dict:
+    """One pass of ``layers`` blocks over N tokens per sequence through the sequence-parallel hook (rank 0)."""
     from zimage_core.parallel import head_splits
 
-    cfg = parse_spec(spec)
     P, B = cfg.sp, shape.batch // cfg.cfg
-    N, n = shape.tokens, shape.tokens / cfg.sp
+    n = N / P
     D = shape.dim // shape.heads
     padded, splits = head_splits(shape.heads, cfg.ulysses, cfg.heads) if cfg.ulysses > 1 else (shape.heads, [0])
     linear = 2 * B * n * (4 * shape.dim**2 + 3 * shape.dim * shape.ffn)
     if cfg.ulysses > 1:  # every token's query over the whole sequence, for this rank's heads
         attn = 4 * B * N * N * splits[0] * D
-    elif cfg.ring > 1:
+    else:  # ring: this rank's queries over every key; single: everything
         attn = 4 * B * n * N * shape.heads * D
-    else:
-        attn = 4 * B * N * N * shape.heads * D
-    flops = shape.layers * (linear + attn)
-    R = shape.refiner_tokens  # the noise refiner is not sharded: every rank runs it on its whole batch
-    flops += shape.refiner_layers * 2 * B * R * (4 * shape.dim**2 + 3 * shape.dim * shape.ffn + 2 * R * shape.dim)
-    per_layer = {}
+    per_layer, sent = {}, 0.0
     if cfg.ulysses > 1:
         qkv = 3 * B * n * padded * D  # one all_to_all of q, k, v stacked
         out = B * N * splits[0] * D
@@ -105,22 +99,35 @@ def step_model(shape: Shape, spec: str, elem_bytes: int = 2, hw: Hardware = Hard
     elif cfg.ring > 1:
         per_layer = {"ring k,v (P-1 hops)": 2 * B * n * shape.heads * D * (P - 1)}
         sent = per_layer["ring k,v (P-1 hops)"]
-    else:
-        sent = 0.0
-    per_step = {k: v * shape.layers for k, v in per_layer.items()}
-    if P > 1:
-        per_step["all_gather hidden"] = B * n * shape.dim
-        sent = sent * shape.layers + B * n * shape.dim * (P - 1)
-    else:
-        sent = 0.0
+    elements = sum(per_layer.values()) * layers
+    if P > 1:  # the shards gathered after the stack
+        elements += B * n * shape.dim
+        sent = sent * layers + B * n * shape.dim * (P - 1)
+    return {"flops": layers * (linear + attn), "per_layer": per_layer, "elements": elements, "sent": sent}
+
+
+def step_model(shape: Shape, spec: str, elem_bytes: int = 2, hw: Hardware = Hardware()) -> dict:
+    """Per rank, one step: FLOPs, elements handed to collectives (rank 0), bytes sent to other ranks, time.
+
+    The main layers over the unified sequence and the noise refiner over the image tokens both go through the
+    sequence-parallel hook; with ``cfg=2`` one all_gather of the outputs per step."""
+    cfg = parse_spec(spec)
+    main = stack_model(shape, cfg, shape.layers, shape.tokens)
+    refiner = stack_model(shape, cfg, shape.refiner_layers, shape.refiner_tokens)
+    if shape.refiner_layers == 0:
+        refiner = {"flops": 0, "elements": 0, "sent": 0.0}
+    flops = main["flops"] + refiner["flops"]
+    per_step = {"main layers": main["elements"], "noise refiner": refiner["elements"]}
+    sent = main["sent"] + refiner["sent"]
     if cfg.cfg > 1:
+        B = shape.batch // cfg.cfg
         per_step["all_gather cfg"] = B * shape.latent_elems
         sent += B * shape.latent_elems * (cfg.cfg - 1)
     bytes_sent = sent * elem_bytes
     t = flops / (hw.tflops * 1e12) + bytes_sent / (hw.gbps * 1e9)
     return {
         "flops": flops,
-        "elements_per_layer": per_layer,
+        "elements_per_layer": main["per_layer"],
         "elements_per_step": per_step,
         "elements_total": sum(per_step.values()),
         "bytes_sent_per_rank": bytes_sent,
@@ -257,10 +264,11 @@ def rank_bench(rank: int, spec: str, heads: int, layers: int, latent: int, capti
 def measure(args) -> list[dict]:
     from zimage_core.parallel import launch
 
-    tokens = (args.latent // 2) ** 2
-    tokens += (-tokens) % 32
-    tokens += args.caption + (-args.caption) % 32
-    shape = Shape(8 * args.heads, args.heads, int(8 * args.heads / 3 * 8), args.layers, tokens, 2, 16 * args.latent**2)
+    image = (args.latent // 2) ** 2
+    image += (-image) % 32
+    tokens = image + args.caption + (-args.caption) % 32
+    dim = 8 * args.heads
+    shape = Shape(dim, args.heads, int(dim / 3 * 8), args.layers, tokens, 2, 16 * args.latent**2, image, 1)
     rows = []
     for name, spec in MODES.items():
         world = parse_spec(spec).world_size
@@ -318,8 +326,8 @@ def main(argv: list[str]) -> int:
     text = [
         "## Modelled: Z-Image (30 layers, 30 heads, dim 3840), bf16, CFG batch of 2, caption 128 tokens",
         f"Assumptions: {hw.name}: {hw.tflops:.0f} TFLOP/s achieved per GPU, {hw.gbps:.0f} GB/s per GPU per "
-        "direction, communication not overlapped with compute; main layers sharded, the noise refiner (2 layers on "
-        "the image tokens) run whole on every rank, context refiner (once per request) and final layer left out.",
+        "direction, communication not overlapped with compute; main layers and noise refiner sharded; the context "
+        "refiner (once per request) and the final layer left out.",
         "",
     ]
     model_rows = gpu_table(1024) + gpu_table(2048)

@@ -263,11 +263,13 @@ def _check_world(world, single):
         for r in range(world):
             errors[(r, spec, heads, kind)] = rel_err(ref, results[r][f"transformer {spec} {heads} heads {kind}"])
             calls = results[r][f"calls {spec} {heads} heads {kind}"]
-            n_layers = 2  # make_model: two all-to-alls per main layer (q, k, v stacked; out), P − 1 ring hops
+            # make_model: 2 main layers + 1 noise-refiner layer, each with two all-to-alls (q, k, v stacked; out)
+            # under Ulysses or P − 1 ring hops
+            blocks = 3
             if spec.startswith("ulysses"):
-                assert calls == {"all_to_all_single": 2 * n_layers, "batch_isend_irecv": 0}, calls
+                assert calls == {"all_to_all_single": 2 * blocks, "batch_isend_irecv": 0}, calls
             else:
-                assert calls == {"all_to_all_single": 0, "batch_isend_irecv": n_layers * (world - 1)}, calls
+                assert calls == {"all_to_all_single": 0, "batch_isend_irecv": blocks * (world - 1)}, calls
     if world == 4:
         ref = odd_stack()
         for r in range(world):
@@ -404,7 +406,11 @@ def test_bench_parallel_model_matches_hand_computed_zimage_sizes():
     ring = step_model(shape, "ring=4")
     assert ring["elements_per_layer"] == {"ring k,v (P-1 hops)": 2 * 2 * 1056 * 3840 * 3}
     cfg = step_model(shape, "cfg=2")
-    assert cfg["elements_per_step"] == {"all_gather cfg": 16 * 128 * 128}
+    assert cfg["elements_per_step"] == {"main layers": 0, "noise refiner": 0, "all_gather cfg": 16 * 128 * 128}
+    # with the noise refiner (2 layers over the 4096 image tokens), sharded like the main layers
+    refined = step_model(Shape(3840, 30, 10240, 30, 4224, 2, 16 * 128 * 128, 4096, 2), "ulysses=2")
+    qkv_out = 3 * 2 * 2048 * 3840 + 2 * 4096 * 15 * 128
+    assert refined["elements_per_step"]["noise refiner"] == 2 * qkv_out + 2 * 2048 * 3840  # + the gather
     assert cfg["bytes_sent_per_rank"] == 16 * 128 * 128 * 2
 
 

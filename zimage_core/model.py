@@ -401,8 +401,8 @@ class ZImageTransformer(nn.Module):
         feats = torch.where(is_pad, self.x_pad_token, feats)
         hidden = pad_sequence(list(feats.split(img_plens)), batch_first=True)  # [B, max Np, dim]
         inp = BlockInputs(ops, batch_lengths(img_plens, device), pad_sequence(img_freqs, batch_first=True), adaln_input)
-        for layer in self.noise_refiner:
-            hidden = layer(hidden, inp)
+        # hooks that also wrap the noise refiner (sequence parallelism: shard the image tokens); none: every layer
+        hidden = run_stack(hidden, inp, self.noise_refiner, [h for h in hooks if getattr(h, "wraps_refiner", False)])
 
         # Unified sequence per sample: [image tokens (incl. own pad) ‖ caption tokens (Lp)], then batch-padded.
         uni_lens = [p + lp for p, lp in zip(img_plens, context.lens)]

@@ -5,7 +5,8 @@ caption lengths are multiples of 32, so this is a no-op for P in 2, 4, 8), keep 
 the tokens and of the RoPE table, swap ``inp.ops.attention`` for the Ulysses or ring op, run every inner hook and
 layer on the shard, then all-gather the shards back into ``[B, N, dim]``. Everything in a layer except attention
 acts token by token, so the shards need no other communication. ``kv_lens`` stay global (the attention ops see
-global key positions); padding rows added here are masked as keys.
+global key positions); padding rows added here are masked as keys. The model runs the noise refiner (image tokens
+only, before the caption is joined) through this hook too (``wraps_refiner``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .attention import RingAttention, UlyssesAttention, all_gather_tensor
 
 
 class SequenceParallelHook(StackHook):
+    wraps_refiner = True  # the model also runs the noise refiner (image tokens only) through this hook
+
     def __init__(self, group, degree: int, mode: str = "ulysses", heads: str = "uneven"):
         if mode not in ("ulysses", "ring"):
             raise ValueError(f"sequence-parallel mode must be 'ulysses' or 'ring', got {mode!r}")
