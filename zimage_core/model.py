@@ -355,7 +355,8 @@ class ZImageTransformer(nn.Module):
         """The forward pass with a precomputed caption context (equal to ``forward`` with its captions).
 
         ``hooks`` act around the main layers (``zimage_core.hooks``: step caches, ControlNet hints, sequence
-        parallelism), composed for this call only. ``main_layers`` is the legacy single slot (an outermost hook).
+        parallelism), composed for this call only; those with ``wraps_refiner = True`` (sequence parallelism) also
+        around the noise refiner. ``main_layers`` is the legacy single slot (an outermost hook).
         """
         cfg = self.config
         key = f"{patch_size}-{f_patch_size}"
