@@ -12,6 +12,7 @@ COMMANDS = {
     "throughput": "ms per forward / step / image against diffusers, eager and compiled, with telemetry",
     "cache": "step-cache threshold sweeps: evaluations saved, speedup, PSNR/SSIM, Pareto plot",
     "ablate": "each optimisation (compile, Triton kernels, TMA attention) on and off, side by side in one run",
+    "parallel": "sequence/CFG parallelism: ms per step and communication per mode, next to an NVLink model",
 }
 
 

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", choices=["fb", "tea", "db"], help="step cache")
     g.add_argument("--cache-threshold", type=float)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--parallel",
+        metavar="SPEC",
+        help="run on several processes/GPUs, e.g. ulysses=2,cfg=2 or ring=4 or ulysses=4,heads=pad "
+        "(spawns the ranks; under torchrun, one rank per process)",
+    )
 
     i = sub.add_parser("infer", parents=[common], help="run an imageInference request (JSON file or - for stdin)")
     i.add_argument("request")
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         return _serve(args)
+    if args.command == "generate" and args.parallel:
+        from .parallel.cli import generate_parallel
+
+        return generate_parallel(args)
     try:
         pipe = _load(args)
         from .compile import default_enabled
@@ -164,13 +174,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(pipe, args) -> int:
+    result = pipe.generate(args.prompt, **generate_kwargs(pipe, args))
+    write_results(result, args)
+    return 0
+
+
+def generate_kwargs(pipe, args) -> dict:
+    """``pipe.generate`` keyword arguments from the parsed ``generate`` command line (the prompt aside)."""
     cache = None
     if args.cache:
         from zimage_core.cache import CacheConfig
 
         cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
-    result = pipe.generate(
-        args.prompt,
+    return dict(
         negative_prompt=args.negative_prompt,
         width=args.width,
         height=args.height,
@@ -191,6 +207,10 @@ def _generate(pipe, args) -> int:
         cache=cache,
         progress=not args.quiet,
     )
+
+
+def write_results(result, args) -> None:
+    """Save the images and print what was written."""
     out = Path(args.output)
     paths = (
         [out]
@@ -206,7 +226,6 @@ def _generate(pipe, args) -> int:
         f"{result.stats['steps']} steps, {result.stats['forwards']} transformer forwards, "
         f"{t['total_s']:.2f} s total (denoise {t['denoise_s']:.2f} s)"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Denoiser:
     cfg_truncation: float
     stats: GenerationStats
     hooks: Sequence[StackHook] = ()
+    parallel: object | None = None  # a zimage_core.parallel.ParallelContext: this rank's share of batch / sequence
 
     @classmethod
     def build(
@@ -92,10 +93,13 @@ class Denoiser:
         stats: GenerationStats,
         hooks: Sequence[StackHook] = (),
         ctx_low: tuple[CaptionContext, CaptionContext | None] | None = None,
+        parallel=None,
     ) -> Denoiser:
         high = _with_cfg_batch(ctx_pos, ctx_neg)
         low = high if ctx_low is None else _with_cfg_batch(*ctx_low)
-        return cls(transformer, high, low, guidance, cfg_normalization, cfg_truncation, stats, tuple(hooks))
+        return cls(
+            transformer, high, low, guidance, cfg_normalization, cfg_truncation, stats, tuple(hooks), parallel
+        )
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         b = x.shape[0]
@@ -110,7 +114,11 @@ class Denoiser:
             xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
         else:
             ctx = single
-        out = self.transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, hooks=self.hooks)
+        xs = list(xin.unsqueeze(2).unbind(0))
+        if self.parallel is None:
+            out = self.transformer.forward_with_context(xs, t, ctx, hooks=self.hooks)
+        else:  # this rank's share of the batch / sequence; returns the whole batch's outputs
+            out = self.parallel.forward(self.transformer, xs, t, ctx, cfg_batch=apply_cfg, hooks=self.hooks)
         self.stats.forwards += 1
         self.stats.sequences += len(out)
         if apply_cfg:

@@ -337,7 +337,8 @@ class ZImageTransformer(nn.Module):
         """The forward pass with a precomputed caption context (equal to ``forward`` with its captions).
 
         ``hooks`` act around the main layers (``zimage_core.hooks``: step caches, ControlNet hints, sequence
-        parallelism), composed for this call only: the first is the outermost.
+        parallelism), composed for this call only (the first is the outermost); those with ``wraps_refiner = True``
+        (sequence parallelism) also around the noise refiner.
         """
         cfg = self.config
         key = f"{patch_size}-{f_patch_size}"
@@ -383,8 +384,8 @@ class ZImageTransformer(nn.Module):
         feats = torch.where(is_pad, self.x_pad_token, feats)
         hidden = pad_sequence(list(feats.split(img_plens)), batch_first=True)  # [B, max Np, dim]
         inp = BlockInputs(ops, batch_lengths(img_plens, device), pad_sequence(img_freqs, batch_first=True), adaln_input)
-        for layer in self.noise_refiner:
-            hidden = layer(hidden, inp)
+        # hooks that also wrap the noise refiner (sequence parallelism: shard the image tokens); none: every layer
+        hidden = run_stack(hidden, inp, self.noise_refiner, [h for h in hooks if getattr(h, "wraps_refiner", False)])
 
         # Unified sequence per sample: [image tokens (incl. own pad) ‖ caption tokens (Lp)], then batch-padded.
         uni_lens = [p + lp for p, lp in zip(img_plens, context.lens)]

@@ -151,6 +151,7 @@ class ZImage:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._image_processor = None
         self._mask_processor = None
+        self.parallel = None  # a zimage_core.parallel.ParallelContext when this process is one rank of a parallel run
 
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -534,6 +535,8 @@ class ZImage:
             x, noise, x0 = self._prepare_latents(a, gens)
             # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
             cache_state = cache.new_state(num_steps=a.steps, start_step=a.t_start) if cache is not None else None
+            if cache_state is not None and self.parallel is not None:  # every rank takes the same decision
+                cache_state.reduce_metric = self.parallel.reduce_metric
             rep = [0] * len(group)
             denoise = Denoiser.build(
                 self.transformer,
@@ -547,6 +550,7 @@ class ZImage:
                 ctx_low=None
                 if contexts.low is None
                 else tuple(c if c is None else c.select(rep) for c in contexts.low),
+                parallel=self.parallel,
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
 

@@ -62,6 +62,10 @@ class StepCache(Protocol):
     def new_state(self, num_steps: int | None = None, start_step: int = 0) -> StepCacheState: ...
 
 
+def _unreduced(sums):
+    return sums
+
+
 class CacheState(StackHook):
     def __init__(self, config, num_steps: int | None = None, start_step: int = 0):
         self.config = config
@@ -75,6 +79,7 @@ class CacheState(StackHook):
         self._is_tea = config.method == "tea"
         self._taylor = bool(getattr(config, "taylor", False))
         self._key = None  # (shape, dtype, device) of the cached tensors
+        self.reduce_metric = _unreduced  # parallel runs: sums the metric's two L1 sums over the ranks (same decision)
         self._drop()
 
     # ---- pipeline hooks ------------------------------------------------------------------------------------------
@@ -144,9 +149,9 @@ class CacheState(StackHook):
         else:
             if forced(self.rules, info, self.counters) is None:
                 if self._is_tea:
-                    change = relative_change(ops.l1_sums(probe, self._ref))
+                    change = relative_change(self.reduce_metric(ops.l1_sums(probe, self._ref)))
                 else:
-                    change = relative_change(ops.l1_sums(h, self._ref, a_sub=hidden))
+                    change = relative_change(self.reduce_metric(ops.l1_sums(h, self._ref, a_sub=hidden)))
             rescale = self.config.rescale if self._is_tea else None
             decision, self.counters = decide(self.rules, info, self.counters, change, rescale)
             decision_compute, reason, acc = decision.compute, decision.reason, decision.accumulated
