@@ -245,13 +245,42 @@ def run_layers(hidden: torch.Tensor, inp: BlockInputs, layers: Sequence[nn.Modul
 
 
 class _MainLayersHook(StackHook):
-    """Adapter for the legacy ``main_layers`` callable (it replaces the whole stack; no after_layer hooks)."""
+    """Adapter for the legacy ``main_layers`` callable (it replaces the whole stack). It gets the layers as views
+    that run through ``stack.run``, so the other hooks' ``after_layer`` (ControlNet hints) still follow each layer
+    it computes."""
 
     def __init__(self, fn: MainLayers):
         self.fn = fn
 
     def around_stack(self, inner, hidden, inp, stack):
-        return self.fn(hidden, inp, stack.layers)
+        layers = stack.layers if not stack.hooks else _HookedLayers(stack)
+        return self.fn(hidden, inp, layers)
+
+
+class _HookedLayer:
+    """Layer ``i`` of a stack, called as ``stack.run(hidden, inp, i, i + 1)``; attributes are the layer's."""
+
+    def __init__(self, stack, i: int):
+        self._stack, self._i = stack, i
+
+    def __call__(self, hidden, inp):
+        return self._stack.run(hidden, inp, self._i, self._i + 1)
+
+    def __getattr__(self, name):
+        return getattr(self._stack.layers[self._i], name)
+
+
+class _HookedLayers(Sequence):
+    def __init__(self, stack):
+        self._stack = stack
+
+    def __len__(self) -> int:
+        return len(self._stack.layers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_HookedLayer(self._stack, i) for i in range(len(self))[index]]
+        return _HookedLayer(self._stack, range(len(self))[index])
 
 
 # ---------------------------------------------------------------------------------------------------------------

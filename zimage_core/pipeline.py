@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from . import images as imgs
+from . import controlnet as cn_mod
 from . import lora as lora_mod
 from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
@@ -246,6 +247,7 @@ class ZImage:
         stats: dict,
         main_layers: Callable | None = None,
         ctx_low: tuple[CaptionContext, CaptionContext | None] | None = None,
+        control=None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """``denoise(x, sigma) -> v``: the guided flow velocity for fp32 latents x [B, C, h, w].
 
@@ -276,7 +278,9 @@ class ZImage:
                 xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
             else:
                 ctx = single
-            out = transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, main_layers=main_layers)
+            xs = list(xin.unsqueeze(2).unbind(0))
+            hooks = () if control is None else control.hooks(xs, apply_cfg)  # ControlNet hints (zimage_core.controlnet)
+            out = transformer.forward_with_context(xs, t, ctx, hooks=hooks, main_layers=main_layers)
             stats["forwards"] += 1
             stats["sequences"] += len(out)
             if apply_cfg:
@@ -321,7 +325,7 @@ class ZImage:
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, loras: Sequence | None = None, **kwargs) -> GenerationResult:
         """See :meth:`_generate`. ``loras``: [(LoraWeights, weight, "high"|"low"|"both")] active for this call only,
-        in this thread only (``zimage_core.lora``)."""
+        in this thread only (``zimage_core.lora``). ``controlnets``: [``controlnet.ControlNetInput``], their hints add."""
         loras = list(loras or [])
         with lora_mod.apply_loras(self.transformer, loras):
             return self._generate(prompt, loras=loras, **kwargs)
@@ -356,6 +360,7 @@ class ZImage:
         cache=None,
         step_callback: Callable | None = None,
         loras: Sequence = (),
+        controlnets: Sequence = (),
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -430,6 +435,7 @@ class ZImage:
             # decisions.md: N − floor(N·strength); diffusers' img2img: int(N − N·strength)
             t_start = int(max(steps - steps * strength, 0)) if diffusers_compat else img2img_start(steps, strength)
         run_sigmas = sigmas[t_start:]
+        controls = cn_mod.prepare(self, controlnets, width, height, steps, work) if controlnets else []
 
         stats = {
             "forwards": 0,
@@ -491,6 +497,7 @@ class ZImage:
             # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
             cache_state = cache.new_state(num_steps=steps, start_step=t_start) if cache is not None else None
             rep = [0] * len(group)
+            cn_state = cn_mod.ControlState(controls, self.transformer, t_start, t_start) if controls else None
             denoise = self._denoiser(
                 ctx_pos.select(rep),
                 None if ctx_neg is None else ctx_neg.select(rep),
@@ -500,11 +507,12 @@ class ZImage:
                 stats,
                 main_layers=None if cache_state is None else cache_state.main_layers,
                 ctx_low=None if ctx_low is None else tuple(c if c is None else c.select(rep) for c in ctx_low),
+                control=cn_state,
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
             mask_lat = None if work.mask is None else work.mask_latents(self).to(self.device)
 
-            def on_step(info, _x0=x0, _noise=noise, _mask=mask_lat, _cache=cache_state):
+            def on_step(info, _x0=x0, _noise=noise, _mask=mask_lat, _cache=cache_state, _cn=cn_state):
                 out = None
                 if _mask is not None:  # inpainting: re-impose the known region at the next noise level
                     sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32, device=self.device)
@@ -512,6 +520,8 @@ class ZImage:
                     out = (1 - _mask) * proper + _mask * info["x"]
                 if _cache is not None:
                     _cache.end_step(info["i"])
+                if _cn is not None:
+                    _cn.end_step(info["i"])
                 if progress_bar is not None:
                     progress_bar.update(1)
                 if step_callback is not None:
@@ -523,6 +533,8 @@ class ZImage:
             stats["nfe_per_result"] = counted.calls
             if cache_state is not None:
                 stats.setdefault("cache", []).append(cache_state.summary())
+            if cn_state is not None:
+                stats.setdefault("controlnet", []).append(dict(cn_state.stats))
             finals.append(x)
         if progress_bar is not None:
             progress_bar.close()
