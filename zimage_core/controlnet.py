@@ -60,6 +60,12 @@ LAYOUTS = {None: "1.0", "control_layers": "2.0", "control_noise_refiner": "2.1"}
 CONFIG_KEY = "zimage_controlnet_config"  # safetensors metadata key for our single files
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BUILTIN_ID = "zimage:default-controlnet"
+# The transformer's modules a diffusers ControlNet holds by reference after ``from_transformer`` (and writes into a
+# folder saved after it); we share the transformer's own and never read these from a ControlNet checkpoint.
+SHARED_PREFIXES = (
+    "t_embedder.", "all_x_embedder.", "cap_embedder.", "noise_refiner.", "context_refiner.", "x_pad_token",
+    "cap_pad_token",
+)  # fmt: skip
 
 
 class ControlNetError(ValueError):
@@ -560,7 +566,7 @@ def infer_config(shapes: dict[str, tuple], transformer_cfg: ZImageConfig, where:
     return ControlNetConfig(
         control_layers_places=tuple(i * (n_layers // n_control) for i in range(n_control)),
         control_in_dim=fan_in // (p * p * fp),
-        control_refiner_layers_places=None if mode is None else tuple(range(transformer_cfg.n_refiner_layers)),
+        control_refiner_layers_places=tuple(range(transformer_cfg.n_refiner_layers)),
         add_control_noise_refiner=mode,
         all_patch_size=tuple(a for a, _ in patches),
         all_f_patch_size=tuple(b for _, b in patches),
@@ -613,6 +619,7 @@ def load_controlnet(
             with safe_open(where["control_noise_refiner.0.before_proj.weight"], framework="pt") as h:
                 zero = bool((h.get_tensor("control_noise_refiner.0.before_proj.weight") == 0).all())
         config = infer_config(shapes, transformer.config, str(path), zero)
+    shapes = {k: v for k, v in shapes.items() if not k.startswith(SHARED_PREFIXES)}
     if config.add_control_noise_refiner == "control_layers":  # diffusers' 2.0 conversion drops these
         shapes = {k: v for k, v in shapes.items() if not k.startswith("control_noise_refiner.")}
     with torch.device("meta"):
@@ -636,8 +643,7 @@ def from_diffusers(module: nn.Module, transformer: ZImageTransformer) -> ZImageC
     config = ControlNetConfig.from_dict(dict(module.config))
     with torch.device("meta"):
         model = ZImageControlNet(config, transformer.config)
-    shared = ("t_embedder.", "all_x_embedder.", "cap_embedder.", "noise_refiner.", "context_refiner.", "x_pad", "cap_pad")
-    sd = {k: v for k, v in module.state_dict().items() if not k.startswith(shared)}
+    sd = {k: v for k, v in module.state_dict().items() if not k.startswith(SHARED_PREFIXES)}
     check_state_dict(model, {k: tuple(v.shape) for k, v in sd.items()}, type(module).__name__)
     model.load_state_dict(sd, assign=True)
     return model.eval()
