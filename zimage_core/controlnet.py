@@ -404,7 +404,7 @@ class ControlState:
     transformer: ZImageTransformer
     start_step: int = 0
     step: int = 0
-    stats: dict = field(default_factory=lambda: {"controlnet_forwards": 0, "controlnet_skipped": 0})
+    stats: dict = field(default_factory=lambda: {"controlnet_forwards": 0, "controlnet_skipped": 0, "steps": []})
 
     def end_step(self, i: int) -> None:
         self.step = self.start_step + int(i) + 1
@@ -433,6 +433,7 @@ class ControlState:
 
     def _count(self) -> None:
         self.stats["controlnet_forwards"] += 1
+        self.stats["steps"].append(self.step)
 
 
 def _pixels(pipe, image, width: int, height: int, field_name: str) -> torch.Tensor:
