@@ -380,3 +380,58 @@ def test_step_cache_with_controlnet_adds_hints_on_computed_layers(ours, cn_pipe)
     assert len(res.stats["cache"][0]["reused_steps"]) > 0
     nocn = run(ours, steps=8, cache=some)
     assert rel_err(res.latents, nocn.latents) > 1e-3
+
+
+# ---- the request's controlNet[] ----------------------------------------------------------------------------------
+
+
+def b64png(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_request_controlnet_runs_through_the_store_like_generate(ours, cn_pipe):
+    from tests.helpers import image_request
+
+    C.store_for(ours).add("test:cn21", cn_pipe)
+    g = guide(128, 128)
+    entry = {"model": "test:cn21", "guideImage": "data:image/png;base64," + b64png(g), "weight": 0.8,
+             "controlMode": "controlnet", "startStepPercentage": 25, "endStep": 3}  # fmt: skip
+    req = image_request(positivePrompt="a white circle", width=128, height=128, steps=4, CFGScale=2.0, seed=9,
+                        outputType="base64Data", outputFormat="PNG", controlNet=[entry])  # fmt: skip
+    out = ours.infer(req)
+    assert len(out) == 1
+    import base64
+    import io
+
+    import numpy as np
+
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(out[0]["imageBase64Data"]))).convert("RGB"))
+    spec = C.ControlNetInput(cn_pipe, g, weight=0.8, start=1, end=3, mode="controlnet")  # floor(25·4/100) = 1
+    want = ours.generate("a white circle", width=128, height=128, steps=4, cfg_scale=2.0, seed=9, controlnets=[spec])
+    assert np.array_equal(got, np.asarray(want.images[0].convert("RGB")))
+    assert want.stats["controlnet"][0]["steps"] == [1, 2]
+
+
+def test_request_controlnet_errors_name_the_field(ours, cn_pipe):
+    from tests.helpers import image_request
+    from zimage_core.errors import RequestError
+
+    C.store_for(ours).add("test:cn21", cn_pipe)
+    ok = {"model": "test:cn21", "guideImage": b64png(guide(128, 128))}
+    cases = (
+        ({**ok, "model": "nope"}, "controlNet[0].model"),
+        ({**ok, "guideImage": "bm90IGFuIGltYWdl"}, "controlNet[0].guideImage"),
+        ({**ok, "weight": 4.5}, "controlNet[0].weight"),
+        ({**ok, "controlMode": "strong"}, "controlNet[0].controlMode"),
+        ({**ok, "startStep": 3, "endStep": 2}, "controlNet[0].startStep"),
+    )
+    for entry, fieldname in cases:
+        req = image_request(positivePrompt="a circle", width=128, height=128, steps=4, controlNet=[entry])
+        with pytest.raises(RequestError) as e:
+            ours.infer(req)
+        assert e.value.field == fieldname, (entry, e.value)

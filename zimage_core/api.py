@@ -23,9 +23,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import controlnet as cn_mod
 from . import images as imgs
 from .errors import RequestError
-from .request import validate_request
+from .request import resolve_window, validate_request
 
 log = logging.getLogger("zimage_core.api")
 
@@ -71,6 +72,7 @@ class ServerConfig:
     content_checker: Callable[[Image.Image], bool] | None = None  # returns True when NSFW
     face_detector: Callable | None = None  # image -> [(x0, y0, x1, y1, confidence)]
     lora_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> LoRA weights
+    controlnet_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> ControlNet; None: built-in
     http_timeout_s: float = 30.0
     tasks: dict = field(default_factory=dict)  # async tasks by taskUUID
 
@@ -96,6 +98,7 @@ def infer(pipe, request: dict, config: ServerConfig | None = None) -> list[dict]
         has_checker=config.content_checker is not None,
         has_face_detector=config.face_detector is not None,
         lora_resolver=config.lora_resolver,
+        controlnet_resolver=config.controlnet_resolver or cn_mod.store_for(pipe),
     )
     r = v.raw
     if r["deliveryMethod"] == "async":
@@ -156,6 +159,9 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             (config.lora_resolver(lo["model"], f"lora[{i}].model"), lo["weight"], lo["transformer"])
             for i, lo in enumerate(r["lora"])
         ]
+    if r.get("controlNet"):
+        resolver = config.controlnet_resolver or cn_mod.store_for(pipe)
+        kwargs["controlnets"] = _controlnets(pipe, r["controlNet"], v.steps, resolver)
     try:
         result = pipe.generate(r["positivePrompt"], **kwargs)
     except RequestError as e:  # generate() names its own arguments; map them back to the request's fields
@@ -204,6 +210,18 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             except Exception as e:
                 log.warning("webhookURL %s: POST failed: %s", r["webhookURL"], e)
     return responses
+
+
+def _controlnets(pipe, entries, steps: int, resolver) -> list:
+    """The validated ``controlNet[]`` entries as ``controlnet.ControlNetInput``s (guide images decoded here)."""
+    out = []
+    for i, e in enumerate(entries):
+        name = f"controlNet[{i}]"
+        model = resolver(e["model"], f"{name}.model")
+        image = imgs.load_image(e["guideImage"], f"{name}.guideImage", pipe.outputs)
+        start, end = resolve_window(e, "", steps, f"{name}.") or (None, None)
+        out.append(cn_mod.ControlNetInput(model, image, e["weight"], start, end, e["controlMode"], field=name))
+    return out
 
 
 def _refine_faces(pipe, image: Image.Image, r: dict, seed: int, config: ServerConfig) -> Image.Image:

@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", dest="preset_model", help="model id whose defaults apply (e.g. z-image-turbo)")
     g.add_argument("--cache", choices=["fb", "tea", "db"], help="step cache")
     g.add_argument("--cache-threshold", type=float)
+    g.add_argument("--control-image", action="append", help="ControlNet guide image (repeat for several)")
+    g.add_argument(
+        "--control-model",
+        action="append",
+        help="ControlNet folder / .safetensors / id, one per --control-image (default: zimage:default-controlnet)",
+    )
+    g.add_argument("--control-weight", type=float, action="append", help="one value, or one per --control-image")
+    g.add_argument("--control-mode", choices=["balanced", "controlnet", "prompt"], default="balanced")
+    g.add_argument("--control-start", type=int, help="first step with the ControlNet (absolute)")
+    g.add_argument("--control-end", type=int, help="step at which the ControlNet stops (exclusive)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("infer", parents=[common], help="run an imageInference request (JSON file or - for stdin)")
@@ -109,6 +119,7 @@ def _generate(pipe, args) -> int:
         from kernels.cache import CacheConfig
 
         cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
+    controlnets = _controlnets(pipe, args)
     result = pipe.generate(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -130,6 +141,7 @@ def _generate(pipe, args) -> int:
         model=args.preset_model,
         cache=cache,
         progress=not args.quiet,
+        controlnets=controlnets,
     )
     out = Path(args.output)
     paths = (
@@ -147,6 +159,34 @@ def _generate(pipe, args) -> int:
         f"{t['total_s']:.2f} s total (denoise {t['denoise_s']:.2f} s)"
     )
     return 0
+
+
+def _controlnets(pipe, args) -> list:
+    from . import controlnet as cn_mod
+    from .errors import RequestError
+
+    images = args.control_image or []
+    models = args.control_model or [cn_mod.BUILTIN_ID] * len(images)
+    weights = args.control_weight or [cn_mod.DEFAULT_WEIGHT]
+    if models and not images:
+        raise RequestError("--control-model", "needs --control-image")
+    if len(models) != len(images):
+        raise RequestError("--control-model", f"give one per --control-image ({len(images)}), got {len(models)}")
+    if len(weights) not in (1, len(images)):
+        raise RequestError("--control-weight", f"give one value or one per --control-image ({len(images)})")
+    weights = weights * len(images) if len(weights) == 1 else weights
+    return [
+        cn_mod.ControlNetInput(
+            cn_mod.resolve_local(pipe, m, "--control-model"),
+            image,
+            w,
+            args.control_start,
+            args.control_end,
+            args.control_mode,
+            field="--control",
+        )
+        for image, m, w in zip(images, models, weights)
+    ]
 
 
 if __name__ == "__main__":

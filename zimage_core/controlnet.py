@@ -52,6 +52,7 @@ from .config import ZImageConfig
 from .errors import RequestError
 from .hooks import StackHook
 from .model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
+from .weights import CheckpointError
 
 MODES = ("balanced", "controlnet", "prompt")
 PROMPT_MODE_DECAY = 0.825  # "prompt" mode: the hint of the k-th of n control layers is scaled by 0.825^(n-1-k)
@@ -68,7 +69,7 @@ SHARED_PREFIXES = (
 )  # fmt: skip
 
 
-class ControlNetError(ValueError):
+class ControlNetError(CheckpointError):
     """A ControlNet checkpoint that cannot be loaded or does not fit the transformer."""
 
 
@@ -712,6 +713,25 @@ class ControlNetStore:
         return model
 
 
+def store_for(pipe) -> ControlNetStore:
+    """The pipeline's default ControlNet store (created on first use; knows the embedded control model)."""
+    store = getattr(pipe, "_controlnet_store", None)
+    if store is None:
+        store = pipe._controlnet_store = ControlNetStore(pipe)
+    return store
+
+
+def resolve_local(pipe, model: str, field_name: str) -> ZImageControlNet:
+    """Python API / CLI: a store id (``zimage:default-controlnet``) or a local folder / .safetensors path."""
+    store = store_for(pipe)
+    if model not in store.paths:
+        if not Path(model).expanduser().exists():
+            known = ", ".join(sorted(store.paths)) or "none"
+            raise RequestError(field_name, f"{model!r} is neither a known ControlNet id ({known}) nor a path")
+        store.add(model, Path(model).expanduser())
+    return store(model, field_name)
+
+
 __all__ = [
     "BUILTIN_ID",
     "ControlBlock",
@@ -727,6 +747,8 @@ __all__ = [
     "layer_scales",
     "load_controlnet",
     "prepare",
+    "resolve_local",
+    "store_for",
     "save_controlnet",
     "save_single_file",
 ]
