@@ -103,7 +103,9 @@ def test_shares_the_transformers_modules_and_owns_only_control_weights(tiny):
     tr, ours_t = tiny
     ours = C.from_diffusers(diffusers_controlnet("2.1", tr), ours_t)
     names = [n for n, _ in ours.named_parameters()]
-    assert names and all(n.startswith(("control_layers.", "control_all_x_embedder.", "control_noise_refiner.")) for n in names)
+    assert names and all(
+        n.startswith(("control_layers.", "control_all_x_embedder.", "control_noise_refiner.")) for n in names
+    )
     assert not any(p is q for p in ours.parameters() for q in ours_t.parameters())
 
 

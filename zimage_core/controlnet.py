@@ -252,7 +252,9 @@ class ZImageControlNet(nn.Module):
             feats = transformer.all_x_embedder[key](torch.cat([_tokens(xi.to(self.dtype), patch)[0] for xi in x]))
             feats = torch.where(is_pad, transformer.x_pad_token, feats)
             h = pad_sequence(list(feats.split(list(img_plens))), batch_first=True)
-            stage = self.control_layers if cfg.add_control_noise_refiner == "control_layers" else self.control_noise_refiner
+            stage = (
+                self.control_layers if cfg.add_control_noise_refiner == "control_layers" else self.control_noise_refiner
+            )
             stage_hints = []
             for block in stage:
                 c, hint = block.step(c, h, img_inp)
@@ -472,7 +474,9 @@ def prepare(
             if isinstance(v, bool) or not isinstance(v, int):
                 raise RequestError(f"{name}.{label}", f"must be an integer step, got {v!r}")
         if not 0 <= start < end <= steps:
-            raise RequestError(f"{name}.start", f"the window must satisfy 0 <= start < end <= steps ({steps}), got [{start}, {end})")
+            raise RequestError(
+                f"{name}.start", f"the window must satisfy 0 <= start < end <= steps ({steps}), got [{start}, {end})"
+            )
         cfg = cn.model.config
         latent_ch = pipe.transformer.config.in_channels
         guide = pipe.encode_image(_pixels(pipe, cn.guide_image, width, height, f"{name}.guide_image"))
@@ -499,7 +503,9 @@ def prepare(
             parts += [keep, masked]
         latent = torch.cat(parts, dim=1)
         if latent.shape[1] > cfg.control_in_dim:
-            raise RequestError(f"{name}.model", f"control_in_dim {cfg.control_in_dim} < {latent.shape[1]} input channels")
+            raise RequestError(
+                f"{name}.model", f"control_in_dim {cfg.control_in_dim} < {latent.shape[1]} input channels"
+            )
         if latent.shape[1] < cfg.control_in_dim:  # 2.x without inpainting: zero channels up to control_in_dim
             pad = latent.new_zeros(1, cfg.control_in_dim - latent.shape[1], *latent.shape[-2:])
             latent = torch.cat([latent, pad], dim=1)
@@ -550,7 +556,9 @@ def infer_config(shapes: dict[str, tuple], transformer_cfg: ZImageConfig, where:
     emb = [k for k in shapes if re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k)]
     if not emb:
         raise ControlNetError(f"{where}: no control_all_x_embedder.*.weight: not a Z-Image ControlNet checkpoint")
-    patches = sorted(tuple(int(v) for v in re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k).groups()) for k in emb)
+    patches = sorted(
+        tuple(int(v) for v in re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k).groups()) for k in emb
+    )
     p, fp = patches[0]
     dim, fan_in = shapes[f"control_all_x_embedder.{p}-{fp}.weight"]
     n_control = len({int(m.group(1)) for k in shapes if (m := re.match(r"control_layers\.(\d+)\.", k))})

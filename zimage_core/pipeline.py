@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import images as imgs
 from . import controlnet as cn_mod
+from . import images as imgs
 from . import lora as lora_mod
 from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
@@ -325,7 +325,8 @@ class ZImage:
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, loras: Sequence | None = None, **kwargs) -> GenerationResult:
         """See :meth:`_generate`. ``loras``: [(LoraWeights, weight, "high"|"low"|"both")] active for this call only,
-        in this thread only (``zimage_core.lora``). ``controlnets``: [``controlnet.ControlNetInput``], their hints add."""
+        in this thread only (``zimage_core.lora``). ``controlnets``: [``controlnet.ControlNetInput``]; their hints
+        add."""
         loras = list(loras or [])
         with lora_mod.apply_loras(self.transformer, loras):
             return self._generate(prompt, loras=loras, **kwargs)

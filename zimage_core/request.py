@@ -223,7 +223,9 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
     if end > steps:
         raise RequestError(f"{path}{prefix}{'E' if prefix else 'e'}ndStep", f"must be <= steps ({steps}), got {end}")
     if start >= end:
-        raise RequestError(f"{path}{prefix}{'S' if prefix else 's'}tartStep", f"must be < the end step ({end}), got {start}")
+        raise RequestError(
+            f"{path}{prefix}{'S' if prefix else 's'}tartStep", f"must be < the end step ({end}), got {start}"
+        )
     return start, end
 
 
