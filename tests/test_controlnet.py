@@ -2,6 +2,8 @@
 tiny random components in the three checkpoint layouts (fp32, CPU), plus the definitions of controlMode and the step
 window (counted ControlNet forwards)."""
 
+import copy
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -437,3 +439,36 @@ def test_request_controlnet_errors_name_the_field(ours, cn_pipe):
         with pytest.raises(RequestError) as e:
             ours.infer(req)
         assert e.value.field == fieldname, (entry, e.value)
+
+
+# ---- the op switch -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.interpret
+def test_control_blocks_run_the_fused_kernels_within_tolerance(tiny, monkeypatch):
+    from kernels import attention
+    from tests.tolerance import assert_close_to_ref
+
+    tr, _ = tiny
+    x, caps, ctl = model_inputs(33)
+    t = torch.full((2,), 0.4)
+    launched = []
+    real = attention._launch
+    monkeypatch.setattr(attention, "_launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+
+    def hints(backend, dtype):
+        theirs = copy.deepcopy(tr).to(dtype)
+        model = ZImageTransformer.from_diffusers(theirs, kernel_backend=backend)
+        net = C.from_diffusers(diffusers_controlnet("2.1", theirs).to(dtype), model)
+        xs, k = [xi.to(dtype) for xi in x], ctl.to(dtype)
+        hook = C.ControlHook(net, model, xs, k, 0.7)
+        with torch.no_grad():
+            model.forward_with_context(xs, t.to(dtype), model.encode_context([c.to(dtype) for c in caps]), hooks=[hook])
+        return torch.cat([h.reshape(-1) for h in hook._hints.values()]).double()
+
+    exact = hints("torch", torch.float64)
+    eager = hints("torch", torch.float32)
+    n_main = len(launched)
+    fused = hints("triton", torch.float32)
+    assert n_main == 0 and len(launched) > 0
+    assert_close_to_ref(fused, exact, eager, "controlnet 2.1 hints")

@@ -702,8 +702,9 @@ class ControlNetStore:
         self.pipe = pipe
         self.paths: dict[str, object] = dict(paths or {})
         self._loaded: dict[str, ZImageControlNet] = {}
-        if builtin_path().exists() and getattr(pipe, "meta", {}).get("model_id") == "zimage-fast:shapes-v1":
-            self.paths.setdefault(BUILTIN_ID, builtin_path())
+        meta = builtin_path() / "zimage_fast.json"
+        if meta.exists() and json.loads(meta.read_text()).get("for_model") == getattr(pipe, "meta", {}).get("model_id"):
+            self.paths.setdefault(BUILTIN_ID, builtin_path())  # trained for this (the embedded default) model
 
     def add(self, model_id: str, source) -> None:
         self.paths[model_id] = source
