@@ -210,7 +210,11 @@ class ZImageControlNet(nn.Module):
         return self.control_layers[0].after_proj.weight.device
 
     # ---- the hint computation -----------------------------------------------------------------------------------
-    def hints(
+    def hints(self, *args, **kwargs) -> list[torch.Tensor]:
+        """Every hint at once (see :meth:`iter_hints`)."""
+        return list(self.iter_hints(*args, **kwargs))
+
+    def iter_hints(
         self,
         transformer: ZImageTransformer,
         unified: torch.Tensor,
@@ -220,8 +224,9 @@ class ZImageControlNet(nn.Module):
         x: Sequence[torch.Tensor] | None = None,
         scale: float = 1.0,
         patch: tuple[int, int] = (2, 1),
-    ) -> list[torch.Tensor]:
-        """Unscaled-by-mode hints, one per control layer, each [B, N, dim] over the unified sequence.
+    ):
+        """The hints, one per control layer in order, each [B, N, dim] over the unified sequence, computed lazily:
+        nothing runs until the first is asked for, and control layer k runs only when hint k is asked for.
 
         ``unified``/``inp``: the main stream before the main layers and its inputs; ``img_plens``: the padded image
         token count of each sample; ``control``: control latents [control_in_dim, F, H, W] per sample; ``x``: the
@@ -268,11 +273,9 @@ class ZImageControlNet(nn.Module):
 
         # [control image tokens ‖ the caption tokens of the unified stream], batch-padded like the unified stream
         cu = _splice(c, unified, img_plens)
-        out = []
         for block in self.control_layers:
             cu, hint = block.step(cu, main, inp)
-            out.append(hint)
-        return out
+            yield hint
 
 
 def _tokens(xi: torch.Tensor, patch: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -301,7 +304,10 @@ def _splice(img: torch.Tensor, unified: torch.Tensor, img_plens: Sequence[int]) 
 
 
 class ControlHook(StackHook):
-    """One ControlNet for one forward: computes the hints before the main layers, adds them after each layer."""
+    """One ControlNet for one forward: prepares the control pass before the main layers and adds hint k after
+    layer ``places[k]``. Control layers run lazily, when ``after_layer`` first needs a hint: on a step where a
+    cache skips layers, only the control layers up to the last computed hint place run (none, when no layer with
+    a hint is computed)."""
 
     def __init__(
         self,
@@ -314,6 +320,7 @@ class ControlHook(StackHook):
         rows: Sequence[int] | None = None,
         patch: tuple[int, int] = (2, 1),
         on_forward: Callable[[], None] | None = None,
+        on_block: Callable[[], None] | None = None,
     ):
         self.model, self.transformer, self.x = model, transformer, list(x)
         self.control = control  # [control_in_dim, F, H, W], the same for every row
@@ -321,8 +328,13 @@ class ControlHook(StackHook):
         self.layer_scales = list(layer_scales) if layer_scales is not None else None
         self.rows = None if rows is None else list(rows)
         self.patch = patch
-        self.on_forward = on_forward
+        self.on_forward, self.on_block = on_forward, on_block
+        places = model.config.control_layers_places
+        scales = self.layer_scales or [1.0] * len(places)
+        self._scale = {place: self.weight * s for place, s in zip(places, scales)}
+        self._places = list(places)
         self._hints: dict[int, torch.Tensor] = {}
+        self._pending = None  # the lazy hint iterator of this forward
         self._index: torch.Tensor | None = None
 
     def before_stack(self, hidden, inp):
@@ -338,20 +350,23 @@ class ControlHook(StackHook):
                 inp.ops, kv, inp.freqs_cis.index_select(0, self._index), inp.adaln_input.index_select(0, self._index)
             )
             plens, x = [plens[i] for i in rows], [x[i] for i in rows]
-        hints = self.model.hints(
+        self._pending = self.model.iter_hints(
             self.transformer, h, sub, plens, [self.control] * len(plens), x, scale=self.weight, patch=self.patch
         )
-        places = self.model.config.control_layers_places
-        scales = self.layer_scales or [1.0] * len(places)
-        self._hints = {place: hint * (self.weight * s) for place, hint, s in zip(places, hints, scales)}
+        self._hints = {}
         if self.on_forward is not None:
             self.on_forward()
         return hidden, inp
 
     def after_layer(self, index, hidden, inp):
-        hint = self._hints.get(index)
-        if hint is None:
+        if index not in self._scale:
             return hidden
+        while index not in self._hints:  # run the control layers up to this place
+            place = self._places[len(self._hints)]
+            self._hints[place] = next(self._pending) * self._scale[place]
+            if self.on_block is not None:
+                self.on_block()
+        hint = self._hints[index]
         if self._index is None:
             return hidden + hint
         return hidden.index_add(0, self._index, hint)
@@ -407,7 +422,9 @@ class ControlState:
     transformer: ZImageTransformer
     start_step: int = 0
     step: int = 0
-    stats: dict = field(default_factory=lambda: {"controlnet_forwards": 0, "controlnet_skipped": 0, "steps": []})
+    stats: dict = field(
+        default_factory=lambda: dict(controlnet_forwards=0, controlnet_skipped=0, control_layers_run=0, steps=[])
+    )
 
     def end_step(self, i: int) -> None:
         self.step = self.start_step + int(i) + 1
@@ -430,9 +447,13 @@ class ControlState:
                     p.scales,
                     rows,
                     on_forward=self._count,
+                    on_block=self._count_block,
                 )
             )
         return out
+
+    def _count_block(self) -> None:
+        self.stats["control_layers_run"] += 1
 
     def _count(self) -> None:
         self.stats["controlnet_forwards"] += 1

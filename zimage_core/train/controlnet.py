@@ -237,8 +237,8 @@ class _TrainHook(cn_mod.ControlHook):
     def before_stack(self, hidden, inp):
         p, pf = self.patch
         plens = [cn_mod.padded_len((xi.shape[1] // pf) * (xi.shape[2] // p) * (xi.shape[3] // p)) for xi in self.x]
-        hints = self.model.hints(self.transformer, hidden, inp, plens, self.controls, self.x)
-        self._hints = dict(zip(self.model.config.control_layers_places, hints))
+        self._pending = self.model.iter_hints(self.transformer, hidden, inp, plens, self.controls, self.x)
+        self._hints = {}
         return hidden, inp
 
 
