@@ -19,8 +19,9 @@ One forward of the main model with one ControlNet (``ControlHook``, a ``hooks.St
         1.0: c = control_noise_refiner(c)                                (plain blocks, image tokens only)
         2.x: c, refiner hints = control stage over the pre-refiner image tokens; the ControlNet's own pass through
              the shared noise refiner adds those hints (diffusers' behaviour: the main path does not get them)
-        c = [c ‖ caption tokens]; hints[place] = after_proj of control layer k, times the per-layer scale
-    after_layer(i, hidden): hidden + hints[i] (on the rows that get the control)
+        c = [c ‖ caption tokens]   (all of this lazily, when the first hint is needed)
+    after_layer(i, hidden): run the control layers up to place i (each emits after_proj(c)), then
+        hidden + weight · per-layer scale · hint[i]   (on the rows that get the control)
 
 For 1.0 the main stream ``x`` that the control layers read is exactly the unified stream the hook receives, so it
 is not recomputed; for 2.x the ControlNet's own refined stream differs (it has the refiner hints) and is recomputed
