@@ -500,6 +500,10 @@ def prepare(
                 f"{name}.start", f"the window must satisfy 0 <= start < end <= steps ({steps}), got [{start}, {end})"
             )
         cfg = cn.model.config
+        try:
+            block_config(cfg, pipe.transformer.config)
+        except ControlNetError as e:
+            raise RequestError(f"{name}.model", str(e)) from None
         latent_ch = pipe.transformer.config.in_channels
         guide = pipe.encode_image(_pixels(pipe, cn.guide_image, width, height, f"{name}.guide_image"))
         parts = [guide]
