@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", dest="preset_model", help="model id whose defaults apply (e.g. z-image-turbo)")
     g.add_argument("--cache", choices=["fb", "tea", "db"], help="step cache")
     g.add_argument("--cache-threshold", type=float)
+    g.add_argument("--control-image", action="append", help="ControlNet guide image (repeat for several)")
+    g.add_argument(
+        "--control-model",
+        action="append",
+        help="ControlNet folder / .safetensors / id, one per --control-image (default: zimage:default-controlnet)",
+    )
+    g.add_argument("--control-weight", type=float, action="append", help="one value, or one per --control-image")
+    g.add_argument("--control-mode", choices=["balanced", "controlnet", "prompt"], default="balanced")
+    g.add_argument("--control-start", type=int, help="first step with the ControlNet (absolute)")
+    g.add_argument("--control-end", type=int, help="step at which the ControlNet stops (exclusive)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument(
         "--parallel",
@@ -186,6 +196,7 @@ def generate_kwargs(pipe, args) -> dict:
         from zimage_core.cache import CacheConfig
 
         cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
+    controlnets = _controlnets(pipe, args)
     return dict(
         negative_prompt=args.negative_prompt,
         width=args.width,
@@ -206,6 +217,7 @@ def generate_kwargs(pipe, args) -> dict:
         model=args.preset_model,
         cache=cache,
         progress=not args.quiet,
+        controlnets=controlnets,
     )
 
 
@@ -226,6 +238,34 @@ def write_results(result, args) -> None:
         f"{result.stats['steps']} steps, {result.stats['forwards']} transformer forwards, "
         f"{t['total_s']:.2f} s total (denoise {t['denoise_s']:.2f} s)"
     )
+
+
+def _controlnets(pipe, args) -> list:
+    from . import controlnet as cn_mod
+    from .errors import RequestError
+
+    images = args.control_image or []
+    models = args.control_model or [cn_mod.BUILTIN_ID] * len(images)
+    weights = args.control_weight or [cn_mod.DEFAULT_WEIGHT]
+    if models and not images:
+        raise RequestError("--control-model", "needs --control-image")
+    if len(models) != len(images):
+        raise RequestError("--control-model", f"give one per --control-image ({len(images)}), got {len(models)}")
+    if len(weights) not in (1, len(images)):
+        raise RequestError("--control-weight", f"give one value or one per --control-image ({len(images)})")
+    weights = weights * len(images) if len(weights) == 1 else weights
+    return [
+        cn_mod.ControlNetInput(
+            cn_mod.resolve_local(pipe, m, "--control-model"),
+            image,
+            w,
+            args.control_start,
+            args.control_end,
+            args.control_mode,
+            field="--control",
+        )
+        for image, m, w in zip(images, models, weights)
+    ]
 
 
 if __name__ == "__main__":

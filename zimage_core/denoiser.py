@@ -43,12 +43,14 @@ class GenerationStats(Mapping):
     nfe_per_result: int = 0
     batched: bool = False
     cache: list[dict] | None = None
+    controlnet: list[dict] | None = None  # one summary per result when ControlNets ran
     timings: dict[str, float] = field(default_factory=dict)  # encode_s, denoise_s, decode_s, total_s
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        if d["cache"] is None:
-            del d["cache"]
+        for key in ("cache", "controlnet"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def __getitem__(self, key: str):
@@ -79,6 +81,7 @@ class Denoiser:
     stats: GenerationStats
     hooks: Sequence[StackHook] = ()
     parallel: object | None = None  # a zimage_core.parallel.ParallelContext: this rank's share of batch / sequence
+    control: object | None = None  # a zimage_core.controlnet.ControlState: ControlNet hint hooks for this step
 
     @classmethod
     def build(
@@ -94,11 +97,12 @@ class Denoiser:
         hooks: Sequence[StackHook] = (),
         ctx_low: tuple[CaptionContext, CaptionContext | None] | None = None,
         parallel=None,
+        control=None,
     ) -> Denoiser:
         high = _with_cfg_batch(ctx_pos, ctx_neg)
         low = high if ctx_low is None else _with_cfg_batch(*ctx_low)
         return cls(
-            transformer, high, low, guidance, cfg_normalization, cfg_truncation, stats, tuple(hooks), parallel
+            transformer, high, low, guidance, cfg_normalization, cfg_truncation, stats, tuple(hooks), parallel, control
         )
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -115,10 +119,11 @@ class Denoiser:
         else:
             ctx = single
         xs = list(xin.unsqueeze(2).unbind(0))
+        hooks = self.hooks if self.control is None else (*self.control.hooks(xs, apply_cfg), *self.hooks)
         if self.parallel is None:
-            out = self.transformer.forward_with_context(xs, t, ctx, hooks=self.hooks)
+            out = self.transformer.forward_with_context(xs, t, ctx, hooks=hooks)
         else:  # this rank's share of the batch / sequence; returns the whole batch's outputs
-            out = self.parallel.forward(self.transformer, xs, t, ctx, cfg_batch=apply_cfg, hooks=self.hooks)
+            out = self.parallel.forward(self.transformer, xs, t, ctx, cfg_batch=apply_cfg, hooks=hooks)
         self.stats.forwards += 1
         self.stats.sequences += len(out)
         if apply_cfg:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import controlnet as cn_mod
 from . import images as imgs
 from . import lora as lora_mod
 from .components import SchedulerSettings, build_random_pipeline
@@ -292,7 +293,8 @@ class ZImage:
         self, prompt: str, *, loras: Sequence | None = None, hooks: Sequence[StackHook] = (), **kwargs
     ) -> GenerationResult:
         """See :meth:`_generate`. ``loras``: [(LoraWeights, weight, "high"|"low"|"both")] active for this call only,
-        in this thread only (``zimage_core.lora``). ``hooks``: extra :class:`~zimage_core.hooks.StackHook` s around
+        in this thread only (``zimage_core.lora``). ``controlnets``: [``controlnet.ControlNetInput``]; their hints
+        add. ``hooks``: extra :class:`~zimage_core.hooks.StackHook` s around
         the main layers of every model call of this request (outermost first; a step cache always runs innermost).
 
         Steps: check the arguments (:meth:`_check`) -> encode the prompts once (:meth:`_encode`) -> per result,
@@ -333,6 +335,7 @@ class ZImage:
         step_callback: Callable | None = None,
         loras: Sequence = (),
         hooks: Sequence[StackHook] = (),
+        controlnets: Sequence = (),
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -375,6 +378,9 @@ class ZImage:
             output_type=output_type,
             diffusers_compat=diffusers_compat,
         )
+        controls = (
+            cn_mod.prepare(self, controlnets, a.work.width, a.work.height, a.steps, a.work) if controlnets else []
+        )
         stats = GenerationStats(
             scheduler=scheduler, shift=a.shift, t_start=a.t_start, steps=len(a.sigmas) - 1, cfg_scale=a.cfg_scale
         )
@@ -383,7 +389,7 @@ class ZImage:
         contexts = self._encode(a, loras)
         stats.timings["encode_s"] = self._sync_time() - t0
         t0 = self._sync_time()
-        latents = self._sample(a, contexts, stats, cache, hooks, progress, step_callback)
+        latents = self._sample(a, contexts, stats, cache, hooks, progress, step_callback, controls)
         stats.timings["denoise_s"] = self._sync_time() - t0
         images = []
         if a.output_type == "pil":
@@ -521,7 +527,9 @@ class ZImage:
         return sig * noise + (1.0 - sig) * x0, noise, x0  # diffusers' scale_noise
 
     # ---- step 4: sample (per result, or one batch) ----------------------------------------------------------------
-    def _sample(self, a: _Args, contexts: _Contexts, stats: GenerationStats, cache, hooks, progress, step_callback):
+    def _sample(
+        self, a: _Args, contexts: _Contexts, stats: GenerationStats, cache, hooks, progress, step_callback, controls=()
+    ):
         finals = []
         progress_bar = None
         if progress:
@@ -538,6 +546,7 @@ class ZImage:
             if cache_state is not None and self.parallel is not None:  # every rank takes the same decision
                 cache_state.reduce_metric = self.parallel.reduce_metric
             rep = [0] * len(group)
+            cn_state = cn_mod.ControlState(controls, self.transformer, a.t_start, a.t_start) if controls else None
             denoise = Denoiser.build(
                 self.transformer,
                 contexts.pos.select(rep),
@@ -551,10 +560,11 @@ class ZImage:
                 if contexts.low is None
                 else tuple(c if c is None else c.select(rep) for c in contexts.low),
                 parallel=self.parallel,
+                control=cn_state,
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
 
-            def on_step(info, _x0=x0, _noise=noise, _cache=cache_state):
+            def on_step(info, _x0=x0, _noise=noise, _cache=cache_state, _cn=cn_state):
                 out = None
                 if mask_lat is not None:  # inpainting: re-impose the known region at the next noise level
                     sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32, device=self.device)
@@ -562,6 +572,8 @@ class ZImage:
                     out = (1 - mask_lat) * proper + mask_lat * info["x"]
                 if _cache is not None:
                     _cache.end_step(info["i"])
+                if _cn is not None:
+                    _cn.end_step(info["i"])
                 if progress_bar is not None:
                     progress_bar.update(1)
                 if step_callback is not None:
@@ -573,6 +585,8 @@ class ZImage:
             stats.nfe_per_result = counted.calls
             if cache_state is not None:
                 stats.cache = [*(stats.cache or []), cache_state.summary()]
+            if cn_state is not None:
+                stats.controlnet = [*(stats.controlnet or []), dict(cn_state.stats)]
             finals.append(x)
         if progress_bar is not None:
             progress_bar.close()

@@ -34,16 +34,9 @@ def load(model: str | None = None, device: str | None = None, dtype: str | None 
 def validate(pipe, task: dict):
     """Check one ``imageInference`` task (spec spelling); returns the validated task. Raises RequestError."""
     from .infer import default_config
-    from .request import validate_request
+    from .infer import validate as validate_task
 
-    cfg = default_config(pipe)
-    return validate_request(
-        task,
-        model_defaults=pipe.defaults,
-        has_checker=cfg.content_checker is not None,
-        has_face_detector=cfg.face_detector is not None,
-        lora_resolver=cfg.lora_resolver,
-    )
+    return validate_task(pipe, task, default_config(pipe))
 
 
 def fields(valid) -> dict:

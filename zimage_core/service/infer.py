@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from .. import controlnet as cn_mod
 from .. import images as imgs
 from ..cache import from_request
 from ..errors import RequestError
 from .outputs import FORMATS, LocalImageStore, OutputCache, data_uri, encode_image
-from .request import validate_request
+from .request import RequestArgs, resolve_window, validate_request
 
 log = logging.getLogger("zimage_core.service")
 
@@ -38,6 +39,7 @@ class ServerConfig:
     content_checker: Callable[[Image.Image], bool] | None = None  # returns True when NSFW
     face_detector: Callable | None = None  # image -> [(x0, y0, x1, y1, confidence)]
     lora_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> LoRA weights
+    controlnet_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> ControlNet; None: built-in
     http_timeout_s: float = 30.0
     tasks: dict = field(default_factory=dict)  # async tasks by taskUUID
     outputs: OutputCache = field(default_factory=OutputCache)  # earlier outputs by imageUUID (seedImage references)
@@ -68,16 +70,22 @@ def _http(method: str, url: str, data: bytes, content_type: str, timeout: float)
         resp.read()
 
 
-def infer(pipe, request: dict, config: ServerConfig | None = None) -> list[dict]:
-    """Validate and run one imageInference task. Raises RequestError for invalid requests."""
-    config = config or default_config(pipe)
-    v = validate_request(
+def validate(pipe, request: dict, config: ServerConfig) -> RequestArgs:
+    """The one validation of an ``imageInference`` task against this pipeline and configuration."""
+    return validate_request(
         request,
         model_defaults=pipe.defaults,
         has_checker=config.content_checker is not None,
         has_face_detector=config.face_detector is not None,
         lora_resolver=config.lora_resolver,
+        controlnet_resolver=config.controlnet_resolver or cn_mod.store_for(pipe),
     )
+
+
+def infer(pipe, request: dict, config: ServerConfig | None = None) -> list[dict]:
+    """Validate and run one imageInference task. Raises RequestError for invalid requests."""
+    config = config or default_config(pipe)
+    v = validate(pipe, request, config)
     r = v.raw
     if r["deliveryMethod"] == "async":
         task = r["taskUUID"]
@@ -136,6 +144,9 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             (config.lora_resolver(lo["model"], f"lora[{i}].model"), lo["weight"], lo["transformer"])
             for i, lo in enumerate(r["lora"])
         ]
+    if r.get("controlNet"):
+        resolver = config.controlnet_resolver or cn_mod.store_for(pipe)
+        kwargs["controlnets"] = _controlnets(r["controlNet"], v.steps, resolver, config)
     try:
         result = pipe.generate(r["positivePrompt"], **kwargs)
     except RequestError as e:  # generate() names its own arguments; map them back to the request's fields
@@ -184,6 +195,18 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             except Exception as e:
                 log.warning("webhookURL %s: POST failed: %s", r["webhookURL"], e)
     return responses
+
+
+def _controlnets(entries, steps: int, resolver, config: ServerConfig) -> list:
+    """The validated ``controlNet[]`` entries as ``controlnet.ControlNetInput``s (guide images decoded here)."""
+    out = []
+    for i, e in enumerate(entries):
+        name = f"controlNet[{i}]"
+        model = resolver(e["model"], f"{name}.model")
+        image = imgs.load_image(e["guideImage"], f"{name}.guideImage", config.outputs)
+        start, end = resolve_window(e, "", steps, f"{name}.") or (None, None)
+        out.append(cn_mod.ControlNetInput(model, image, e["weight"], start, end, e["controlMode"], field=name))
+    return out
 
 
 def _refine_faces(pipe, image: Image.Image, r: dict, seed: int, config: ServerConfig) -> Image.Image:

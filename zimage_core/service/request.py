@@ -110,7 +110,7 @@ SCHEMA: dict[str, Field] = {
         "guideImage": Field("str", required=True, min_len=1),
         "weight": Field("float", default=1.0, lo=-4, hi=4),
         "controlMode": Field("enum", default="balanced", choices=("balanced", "controlnet", "prompt")),
-        **WINDOW,
+        **{k[0].lower() + k[1:]: v for k, v in WINDOW.items()},  # the spec: controlNet.startStep, ...
     })),
     "ultralytics": Field("object", fields={
         "CFGScale": Field("float", default=8.0, lo=0, hi=50),
@@ -210,7 +210,8 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
     """A half-open [start, end) step window from absolute or percentage bounds, or None if unset."""
     bounds = {}
     for b in ("Start", "End"):
-        a, p = f"{prefix}{b}Step", f"{prefix}{b}StepPercentage"
+        word = b if prefix else b.lower()  # cacheStartStep, but controlNet[].startStep
+        a, p = f"{prefix}{word}Step", f"{prefix}{word}StepPercentage"
         if a in opts and p in opts:
             raise RequestError(f"{path}{a}", f"give either {a} or {p}, not both")
         if a in opts:
@@ -221,9 +222,11 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
         return None
     start, end = bounds.get("Start", 0), bounds.get("End", steps)
     if end > steps:
-        raise RequestError(f"{path}{prefix}EndStep", f"must be <= steps ({steps}), got {end}")
+        raise RequestError(f"{path}{prefix}{'E' if prefix else 'e'}ndStep", f"must be <= steps ({steps}), got {end}")
     if start >= end:
-        raise RequestError(f"{path}{prefix}StartStep", f"must be < the end step ({end}), got {start}")
+        raise RequestError(
+            f"{path}{prefix}{'S' if prefix else 's'}tartStep", f"must be < the end step ({end}), got {start}"
+        )
     return start, end
 
 
@@ -237,7 +240,7 @@ class RequestArgs:
 
 
 def validate_request(
-    request, *, model_defaults, has_checker=False, has_face_detector=False, lora_resolver=None
+    request, *, model_defaults, has_checker=False, has_face_detector=False, lora_resolver=None, controlnet_resolver=None
 ) -> RequestArgs:
     """Check a request dict against the spec; returns the normalised request. Raises RequestError."""
     if not isinstance(request, dict):
@@ -282,7 +285,9 @@ def validate_request(
         lora_resolver(lora["model"], f"lora[{i}].model")
     for i, cn in enumerate(r.get("controlNet", [])):
         resolve_window(cn, "", steps, f"controlNet[{i}].")
-        raise RequestError(f"controlNet[{i}].model", "ControlNet is not supported by this server")
+        if controlnet_resolver is None:
+            raise RequestError(f"controlNet[{i}].model", "no ControlNet store is configured on this server")
+        controlnet_resolver(cn["model"], f"controlNet[{i}].model")
 
     accel = r.get("acceleratorOptions")
     cache, window = None, None
