@@ -47,6 +47,7 @@ class ServerThread:
         from zimage_core.service.server import Settings, make_server
 
         self.port = free_port()
+        settings.setdefault("shutdown_grace_s", 1.0)  # tests do not wait for a slow task at teardown
         self.settings = Settings(host="127.0.0.1", port=self.port, **settings)
         self.server, self.service = make_server(self.settings, pipe)
         self.server.config.log_level = "warning"
