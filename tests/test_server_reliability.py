@@ -34,7 +34,7 @@ def test_a_client_that_stops_pinging_is_closed_and_its_queued_tasks_cancelled(ti
         async def go():
             import websockets
 
-            async with RawClient(s.ws_url) as c:
+            async with RawClient(s.ws_url, ping_every=None) as c:  # a client that stops pinging
                 running, queued = task(**VERY_SLOW), task(**SLOW)
                 await c.send([running, queued])
                 t0 = time.monotonic()
