@@ -172,12 +172,12 @@ def test_authentication_reply_has_a_session_and_no_task_uuid(server):
 
 def test_pings_are_answered_while_inference_runs(server):
     async def go():
-        async with RawClient(server.ws_url) as c:
+        async with RawClient(server.ws_url, ping_every=None) as c:
             slow = task(steps=20, width=256, height=256)
             await c.send([slow])
             await asyncio.sleep(0.05)
             await c.send([{"taskType": "ping", "ping": True}])
-            first = await c.recv()
+            first = await c.recv(pongs=True)
             rest = await c.collect({slow["taskUUID"]}, {})
             return first, rest
 

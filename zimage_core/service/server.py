@@ -218,7 +218,13 @@ class Service:
         self.settings = settings
         self.pipe = pipe
         self._key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
-        base = settings.public_url or f"http://{settings.host}:{settings.port}"
+        host = settings.host
+        if not settings.public_url and host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+            log.warning("imageURL base is http://%s:%d; set --public-url if clients use another", host, settings.port)
+        base = settings.public_url or f"http://{host}:{settings.port}"
         self.store = ImageStore(
             settings.output_dir, base, settings.output_ttl_s, settings.output_items, settings.output_bytes
         )
