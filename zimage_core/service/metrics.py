@@ -18,12 +18,15 @@ Series (every one carries a ``replica`` label):
 | ``zimage_queue_depth`` | gauge | tasks accepted and waiting for the model |
 | ``zimage_tasks_in_progress`` | gauge | tasks running on the model now |
 | ``zimage_tasks_started_total{task_type}`` | counter | tasks that started running |
-| ``zimage_tasks_total{task_type,outcome,code}`` | counter | finished tasks by outcome (``success``/``error``) and error code (``""`` on success) |
-| ``zimage_step_seconds`` | histogram | wall time of one denoising step (the time between consecutive step ends of a result) |
+| ``zimage_tasks_total{task_type,outcome,code}`` | counter | finished tasks by outcome and error code |
+| ``zimage_step_seconds`` | histogram | one denoising step (between consecutive step ends of a result) |
 | ``zimage_request_seconds{task_type}`` | histogram | end-to-end latency of a task, from acceptance to its last result |
 | ``zimage_images_total`` | counter | images generated (``rate()`` of it is images per second) |
 | ``zimage_images_per_second`` | gauge | images generated in the last ``window_s`` seconds / ``window_s`` |
-| ``zimage_device_memory_bytes{device,kind}`` | gauge | CUDA memory ``allocated`` / ``reserved`` / ``max_allocated``; only with CUDA |
+| ``zimage_device_memory_bytes{device,kind}`` | gauge | CUDA ``allocated`` / ``reserved`` / ``max_allocated`` |
+
+``outcome`` is ``success`` or ``error``; ``code`` is the protocol's error code (empty on success). The device memory
+series exist only on a machine with CUDA.
 
 :func:`merge_exposition` merges several replicas' texts into one valid exposition (one family per name).
 """
@@ -109,9 +112,7 @@ class Metrics:
         r, lab = self.registry, ["replica"]
         self.queue_depth = Gauge("zimage_queue_depth", "Tasks accepted and waiting for the model", lab, registry=r)
         self.in_progress = Gauge("zimage_tasks_in_progress", "Tasks running on the model now", lab, registry=r)
-        self.started = Counter(
-            "zimage_tasks_started", "Tasks that started running", [*lab, "task_type"], registry=r
-        )
+        self.started = Counter("zimage_tasks_started", "Tasks that started running", [*lab, "task_type"], registry=r)
         self.finished = Counter(
             "zimage_tasks",
             "Finished tasks by outcome and error code (empty code on success)",
@@ -130,7 +131,9 @@ class Metrics:
         )
         self.images = Counter("zimage_images", "Images generated", lab, registry=r)
         self.images_rate = Gauge(
-            "zimage_images_per_second", f"Images generated in the last {window_s:g} s divided by that window", lab,
+            "zimage_images_per_second",
+            f"Images generated in the last {window_s:g} s divided by that window",
+            lab,
             registry=r,
         )
         self.images_rate.labels(self.replica).set_function(self._images_per_second)
