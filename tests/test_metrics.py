@@ -37,9 +37,11 @@ def test_series_move_and_parse():
     m.set_queue_depth(3)
     m.task_started()
     m.task_started()
+    m.task_stopped()
     m.task_finished("imageInference", "success", seconds=0.7)
     m.task_finished("imageInference", "error", code="timeout", seconds=400.0)
-    m.task_finished("imageInference", "error", code="serverBusy", started=False)
+    m.task_stopped()
+    m.task_finished("imageInference", "error", code="serverBusy")
     timer = m.step_timer()
     for i in range(4):  # 4 step ends of one result -> 3 intervals
         timer.step(i)
@@ -94,7 +96,6 @@ def test_merge_replicas_into_one_exposition():
     a, b = Metrics(replica="a"), Metrics(replica="b")
     a.images_generated(1)
     b.images_generated(2)
-    b.task_started()
     b.task_finished("imageInference", "success", seconds=1.5)
     merged = samples(merge_exposition([a.render()[0].decode(), b.render()[0].decode()]))
     assert merged[("zimage_images_total", (("replica", "a"),))] == 1

@@ -5,7 +5,7 @@ process (tests) never share counters. The server calls a handful of methods:
 
     m = Metrics(replica="0")
     m.set_queue_depth(n)                              # tasks waiting for the model (gauge)
-    m.task_started("imageInference")                  # a task left the queue and runs
+    m.task_started("imageInference"); m.task_stopped()  # around the model call
     m.task_finished("imageInference", "success", seconds=e2e)          # or outcome "error", code="serverBusy"
     timer = m.step_timer(); ... timer.step()          # once per denoising step (the sampler's step callback)
     m.images_generated(n)
@@ -147,9 +147,18 @@ class Metrics:
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.labels(self.replica).set(n)
 
+    def track_queue(self, depth_fn) -> None:
+        """Read the queue depth from ``depth_fn()`` at every scrape (instead of :meth:`set_queue_depth`)."""
+        self.queue_depth.labels(self.replica).set_function(depth_fn)
+
     def task_started(self, task_type: str = "imageInference") -> None:
+        """A task left the queue and runs on the model (pair with :meth:`task_stopped`)."""
         self.started.labels(self.replica, task_type).inc()
         self.in_progress.labels(self.replica).inc()
+
+    def task_stopped(self) -> None:
+        """The model call of a started task returned or raised."""
+        self.in_progress.labels(self.replica).dec()
 
     def task_finished(
         self,
@@ -157,14 +166,12 @@ class Metrics:
         outcome: str = "success",
         code: str | None = None,
         seconds: float | None = None,
-        started: bool = True,
     ) -> None:
-        """A task ended. ``started=False`` for one rejected before it ran (validation, full queue)."""
+        """A task ended, whichever way: ran, failed, was cancelled or timed out in the queue, or was rejected before
+        it was queued (validation, full queue; no ``seconds`` then)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         self.finished.labels(self.replica, task_type, outcome, code or "").inc()
-        if started:
-            self.in_progress.labels(self.replica).dec()
         if seconds is not None:
             self.request_seconds.labels(self.replica, task_type).observe(seconds)
 
