@@ -53,6 +53,8 @@ class Defaults:
     max_sequence_length: int = 512
 
 
+DEFAULT_STRENGTH = 0.8  # image-to-image / inpainting / outpainting re-noise this fraction of the schedule
+
 # decisions.md: base model 30 steps, CFGScale 5, shift 6, CFG normalization on; turbo 8 steps, CFGScale 1, shift 3.
 MODEL_PRESETS: dict[str, Defaults] = {
     "runware:z-image@0": Defaults(steps=30, cfg_scale=5.0, shift=6.0, cfg_normalization=1.0),
@@ -418,7 +420,7 @@ class ZImage:
         m = self.size_multiple
         _check_int("width", width, m, 4096, multiple=m)
         _check_int("height", height, m, 4096, multiple=m)
-        strength = 0.8 if strength is None else _check_float("strength", strength, 0, 1)
+        strength = DEFAULT_STRENGTH if strength is None else _check_float("strength", strength, 0, 1)
 
         # ---- schedule ----
         h_lat, w_lat = 2 * (height // m), 2 * (width // m)

@@ -17,10 +17,13 @@ def page_config(pipe=None, ws_path: str = "/v1") -> dict:
     from ..scheduler_table import SCHEDULER_NAMES
 
     cfg: dict = {"wsPath": ws_path, "schedulers": list(SCHEDULER_NAMES), "models": {}, "examplePrompts": []}
+    from ..pipeline import MODEL_PRESETS
+
+    presets = MODEL_PRESETS if pipe is None else pipe.presets  # None: the model is still loading
+    for model_id, d in presets.items():
+        cfg["models"][model_id] = {"steps": d.steps, "CFGScale": d.cfg_scale, "width": d.width, "height": d.height}
+    cfg["defaultModel"] = next(iter(presets)) if pipe is None else pipe.default_model
     if pipe is not None:
-        for model_id, d in pipe.presets.items():
-            cfg["models"][model_id] = {"steps": d.steps, "CFGScale": d.cfg_scale, "width": d.width, "height": d.height}
-        cfg["defaultModel"] = pipe.default_model
         cfg["examplePrompts"] = list(getattr(pipe, "meta", {}).get("prompts", []))[:8]
     return cfg
 

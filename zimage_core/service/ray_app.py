@@ -13,8 +13,9 @@ What is shared and what is routed:
 - **Task registry: per replica; a WebSocket connection stays on the replica it was routed to.** Sync and async tasks
   and their ``getResponse`` polls on one connection (what the official clients do) are answered by the owner. A
   ``getResponse`` that reaches another replica (a REST poll, or a poll after the client reconnected) is answered
-  from the **shared result store**: a named Ray actor to which each replica publishes the items of every finished
-  async task (bounded, TTL-evicted, keyed by owner digest + taskUUID like the local registry).
+  from the **shared result store**: a named Ray actor to which each replica publishes every async task it accepts
+  and then its items or error (bounded, TTL-evicted, keyed by owner digest + taskUUID like the local registry); a
+  task still running elsewhere is answered ``status: processing``.
 - **Metrics: per replica** (label ``replica`` = the replica's rank). Each replica pushes its exposition to a named
   hub actor every second and on every scrape; ``GET /metrics`` on any replica answers all replicas' series merged.
 """
@@ -29,7 +30,7 @@ from collections import OrderedDict
 
 log = logging.getLogger("zimage_core.service")
 
-HUB_NAME = "zimage_serve_hub"
+HUB_NAME, HUB_NAMESPACE = "zimage_serve_hub", "zimage"
 PUSH_INTERVAL_S = 1.0
 
 
@@ -59,7 +60,8 @@ class Hub:
     def metrics(self) -> dict[str, str]:
         return dict(self.texts)
 
-    def put_result(self, owner: str, task_uuid: str, items: list, error: dict | None) -> None:
+    def put_result(self, owner: str, task_uuid: str, items: list | None, error: dict | None) -> None:
+        """``items=None``: the task is queued or running on its replica."""
         self._evict()
         self.results[(owner, task_uuid.lower())] = (time.monotonic(), items, error)
         while len(self.results) > self.max_results:
@@ -80,7 +82,14 @@ def _hub_actor(ray):
     """The hub, created on first use (one per Ray namespace; it lives as long as the Ray cluster)."""
     return (
         ray.remote(Hub)
-        .options(name=HUB_NAME, lifetime="detached", get_if_exists=True, num_cpus=0, max_concurrency=16)
+        .options(
+            name=HUB_NAME,
+            namespace=HUB_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=16,
+        )
         .remote()
     )
 
@@ -115,7 +124,8 @@ class RayLink:
         texts[self.replica] = own
         return merge_exposition(texts[k] for k in sorted(texts))
 
-    def publish_result(self, owner: str, task_uuid: str, items: list, error: dict | None) -> None:
+    def publish_result(self, owner: str, task_uuid: str, items: list | None, error: dict | None) -> None:
+        """The outcome of an async task for the other replicas (``items=None``: accepted, not finished yet)."""
         self.hub.put_result.remote(owner, task_uuid, items, error)
 
     async def find_result(self, owner: str, task_uuid: str):
@@ -202,8 +212,11 @@ def run(settings, replicas: int = 2, autoscale: bool = False, max_replicas: int 
     ray, serve = _ray()
     settings.check()
     if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
         ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
+            address=address,
+            # logical CPUs: one per replica even on a machine with fewer cores (a local cluster only)
+            num_cpus=None if address else max(os.cpu_count() or 1, replicas),
             include_dashboard=False,
             log_to_driver=bool(os.environ.get("ZIMAGE_RAY_LOG")),
             configure_logging=False,
@@ -235,7 +248,7 @@ def shutdown() -> None:
         serve.shutdown()
     finally:
         try:
-            ray.kill(ray.get_actor(HUB_NAME))
+            ray.kill(ray.get_actor(HUB_NAME, namespace=HUB_NAMESPACE))
         except ValueError:
             pass
         ray.shutdown()
