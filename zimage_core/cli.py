@@ -2,12 +2,14 @@
 
 zimage generate "a large red circle in the top left on a blue background" -o out.png
 zimage infer request.json            # prints the imageInference response JSON
+zimage serve --port 8000             # the hosted API's WebSocket + REST protocol on /v1 (README "Serving")
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +77,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("infer", parents=[common], help="run an imageInference request (JSON file or - for stdin)")
     i.add_argument("request")
+
+    env = os.environ.get
+    s = sub.add_parser("serve", parents=[common], help="serve the hosted API's WebSocket + REST protocol on /v1")
+    s.add_argument("--host", default=env("ZIMAGE_HOST", "127.0.0.1"), help="bind address (non-loopback needs keys)")
+    s.add_argument("--port", type=int, default=int(env("ZIMAGE_PORT", "8000")))
+    s.add_argument("--api-keys", metavar="FILE", default=env("ZIMAGE_API_KEYS_FILE"), help="one API key per line")
+    s.add_argument("--queue", type=int, default=int(env("ZIMAGE_QUEUE", "16")), help="tasks waiting for the model")
+    s.add_argument("--task-timeout", type=float, default=float(env("ZIMAGE_TASK_TIMEOUT", "300")), help="seconds")
+    s.add_argument("--idle-timeout", type=float, default=60.0, help="close a WebSocket silent this long (s)")
+    s.add_argument("--public-url", default=env("ZIMAGE_PUBLIC_URL"), help="base of imageURL (default http://HOST:PORT)")
+    s.add_argument("--output-dir", default=env("ZIMAGE_OUTPUT_DIR"), help="where URL outputs are kept")
+    s.add_argument("--output-ttl", type=int, default=3600, help="seconds a URL output without ttl is kept")
+    s.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds the running task gets on SIGTERM")
+    s.add_argument(
+        "--allow-outbound",
+        action="store_true",
+        default=env("ZIMAGE_ALLOW_OUTBOUND", "") == "1",
+        help="allow webhookURL / uploadEndpoint (public addresses only, unless --outbound-allow-net)",
+    )
+    s.add_argument("--outbound-allow-net", action="append", default=[], metavar="CIDR", help="also allow this network")
+    s.add_argument("--outbound-timeout", type=float, default=10.0, help="total deadline of one outbound call (s)")
     return p
+
+
+def _serve(args) -> int:
+    from .service.outbound import OutboundPolicy
+    from .service.server import Settings, serve
+
+    keys = [k.strip() for k in os.environ.get("ZIMAGE_API_KEYS", "").split(",") if k.strip()]
+    if args.api_keys:
+        lines = Path(args.api_keys).read_text().splitlines()
+        keys += [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        api_keys=keys,
+        queue=args.queue,
+        task_timeout_s=args.task_timeout,
+        idle_timeout_s=args.idle_timeout,
+        public_url=args.public_url,
+        output_dir=args.output_dir,
+        output_ttl_s=args.output_ttl,
+        shutdown_grace_s=args.shutdown_grace,
+        outbound=OutboundPolicy.from_strings(
+            args.allow_outbound, args.outbound_allow_net, deadline_s=args.outbound_timeout
+        ),
+        model=args.model,
+        device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        kernels=args.kernels,
+    )
+    return serve(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import RequestError
     from .weights import CheckpointError
 
+    if args.command == "serve":
+        return _serve(args)
     try:
         pipe = _load(args)
         if args.command == "generate":

@@ -1,0 +1,7 @@
+"""``python -m zimage_core ...``: the ``zimage`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The server's one door into the library: load a model, validate a task, run it, remember an uploaded image.
+
+Everything the server needs from ``zimage_core`` goes through these few functions, so the server does not depend on
+how the library arranges its request API internally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from PIL import Image
+
+from ..images import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, UUID_RE
+
+__all__ = ["MAX_INPUT_BYTES", "MAX_INPUT_PIXELS", "is_image_uuid", "load", "validate", "fields", "run"]
+
+
+def is_image_uuid(value: str) -> bool:
+    return bool(UUID_RE.match(value))
+
+
+def load(model: str | None = None, device: str | None = None, dtype: str | None = None, kernels: str | None = None):
+    """The pipeline the server runs: a diffusers-format folder, or the embedded default model."""
+    import torch
+
+    from ..pipeline import ZImage
+
+    dt = getattr(torch, dtype) if dtype else None
+    if model:
+        return ZImage.from_pretrained(model, device=device, dtype=dt, kernel_backend=kernels)
+    return ZImage.default(device=device, dtype=dt, kernel_backend=kernels)
+
+
+def validate(pipe, task: dict):
+    """Check one ``imageInference`` task (spec spelling); returns the validated task. Raises RequestError."""
+    from ..request import validate_request
+
+    cfg = pipe.server
+    return validate_request(
+        task,
+        model_defaults=pipe.defaults,
+        has_checker=cfg.content_checker is not None,
+        has_face_detector=cfg.face_detector is not None,
+        lora_resolver=cfg.lora_resolver,
+    )
+
+
+def fields(valid) -> dict:
+    """The validated task's fields (defaults filled in); the server may replace input images by decoded ones."""
+    return valid.raw
+
+
+def run(pipe, valid, image_store, step_callback: Callable | None = None) -> list[dict]:
+    """Run a validated task; returns the response items. ``image_store.put(uuid, data, ext, ttl) -> url`` receives
+    ``outputType: URL`` images; ``step_callback(info)`` is called after each sampler step (it may raise to abort)."""
+    from dataclasses import replace
+
+    from ..api import _run
+
+    config = replace(pipe.server, image_store=image_store)
+    target = _StepHook(pipe, step_callback) if step_callback is not None else pipe
+    return _run(target, valid, config)
+
+
+def remember_image(pipe, image_uuid: str, image: Image.Image) -> None:
+    """Make an uploaded image usable as ``seedImage`` / ``maskImage`` by its imageUUID."""
+    pipe.outputs.put(image_uuid, image)
+
+
+def set_output_capacity(pipe, n: int) -> None:
+    pipe.outputs.capacity = max(pipe.outputs.capacity, n)
+
+
+class _StepHook:
+    """The pipeline with a per-call step callback added to every ``generate`` call (for deadlines and aborts)."""
+
+    def __init__(self, pipe, step_callback):
+        self._pipe = pipe
+        self._cb = step_callback
+
+    def generate(self, *args, **kwargs):
+        return self._pipe.generate(*args, step_callback=self._cb, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)

@@ -1,0 +1,710 @@
+"""The network server: the hosted API's WebSocket and REST protocol on ``/v1`` (Starlette on uvicorn).
+
+    zimage serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--queue N] ...
+
+Routes: ``/v1`` (WebSocket, and ``POST`` of a task array), ``GET /image/<uuid>.<ext>`` (``outputType: URL``
+outputs, kept for their ``ttl``), ``GET /healthz`` (liveness; ``?ready=1`` answers 503 until the model is loaded).
+One model instance behind a bounded queue; see README "Serving" for the protocol, the error codes and the limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from ..errors import RequestError
+from . import engine, outbound
+from .protocol import ApiError, clip, normalize_inference, parse_frame
+from .tasks import PENDING, Job, Task, TaskRegistry, WorkQueue
+
+log = logging.getLogger("zimage_core.service")
+
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # decoded at the edge; anything else is refused
+CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)  # empty: any key is accepted, and only a loopback bind
+    queue: int = 16  # tasks waiting for the model; one more is serverBusy / HTTP 429
+    task_timeout_s: float = 300.0  # deadline per task, from submission (queue wait + run)
+    idle_timeout_s: float = 60.0  # a WebSocket that sends nothing (clients ping every 5 s) for this long is closed
+    poll_hold_s: float = 20.0  # a getResponse for a running task waits up to this long for it to finish
+    registry_size: int = 10000
+    registry_ttl_s: float = 3600.0  # finished tasks stay answerable (getResponse, resends) this long
+    output_ttl_s: int = 3600  # URL outputs without a ttl are kept this long
+    output_items: int = 10000
+    output_dir: str | None = None
+    public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
+    max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
+    shutdown_grace_s: float = 30.0  # on SIGTERM the running task gets this long to finish
+    outbound: outbound.OutboundPolicy = field(default_factory=outbound.OutboundPolicy)
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    kernels: str | None = None
+
+    def check(self) -> None:
+        """Refuse configurations the server must not run with (no keys on a non-loopback address)."""
+        if not self.api_keys and not _is_loopback(self.host):
+            raise SystemExit(
+                f"zimage serve: refusing to bind {self.host} without API keys; give --api-keys FILE or "
+                "ZIMAGE_API_KEYS, or bind 127.0.0.1"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ImageStore:
+    """``outputType: URL`` images (and uploads) on local disk, served at ``/image/<uuid>.<ext>`` until they expire."""
+
+    def __init__(self, folder: str | None, base_url: str, default_ttl: int, max_items: int):
+        self._own = folder is None
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="zimage-serve-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.base_url = base_url.rstrip("/")
+        self.default_ttl = default_ttl
+        self.max_items = max_items
+        self._items: OrderedDict[str, float] = OrderedDict()  # file name -> expiry (time.time())
+        self._lock = threading.Lock()
+
+    def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
+        name = f"{image_uuid.lower()}.{extension}"
+        (self.folder / name).write_bytes(data)
+        with self._lock:
+            self._items[name] = time.time() + (ttl or self.default_ttl)
+            self._items.move_to_end(name)
+            while len(self._items) > self.max_items:
+                old, _ = self._items.popitem(last=False)
+                (self.folder / old).unlink(missing_ok=True)
+        self.purge()
+        return f"{self.base_url}/image/{name}"
+
+    def get(self, name: str) -> bytes | None:
+        with self._lock:
+            expiry = self._items.get(name)
+        if expiry is None or expiry <= time.time():
+            return None
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def purge(self) -> None:
+        now = time.time()
+        with self._lock:
+            old = [n for n, t in self._items.items() if t <= now]
+            for n in old:
+                del self._items[n]
+        for n in old:
+            (self.folder / n).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._own:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def decode_image(value, field_name: str):
+    """A client image (base64 or data URI) decoded with the format allow-list and the library's size caps; an
+    imageUUID is returned unchanged (the library resolves it). Raises RequestError naming the field."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(field_name, "must be a base64 image, a data URI or an imageUUID")
+    value = value.strip()
+    if engine.is_image_uuid(value):
+        return value
+    if value.lower().startswith(("http://", "https://", "ftp://", "file://")):
+        raise RequestError(field_name, "fetching images from URLs is disabled; send base64, a data URI or an imageUUID")
+    payload = value.split(",", 1)[1] if value[:5].lower() == "data:" and "," in value[:100] else value
+    if len(payload) > engine.MAX_INPUT_BYTES * 4 // 3 + 4:
+        raise RequestError(field_name, f"image is larger than {engine.MAX_INPUT_BYTES // 2**20} MiB")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        msg = f"is neither base64, a data URI nor an imageUUID (got {clip(value)!r})"
+        raise RequestError(field_name, msg) from None
+    try:
+        with Image.open(io.BytesIO(raw), formats=INPUT_FORMATS) as im:
+            if im.width * im.height > engine.MAX_INPUT_PIXELS:
+                raise RequestError(
+                    field_name, f"image of {im.width}x{im.height} exceeds {engine.MAX_INPUT_PIXELS} pixels"
+                )
+            im.seek(0)  # GIF: the first frame
+            im.load()
+            return im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") and "transparency" in im.info else "RGB")
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError):
+        raise RequestError(field_name, f"is not a decodable {'/'.join(INPUT_FORMATS)} image") from None
+
+
+def _fingerprint(task: dict) -> str:
+    return hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Connection:
+    """One WebSocket: serialised sends, its owner once authenticated, the sync tasks its disconnect cancels."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self.owner: str | None = None
+        self.session = str(uuid.uuid4())
+        self.closed = False
+        self.tasks: set[Task] = set()
+        self.senders: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
+
+    async def send(self, frame: dict) -> None:
+        if self.closed:
+            return
+        text = json.dumps(frame)
+        async with self._lock:
+            try:
+                await self.ws.send_text(text)
+            except Exception:  # noqa: BLE001 - a gone client: stop sending, the receive loop ends the connection
+                self.closed = True
+
+    def spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self.senders.add(t)
+        t.add_done_callback(self.senders.discard)
+
+
+class Service:
+    """The server's state: settings, the model, the image store, the task registry and the work queue."""
+
+    def __init__(self, settings: Settings, pipe=None):
+        self.settings = settings
+        self.pipe = pipe
+        self._key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+        base = settings.public_url or f"http://{settings.host}:{settings.port}"
+        self.store = ImageStore(settings.output_dir, base, settings.output_ttl_s, settings.output_items)
+        self.registry = TaskRegistry(settings.registry_size, settings.registry_ttl_s)
+        self.queue: WorkQueue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self.load_error: str | None = None
+        self._outbound = ThreadPoolExecutor(4, thread_name_prefix="zimage-outbound")
+        self._background: set[asyncio.Task] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue = WorkQueue(self.settings.queue)
+        self.queue.start()
+        if self.pipe is not None:
+            self._model_ready()
+        else:
+            self._spawn(self._load())
+
+    def _model_ready(self) -> None:
+        engine.set_output_capacity(self.pipe, 1024)
+        self.queue.ready.set()
+
+    async def _load(self) -> None:
+        s = self.settings
+        try:
+            self.pipe = await asyncio.to_thread(engine.load, s.model, s.device, s.dtype, s.kernels)
+        except Exception as e:  # noqa: BLE001 - reported by /healthz; the server stays up and says why
+            log.exception("loading the model failed")
+            self.load_error = f"{type(e).__name__}: {e}"
+            return
+        log.info("model loaded; ready")
+        self._model_ready()
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new tasks, fail the queued ones, let the running one finish within the grace period."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutting down: failing queued tasks, finishing the running one")
+        await self.queue.drain(self.settings.shutdown_grace_s)
+        await asyncio.sleep(0.2)  # let the senders deliver the last frames
+
+    async def shutdown(self) -> None:
+        if not self.draining:
+            await self.drain()
+        self._outbound.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+        return t
+
+    # ---- authentication ----------------------------------------------------------------------------------------
+    def authenticate(self, api_key) -> str:
+        """The owner id (a digest) of a valid key; every configured key is compared, in constant time each."""
+        if not isinstance(api_key, str) or not api_key:
+            raise ApiError("missingApiKey")
+        digest = hashlib.sha256(api_key.encode()).digest()
+        if self._key_digests:
+            ok = False
+            for d in self._key_digests:
+                ok |= hmac.compare_digest(d, digest)
+            if not ok:
+                raise ApiError("invalidApiKey")
+        return digest.hex()[:32]
+
+    # ---- tasks -------------------------------------------------------------------------------------------------
+    async def dispatch(self, owner: str, item: dict, conn: Connection | None) -> Task | list[dict]:
+        """Handle one task object. Returns the data items to answer now, or a Task whose completion answers it."""
+        kind = item.get("taskType")
+        if kind == "ping":
+            return [{"taskType": "ping", "pong": True}]
+        if kind == "authentication":
+            session = conn.session if conn else str(uuid.uuid4())
+            return [{"taskType": "authentication", "connectionSessionUUID": session}]
+        if kind == "imageInference":
+            return await self.submit(owner, item, conn)
+        if kind == "getResponse":
+            return await self.get_response(owner, item)
+        if kind == "imageUpload":
+            return await self.upload(item)
+        raise ApiError("unsupportedTaskType", f"taskType {clip(kind)!r} is not supported (imageInference, "
+                       "imageUpload, getResponse, authentication, ping)", "taskType")  # fmt: skip
+
+    async def submit(self, owner: str, item: dict, conn: Connection | None) -> Task | list[dict]:
+        try:
+            task_dict = normalize_inference(item)
+        except RequestError as e:
+            raise ApiError.from_request_error(e) from None
+        task_uuid = task_dict.get("taskUUID")
+        fp = _fingerprint(task_dict)
+        async_ = task_dict.get("deliveryMethod") == "async"
+        if isinstance(task_uuid, str):
+            existing = self.registry.get(owner, task_uuid)
+            if existing is not None and not existing.cancelled:
+                if existing.fingerprint != fp:
+                    raise ApiError("conflictTaskUUID", parameter="taskUUID")
+                if async_ and not existing.done.is_set():
+                    return [_ack(task_uuid)]
+                if async_ and existing.error is not None:
+                    raise existing.error
+                if async_:
+                    return [{**it, "status": "success"} for it in existing.items]
+                return existing  # answered from the first run
+            if existing is not None:
+                self.registry.remove(existing)
+        if self.draining:
+            raise ApiError("shuttingDown")
+        for f in ("webhookURL", "uploadEndpoint"):
+            if f in task_dict and not self.settings.outbound.enabled:
+                raise ApiError("outboundDisabled", f"{f}: outbound calls are disabled on this server", f)
+        await self._wait_for_model()
+        try:
+            valid = engine.validate(self.pipe, task_dict)
+            fields_ = engine.fields(valid)
+            inputs = fields_.get("inputs", {})
+            for name in ("seedImage", "maskImage"):
+                if name in inputs:
+                    inputs[name] = await asyncio.to_thread(decode_image, inputs[name], f"inputs.{name}")
+        except RequestError as e:
+            raise ApiError.from_request_error(e) from None
+        hooks = {f: fields_.pop(f) for f in ("webhookURL", "uploadEndpoint") if f in fields_}
+        task = Task(owner, task_uuid, fp, connection=None if async_ else conn)
+        self.registry.add(task)
+        pipe, store = self.pipe, self.store
+        deadline = time.monotonic() + self.settings.task_timeout_s
+        job = Job(task, lambda step: engine.run(pipe, valid, store, step), deadline)
+        if hooks:
+            job.post = lambda items: self._outbound_calls(items, hooks, fields_["outputFormat"])
+        try:
+            self.queue.submit(job)
+        except ApiError:
+            self.registry.remove(task)
+            raise
+        if conn is not None and not async_:
+            conn.tasks.add(task)
+        return [_ack(task_uuid)] if async_ else task
+
+    async def _wait_for_model(self) -> None:
+        """Tasks that arrive while the model loads wait for it (within the task deadline)."""
+        if self.pipe is None:
+            if self.load_error:
+                raise ApiError("internalError", "the model failed to load; see the server log")
+            try:
+                await asyncio.wait_for(self.queue.ready.wait(), self.settings.task_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError("timeout", "the model did not finish loading in time") from None
+
+    async def get_response(self, owner: str, item: dict) -> list[dict]:
+        task_uuid = item.get("taskUUID")
+        if not isinstance(task_uuid, str):
+            raise ApiError("invalidParameter", "taskUUID: is required", "taskUUID")
+        task = self.registry.get(owner, task_uuid)
+        if task is None:
+            raise ApiError("taskNotFound", parameter="taskUUID")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task.done.wait()), self.settings.poll_hold_s)
+        if not task.done.is_set():
+            return [_ack(task_uuid)]
+        if task.error is not None:
+            raise task.error
+        return [{**it, "status": "success"} for it in task.items]
+
+    async def upload(self, item: dict) -> list[dict]:
+        task_uuid = item.get("taskUUID")
+        try:
+            image = await asyncio.to_thread(decode_image, item.get("image"), "image")
+        except RequestError as e:
+            raise ApiError.from_request_error(e) from None
+        if isinstance(image, str):  # an imageUUID: nothing to store
+            return [{"taskType": "imageUpload", "taskUUID": task_uuid, "imageUUID": image, "imageURL": image}]
+        image_uuid = str(uuid.uuid4())
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        await self._wait_for_model()
+        url = self.store.put(image_uuid, buf.getvalue(), "png")
+        engine.remember_image(self.pipe, image_uuid, image)
+        return [{"taskType": "imageUpload", "taskUUID": task_uuid, "imageUUID": image_uuid, "imageURL": url}]
+
+    async def _outbound_calls(self, items: list[dict], hooks: dict, fmt: str) -> list[dict]:
+        """uploadEndpoint: PUT each image (a failure fails the task); webhookURL: POST each item (failures logged)."""
+        loop = asyncio.get_running_loop()
+        policy = self.settings.outbound
+        if "uploadEndpoint" in hooks:
+            for it in items:
+                data, ctype = self._image_bytes(it, fmt)
+                try:
+                    await loop.run_in_executor(
+                        self._outbound, outbound.call, policy, "PUT", hooks["uploadEndpoint"], data, ctype
+                    )
+                except outbound.OutboundError as e:
+                    log.warning("uploadEndpoint refused or failed: %s", e.reason)
+                    raise ApiError("outboundFailed", parameter="uploadEndpoint") from None
+        if "webhookURL" in hooks:
+            for it in items:
+                body = json.dumps(it).encode()
+                fut = loop.run_in_executor(
+                    self._outbound, outbound.call, policy, "POST", hooks["webhookURL"], body, "application/json"
+                )
+                fut.add_done_callback(_log_webhook)
+        return items
+
+    def _image_bytes(self, item: dict, fmt: str) -> tuple[bytes, str]:
+        ext = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+        if "imageBase64Data" in item:
+            return base64.b64decode(item["imageBase64Data"]), CONTENT_TYPES[ext]
+        if "imageDataURI" in item:
+            return base64.b64decode(item["imageDataURI"].split(",", 1)[1]), CONTENT_TYPES[ext]
+        return self.store.get(f"{item['imageUUID'].lower()}.{ext}") or b"", CONTENT_TYPES[ext]
+
+    def disconnected(self, conn: Connection) -> None:
+        conn.closed = True
+        n = 0
+        for task in list(conn.tasks):
+            if task.status == PENDING and not task.done.is_set():
+                task.cancelled = True
+                task.finish(error=ApiError("cancelled"))
+                n += 1
+        for t in list(conn.senders):
+            t.cancel()
+        if n:
+            log.info("client disconnected: %d queued task(s) cancelled", n)
+
+
+def _log_webhook(fut) -> None:
+    exc = fut.exception()
+    if isinstance(exc, outbound.OutboundError):
+        log.warning("webhookURL refused or failed: %s", exc.reason)
+    elif exc is not None:
+        log.warning("webhookURL failed: %s", type(exc).__name__)
+
+
+def _ack(task_uuid: str) -> dict:
+    return {"taskType": "imageInference", "taskUUID": task_uuid, "status": "processing"}
+
+
+def _error_item(err: ApiError, item: dict) -> dict:
+    tt, tu = item.get("taskType"), item.get("taskUUID")
+    return err.item(tt if isinstance(tt, str) else None, tu if isinstance(tu, str) else None)
+
+
+# ---- WebSocket ---------------------------------------------------------------------------------------------------
+async def websocket_endpoint(ws: WebSocket) -> None:
+    service: Service = ws.app.state.service
+    await ws.accept()
+    conn = Connection(ws)
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.receive(), service.settings.idle_timeout_s)
+            except asyncio.TimeoutError:
+                log.info("closing a WebSocket silent for %.0f s", service.settings.idle_timeout_s)
+                await ws.close(code=1001)
+                break
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text") if message.get("text") is not None else message.get("bytes")
+            try:
+                frame = parse_frame(text)
+            except ApiError as e:
+                await conn.send({"errors": [e.item(None, None)]})
+                continue
+            for item in frame.tasks:
+                await _handle_ws_item(service, conn, item)
+    except Exception:  # noqa: BLE001 - the socket broke; clean up below
+        log.warning("WebSocket ended by an error", exc_info=True)
+    finally:
+        service.disconnected(conn)
+
+
+async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> None:
+    try:
+        if item.get("taskType") == "authentication":
+            conn.owner = service.authenticate(item.get("apiKey"))
+            resumed = item.get("connectionSessionUUID")
+            if isinstance(resumed, str) and engine.is_image_uuid(resumed):
+                conn.session = resumed
+            await conn.send({"data": [{"taskType": "authentication", "connectionSessionUUID": conn.session}]})
+            return
+        if item.get("taskType") == "ping":
+            await conn.send({"data": [{"taskType": "ping", "pong": True}]})
+            return
+        if conn.owner is None:
+            raise ApiError("notAuthenticated", "send an authentication task first")
+        if item.get("taskType") == "getResponse":  # may wait for the task: answer without blocking the socket
+            conn.spawn(_answer_later(service, conn, item))
+            return
+        result = await service.dispatch(conn.owner, item, conn)
+    except Exception as e:  # noqa: BLE001 - one bad task never ends the connection
+        if not isinstance(e, ApiError):
+            log.exception("task handling failed")
+            e = ApiError("internalError")
+        err_item = _error_item(e, item)
+        if item.get("taskType") == "authentication":
+            err_item["taskType"] = "authentication"
+        await conn.send({"errors": [err_item]})
+        return
+    if isinstance(result, Task):
+        conn.spawn(_deliver(conn, result, item))
+    else:
+        await conn.send({"data": result})
+
+
+async def _answer_later(service: Service, conn: Connection, item: dict) -> None:
+    try:
+        await conn.send({"data": await service.get_response(conn.owner, item)})
+    except ApiError as e:
+        await conn.send({"errors": [_error_item(e, item)]})
+
+
+async def _deliver(conn: Connection, task: Task, item: dict) -> None:
+    """One data frame per finished result (the clients match them by taskUUID), or one error frame."""
+    try:
+        await task.done.wait()
+        if task.error is not None:
+            await conn.send({"errors": [_error_item(task.error, item)]})
+            return
+        for it in task.items:
+            await conn.send({"data": [it]})
+    finally:
+        conn.tasks.discard(task)
+
+
+# ---- REST --------------------------------------------------------------------------------------------------------
+async def rest_endpoint(request: Request) -> Response:
+    service: Service = request.app.state.service
+    limit = service.settings.max_frame_bytes
+    if int(request.headers.get("content-length") or 0) > limit:
+        return _rest_errors([ApiError("payloadTooLarge").item(None, None)], 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return _rest_errors([ApiError("payloadTooLarge").item(None, None)], 413)
+    try:
+        tasks = parse_frame(bytes(body)).tasks
+    except ApiError as e:
+        return _rest_errors([e.item(None, None)], e.http_status)
+    key = None
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    for t in tasks:
+        if t.get("taskType") == "authentication" and key is None:
+            key = t.get("apiKey")
+    try:
+        owner = service.authenticate(key)
+    except ApiError as e:
+        first = tasks[0] if tasks else {}
+        return _rest_errors([_error_item(e, first)], e.http_status)
+
+    data, errors, statuses, waits = [], [], [], []
+    for item in tasks:
+        try:
+            result = await service.dispatch(owner, item, None)
+        except ApiError as e:
+            errors.append(_error_item(e, item))
+            statuses.append(e.http_status)
+            continue
+        if isinstance(result, Task):
+            waits.append((result, item))
+        else:
+            data.extend(result)
+    if waits:
+        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, [t for t, _ in waits]))
+        try:
+            for task, item in waits:
+                await task.done.wait()
+                if task.error is not None:
+                    errors.append(_error_item(task.error, item))
+                    statuses.append(task.error.http_status)
+                else:
+                    data.extend(task.items)
+        finally:
+            watcher.cancel()
+    frame: dict = {}
+    if data:
+        frame["data"] = data
+    if errors:
+        frame["errors"] = errors
+    status = 200 if data or not errors else statuses[0]
+    return JSONResponse(frame or {"data": []}, status_code=status)
+
+
+async def _cancel_on_disconnect(request: Request, tasks: list[Task]) -> None:
+    while not all(t.done.is_set() for t in tasks):
+        if await request.is_disconnected():
+            for t in tasks:
+                if t.status == PENDING and not t.done.is_set():
+                    t.cancelled = True
+                    t.finish(error=ApiError("cancelled"))
+            return
+        await asyncio.sleep(0.25)
+
+
+def _rest_errors(items: list[dict], status: int) -> JSONResponse:
+    return JSONResponse({"errors": items}, status_code=status)
+
+
+# ---- images, health ----------------------------------------------------------------------------------------------
+async def image_endpoint(request: Request) -> Response:
+    service: Service = request.app.state.service
+    name = request.path_params["name"].lower()
+    stem, _, ext = name.partition(".")
+    if ext not in CONTENT_TYPES or not engine.is_image_uuid(stem):
+        return Response(status_code=404)
+    data = service.store.get(name)
+    if data is None:
+        return Response(status_code=404)
+    return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=60"})
+
+
+async def healthz(request: Request) -> Response:
+    service: Service = request.app.state.service
+    q = service.queue
+    ready = q is not None and q.ready.is_set() and not service.draining
+    body = {
+        "status": "ok",
+        "ready": ready,
+        "draining": service.draining,
+        "queued": q.qsize() if q else 0,
+        "running": bool(q and q.running),
+        "completed": q.completed if q else 0,
+        "tasks": len(service.registry),
+    }
+    if service.load_error:
+        body["loadError"] = clip(service.load_error, 300)
+    status = 503 if "ready" in request.query_params and not ready else 200
+    return JSONResponse(body, status_code=status)
+
+
+def build_app(service: Service) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.startup()
+        yield
+        await service.shutdown()
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/v1", websocket_endpoint),
+            Route("/v1", rest_endpoint, methods=["POST"]),
+            Route("/image/{name}", image_endpoint, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app
+
+
+def make_server(settings: Settings, pipe=None):
+    """A uvicorn server for ``settings`` whose SIGTERM/SIGINT first drains the queue (see :meth:`Service.drain`)."""
+    import uvicorn
+
+    settings.check()
+    service = Service(settings, pipe)
+    config = uvicorn.Config(
+        build_app(service),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        log_level=os.environ.get("ZIMAGE_LOG_LEVEL", "info"),
+        timeout_graceful_shutdown=5,
+    )
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # first signal: drain, then exit; second: exit now
+            if service.draining or service.loop is None:
+                self.should_exit = True
+                if sig == signal.SIGINT and service.draining:
+                    self.force_exit = True
+                return
+
+            async def drain_then_exit():
+                await service.drain()
+                self.should_exit = True
+
+            service.loop.call_soon_threadsafe(lambda: service._spawn(drain_then_exit()))
+
+    return _Server(config), service
+
+
+def serve(settings: Settings, pipe=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    server, _ = make_server(settings, pipe)
+    if not settings.api_keys:
+        log.warning("no API keys configured: any apiKey is accepted, and the server binds %s only", settings.host)
+    server.run()
+    return 0
