@@ -298,8 +298,8 @@ def main(argv: list[str]) -> int:
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     if not args.no_plots:
-        title = (f"python -m bench serve: {args.size}² {args.steps} steps, {model_kind} model, {base['device']}, "
-                 f"{args.threads} thread(s) per process")  # fmt: skip
+        title = (f"python -m bench serve: {args.size}² {args.steps} steps, {model_kind} model\n{base['device']}, "
+                 f"{args.threads} torch thread(s) per process")  # fmt: skip
         path = plot(
             [r for r in rows if r["target"] != "direct"] + _direct_rows(rows),
             args.out / "latency_vs_concurrency.png",
