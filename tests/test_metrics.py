@@ -103,3 +103,27 @@ def test_merge_replicas_into_one_exposition():
     lat = (("replica", "b"), ("task_type", "imageInference"))
     assert merged[("zimage_request_seconds_count", lat)] == 1
     assert merged[("zimage_request_seconds_bucket", (("le", "2.5"), *lat))] == 1
+
+
+def test_ray_hub_result_store_without_ray(monkeypatch):
+    """The shared store behind cross-replica getResponse (a plain class; Ray only hosts it): pending, then the
+    items; keyed by owner and case-insensitive taskUUID; bounded; finished entries expire."""
+    from zimage_core.service import ray_app
+
+    clock = [1000.0]
+    monkeypatch.setattr(ray_app.time, "monotonic", lambda: clock[0])
+    hub = ray_app.Hub(max_results=2, ttl_s=60.0)
+    hub.put_result("alice", "AAAA", None, None)
+    assert hub.get_result("alice", "aaaa") == (None, None)  # accepted, still running elsewhere
+    hub.put_result("alice", "aaaa", [{"imageUUID": "x"}], None)
+    assert hub.get_result("alice", "AAAA") == ([{"imageUUID": "x"}], None)
+    assert hub.get_result("bob", "aaaa") is None  # another key never sees it
+    hub.put_result("alice", "b", [], {"code": "timeout", "message": "m"})
+    hub.put_result("alice", "c", [], None)  # capacity 2: the oldest entry goes
+    assert hub.get_result("alice", "aaaa") is None and hub.get_result("alice", "b")[1]["code"] == "timeout"
+    clock[0] += 61.0
+    assert hub.get_result("alice", "c") is None  # expired
+    hub.put_metrics("0", "text0")
+    hub.put_metrics("1", "text1")
+    hub.drop_metrics("1")
+    assert hub.metrics() == {"0": "text0"}

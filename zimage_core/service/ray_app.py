@@ -63,7 +63,9 @@ class Hub:
     def put_result(self, owner: str, task_uuid: str, items: list | None, error: dict | None) -> None:
         """``items=None``: the task is queued or running on its replica."""
         self._evict()
-        self.results[(owner, task_uuid.lower())] = (time.monotonic(), items, error)
+        key = (owner, task_uuid.lower())
+        self.results[key] = (time.monotonic(), items, error)
+        self.results.move_to_end(key)  # oldest first, so eviction stops at the first live entry
         while len(self.results) > self.max_results:
             self.results.popitem(last=False)
 
@@ -187,10 +189,11 @@ def deployment(
         "graceful_shutdown_timeout_s": settings_kwargs.get("shutdown_grace_s", 30.0),
     }
     if autoscale:
+        top = max(max_replicas or replicas, 1)
         options["autoscaling_config"] = {
             "min_replicas": 1,
-            "initial_replicas": replicas,
-            "max_replicas": max_replicas or max(replicas, 1),
+            "initial_replicas": min(max(replicas, 1), top),
+            "max_replicas": top,
             "target_ongoing_requests": target_ongoing_requests,
         }
     else:
