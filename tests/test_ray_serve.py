@@ -3,7 +3,7 @@
 One test (Ray's start and the replicas' model loads dominate: ~2 minutes on the 2-core development machine):
 24 requests over 4 client connections, each answered exactly once; both replicas served some (per-replica metrics,
 merged at one ``/metrics``); an async task submitted over REST is answered by ``getResponse`` whichever replica
-Ray routes the poll to; clean shutdown (no Ray process left).
+Ray routes the poll to; a URL output is served by every replica; clean shutdown (no Ray process left).
 
 Skipped with the reason when Ray Serve is not installed, except where ``ZIMAGE_REQUIRE_RAY=1`` (scripts/test.sh
 installs the ``[ray]`` extra and sets it) turns that into a failure.
@@ -12,6 +12,7 @@ installs the ``[ray]`` extra and sets it) turns that into a failure.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -19,6 +20,7 @@ import urllib.request
 import uuid
 
 import pytest
+from PIL import Image
 
 from tests.serve_live import free_port, get
 
@@ -149,13 +151,22 @@ def test_two_replicas_on_ray_serve_official_client():
             r = _rest(addr, [{"taskType": "getResponse", "taskUUID": task_uuid}])
             assert r["data"][0]["imageUUID"] == answers[-1]["imageUUID"], r
 
+        # outputType URL (the API's default): the image is served whichever replica the proxy picks for the GET
+        url_task = {**task, "taskUUID": str(uuid.uuid4()), "deliveryMethod": "sync", "outputType": "URL", "seed": 6}
+        r = _rest(addr, [url_task])
+        url = r["data"][0]["imageURL"]
+        assert url.startswith(f"http://{addr}/image/"), r
+        bodies = {get(url)[2] for _ in range(8)}  # urllib raises on a 404
+        assert len(bodies) == 1
+        assert Image.open(io.BytesIO(bodies.pop())).size == (128, 128)
+
         time.sleep(2.5 * ray_app.PUSH_INTERVAL_S)  # every replica has pushed its latest metrics to the hub
         per = _metrics_by_replica(addr)
         assert sorted(per) == ["0", "1"], per
         served = {rep: m.get("zimage_images_total", 0) for rep, m in per.items()}
         assert all(n > 0 for n in served.values()), served  # both replicas served some
-        assert sum(served.values()) == CLIENTS * PER_CLIENT + 1  # no task ran twice
-        assert sum(m.get("zimage_tasks_total", 0) for m in per.values()) == CLIENTS * PER_CLIENT + 1
+        assert sum(served.values()) == CLIENTS * PER_CLIENT + 2  # no task ran twice
+        assert sum(m.get("zimage_tasks_total", 0) for m in per.values()) == CLIENTS * PER_CLIENT + 2
     finally:
         ray_app.shutdown()
     assert not ray.is_initialized()

@@ -16,6 +16,9 @@ What is shared and what is routed:
   from the **shared result store**: a named Ray actor to which each replica publishes every async task it accepts
   and then its items or error (bounded, TTL-evicted, keyed by owner digest + taskUUID like the local registry); a
   task still running elsewhere is answered ``status: processing``.
+- **``outputType: URL`` images: one folder for all replicas** (of one node): each image is written with a sidecar
+  file holding its expiry, so ``GET /image/<uuid>.<ext>`` is answered by whichever replica the proxy picks.
+  ``imageUpload`` UUIDs stay per replica (use them on the same WebSocket connection).
 - **Metrics: per replica** (label ``replica`` = the replica's rank). Each replica pushes its exposition to a named
   hub actor every second and on every scrape; ``GET /metrics`` on any replica answers all replicas' series merged.
 """
@@ -141,6 +144,32 @@ class RayLink:
             pass
 
 
+def _shared_store(store):
+    """The replica's image store made readable by every replica: same folder, expiry in a sidecar file."""
+    from .server import ImageStore
+
+    class SharedImageStore(ImageStore):
+        def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
+            name = f"{image_uuid.lower()}.{extension}"
+            (self.folder / f"{name}.expires").write_text(repr(time.time() + (ttl or self.default_ttl)))
+            return super().put(image_uuid, data, extension, ttl)
+
+        def get(self, name: str) -> bytes | None:
+            data = super().get(name)
+            if data is not None:
+                return data
+            sidecar = self.folder / f"{name}.expires"
+            try:
+                if float(sidecar.read_text()) > time.time():
+                    return (self.folder / name).read_bytes()
+            except (OSError, ValueError):
+                pass
+            sidecar.unlink(missing_ok=True)
+            return None
+
+    return SharedImageStore(str(store.folder), store.base_url, store.default_ttl, store.max_items)
+
+
 class ZImageReplica:
     """One replica: the server's Service and its ASGI app, built inside the replica process."""
 
@@ -150,6 +179,8 @@ class ZImageReplica:
 
         settings = Settings(**settings_kwargs)
         self.service = Service(settings)
+        if settings.output_dir:  # one folder for all replicas (run() and app() always give one)
+            self.service.store = _shared_store(self.service.store)
         self.service.ray = RayLink(self.service)
         self.service.metrics = Metrics(replica=self.service.ray.replica)
 
@@ -203,10 +234,18 @@ def deployment(
 
 
 def _settings_kwargs(settings) -> dict:
-    """A Settings as keyword arguments a replica can rebuild it from (host/port are Ray's proxy's)."""
+    """A Settings as keyword arguments a replica can rebuild it from (host/port are Ray's proxy's); without an
+    ``output_dir``, a new temporary folder that all replicas share for ``outputType: URL`` images."""
     import dataclasses
+    import tempfile
 
-    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    kw = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    if not kw.get("output_dir"):
+        kw["output_dir"] = _OWN_OUTPUTS[0] = tempfile.mkdtemp(prefix="zimage-ray-outputs-")
+    return kw
+
+
+_OWN_OUTPUTS: list[str | None] = [None]  # the folder run() created (removed by shutdown())
 
 
 def run(settings, replicas: int = 2, autoscale: bool = False, max_replicas: int | None = None, block: bool = True):
@@ -255,11 +294,18 @@ def shutdown() -> None:
         except ValueError:
             pass
         ray.shutdown()
+        if _OWN_OUTPUTS[0]:
+            import shutil
+
+            shutil.rmtree(_OWN_OUTPUTS[0], ignore_errors=True)
+            _OWN_OUTPUTS[0] = None
 
 
 def app(args: dict):
     """Builder for ``serve run zimage_core.service.ray_app:app replicas=2 model=PATH ...``: the keys are the
-    server's Settings fields (``queue``, ``model``, ``device``, ...) plus ``replicas`` and ``autoscale``."""
+    server's Settings fields (``queue``, ``model``, ``device``, ...) plus ``replicas`` and ``autoscale``. Give
+    ``output_dir=FOLDER`` for the replicas' shared ``outputType: URL`` images; otherwise a temporary folder is created
+    and left in place when ``serve run`` stops."""
     from .server import Settings
 
     args = dict(args)
