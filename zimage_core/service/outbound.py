@@ -122,12 +122,13 @@ def call(policy: OutboundPolicy, method: str, url: str, body: bytes, content_typ
         conn = _PinnedHTTP(host, address, port, remaining())
     try:
         conn.request(method, path, body=body, headers={"Content-Type": content_type, "User-Agent": "zimage-fast"})
-        conn.sock.settimeout(remaining())
+        sock = conn.sock  # the response may close the connection object; the socket's timeout still applies
+        sock.settimeout(remaining())
         resp = conn.getresponse()
         read = 0
         while True:
-            conn.sock.settimeout(remaining())
-            chunk = resp.read(16384)
+            sock.settimeout(remaining())
+            chunk = resp.read1(16384)  # returns what has arrived: a slow drip cannot outlast the deadline
             if not chunk:
                 break
             read += len(chunk)
