@@ -115,6 +115,16 @@ def test_progress_frames_one_per_step_before_the_results(server):
     assert [("progress" in it, "imageUUID" in it) for it in other] == [(False, True)]
 
 
+def test_include_progress_must_be_a_boolean(server):
+    addr, _ = server
+    bad = task(includeProgress="yes")
+    frames = asyncio.run(ws_run(addr, [bad]))
+    errors = [e for f in frames for e in f.get("errors", [])]
+    assert [(e["code"], e["parameter"], e["taskUUID"]) for e in errors] == [
+        ("invalidParameter", "includeProgress", bad["taskUUID"])
+    ]
+
+
 def test_metrics_move_under_load_and_parse(server, pipe):
     addr, _ = server
     before = scrape(addr)

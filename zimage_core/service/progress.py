@@ -18,12 +18,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..errors import RequestError
+
 FIELD = "includeProgress"
 
 
 def wanted(task: dict) -> bool:
-    """Pop the opt-in flag from a (normalized) task; only ``true`` turns it on."""
-    return task.pop(FIELD, None) is True
+    """Pop the opt-in flag from a (normalized) task. Raises RequestError naming it unless it is a boolean."""
+    value = task.pop(FIELD, False)
+    if not isinstance(value, bool):
+        raise RequestError(FIELD, f"must be true or false, got {type(value).__name__}")
+    return value
 
 
 def run_steps(fields: dict, steps: int) -> int:

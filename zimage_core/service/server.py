@@ -313,9 +313,9 @@ class Service:
     async def submit(self, owner: str, item: dict, conn: Connection | None) -> Task | list[dict]:
         try:
             task_dict = normalize_inference(item)
+            want_progress = progress.wanted(task_dict)
         except RequestError as e:
             raise ApiError.from_request_error(e) from None
-        want_progress = progress.wanted(task_dict)
         task_uuid = task_dict.get("taskUUID")
         fp = _fingerprint(task_dict)
         async_ = task_dict.get("deliveryMethod") == "async"
