@@ -47,6 +47,7 @@ class ServerThread:
         from zimage_core.service.server import Settings, make_server
 
         self.port = free_port()
+        settings.setdefault("shutdown_grace_s", 1.0)  # tests do not wait for a slow task at teardown
         self.settings = Settings(host="127.0.0.1", port=self.port, **settings)
         self.server, self.service = make_server(self.settings, pipe)
         self.server.config.log_level = "warning"
@@ -106,9 +107,10 @@ def task(prompt: str = "a red circle", **kw) -> dict:
 class RawClient:
     """A bare protocol client (the ``websockets`` library): frames in, frames out, nothing hidden."""
 
-    def __init__(self, url: str, api_key: str = "test-key"):
-        self.url, self.api_key = url, api_key
+    def __init__(self, url: str, api_key: str = "test-key", ping_every: float | None = 5.0):
+        self.url, self.api_key, self.ping_every = url, api_key, ping_every  # the official clients ping every 5 s
         self.ws = None
+        self._pinger = None
 
     async def __aenter__(self):
         import websockets
@@ -116,16 +118,31 @@ class RawClient:
         self.ws = await websockets.connect(self.url, max_size=None)
         await self.send([{"taskType": "authentication", "apiKey": self.api_key}])
         self.auth = await self.recv()
+        if self.ping_every:
+            self._pinger = asyncio.get_running_loop().create_task(self._ping())
         return self
 
+    async def _ping(self):
+        with contextlib.suppress(Exception):
+            while True:
+                await asyncio.sleep(self.ping_every)
+                await self.send([{"taskType": "ping", "ping": True}])
+
     async def __aexit__(self, *exc):
+        if self._pinger is not None:
+            self._pinger.cancel()
         await self.ws.close()
 
     async def send(self, tasks: list[dict]) -> None:
         await self.ws.send(json.dumps(tasks))
 
-    async def recv(self, timeout: float = 60.0) -> dict:
-        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+    async def recv(self, timeout: float = 60.0, pongs: bool = False) -> dict:
+        """The next frame (pong answers to the background pings are skipped unless ``pongs``)."""
+        end = time.monotonic() + timeout
+        while True:
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), max(0.01, end - time.monotonic())))
+            if pongs or frame != {"data": [{"taskType": "ping", "pong": True}]}:
+                return frame
 
     async def collect(self, uuids: set[str], per_task: dict[str, int], timeout: float = 60.0) -> dict[str, list]:
         """Frames until each taskUUID got its expected number of result items or an error: {uuid: [items]}."""

@@ -172,12 +172,12 @@ def test_authentication_reply_has_a_session_and_no_task_uuid(server):
 
 def test_pings_are_answered_while_inference_runs(server):
     async def go():
-        async with RawClient(server.ws_url) as c:
+        async with RawClient(server.ws_url, ping_every=None) as c:
             slow = task(steps=20, width=256, height=256)
             await c.send([slow])
             await asyncio.sleep(0.05)
             await c.send([{"taskType": "ping", "ping": True}])
-            first = await c.recv()
+            first = await c.recv(pongs=True)
             rest = await c.collect({slow["taskUUID"]}, {})
             return first, rest
 
@@ -382,3 +382,18 @@ def test_no_keys_means_loopback_only():
     Settings(host="0.0.0.0", api_keys=["k"]).check()
     with pytest.raises(SystemExit, match="without API keys"):
         Settings(host="0.0.0.0").check()
+
+
+def test_cli_serve_options(monkeypatch):
+    from zimage_core import cli
+
+    seen = {}
+    monkeypatch.setattr("zimage_core.service.server.serve", lambda settings: seen.setdefault("s", settings) and 0)
+    monkeypatch.setenv("ZIMAGE_API_KEYS", "a, b")
+    assert (
+        cli.main(["serve", "--port", "9", "--queue", "3", "--allow-outbound", "--outbound-allow-net", "10.0.0.0/8"])
+        == 0
+    )
+    st = seen["s"]
+    assert (st.port, st.queue, st.api_keys, st.outbound.enabled) == (9, 3, ["a", "b"], True)
+    assert st.outbound.address_allowed("10.1.2.3") and not st.outbound.address_allowed("192.168.1.1")

@@ -24,6 +24,7 @@ def run(coro):
 
 
 SLOW = dict(steps=25, width=256, height=256)  # about a second or more on the tiny model on one CPU thread
+VERY_SLOW = dict(steps=30, width=384, height=384)  # several seconds: still running when the test acts
 
 
 # ---- connections -------------------------------------------------------------------------------------------------
@@ -33,8 +34,8 @@ def test_a_client_that_stops_pinging_is_closed_and_its_queued_tasks_cancelled(ti
         async def go():
             import websockets
 
-            async with RawClient(s.ws_url) as c:
-                running, queued = task(**SLOW), task(**SLOW)
+            async with RawClient(s.ws_url, ping_every=None) as c:  # a client that stops pinging
+                running, queued = task(**VERY_SLOW), task(**SLOW)
                 await c.send([running, queued])
                 t0 = time.monotonic()
                 with pytest.raises(websockets.ConnectionClosed):
@@ -56,7 +57,7 @@ def test_disconnect_mid_task_cancels_unstarted_tasks_and_the_server_stays_health
 
         async def go():
             async with RawClient(s.ws_url) as c:
-                first = task(**SLOW)
+                first = task(**VERY_SLOW)
                 rest = [task(**SLOW) for _ in range(3)]
                 await c.send([first, *rest])
                 await asyncio.sleep(0.3)  # the first one is running now
@@ -83,6 +84,24 @@ def test_disconnect_mid_task_cancels_unstarted_tasks_and_the_server_stays_health
         assert health(s.base)["completed"] - before <= 3  # the first, the new one, and at most one that had started
 
 
+def test_a_resend_on_a_new_connection_survives_the_old_connection_closing(tiny_pipe):
+    with ServerThread(tiny_pipe) as s:
+
+        async def go():
+            old = await RawClient(s.ws_url).__aenter__()
+            blocker, t = task(**VERY_SLOW), task(seed=77)
+            await old.send([blocker, t])  # t waits behind blocker
+            async with RawClient(s.ws_url) as new:  # the client reconnects (old socket not closed) and resends t
+                await new.send([t])
+                await asyncio.sleep(0.1)
+                await old.__aexit__(None, None, None)  # now the old socket goes away
+                return t, await new.collect({t["taskUUID"]}, {})
+
+        t, got = run(go())
+    item = got[t["taskUUID"]][0]
+    assert "imageUUID" in item and item["seed"] == 77
+
+
 def test_queue_overflow_is_an_immediate_server_busy_and_http_429(tiny_pipe):
     with ServerThread(tiny_pipe, queue=2) as s:
 
@@ -99,14 +118,14 @@ def test_queue_overflow_is_an_immediate_server_busy_and_http_429(tiny_pipe):
                     busy += [e for e in f.get("errors", []) if e["code"] == "serverBusy"]
                 busy_after = time.monotonic() - t0
                 status, body = await asyncio.to_thread(_post, s.base, [task()])  # still full: 2 queued
-                got = await c.collect({t["taskUUID"] for t in tasks} - {b["taskUUID"] for b in busy}, {}, timeout=120)
-                return busy, busy_after, status, body, got
+                first = await c.collect({tasks[0]["taskUUID"]}, {}, timeout=120)
+                return busy, busy_after, status, body, first
 
-        busy, busy_after, status, body, got = run(go())
+        busy, busy_after, status, body, first = run(go())
     assert len(busy) >= 3 and busy_after < 2.0  # refused at once, not after waiting
     assert all(b["taskUUID"] for b in busy)
     assert status == 429 and body["errors"][0]["code"] == "serverBusy"
-    assert all("imageUUID" in items[0] for items in got.values())
+    assert "imageUUID" in next(iter(first.values()))[0]  # the running one is unaffected
 
 
 def test_task_deadline(tiny_pipe):
@@ -340,3 +359,16 @@ def test_sigterm_under_load_answers_every_task_and_exits_cleanly():
     assert all(len(items) == 1 for items in got.values())
     assert set(kinds) <= {"result", "shuttingDown"} and "result" in kinds and "shuttingDown" in kinds, kinds
     assert "shutting down" in out
+
+
+def test_image_store_is_bounded_in_count_and_bytes(tmp_path):
+    from zimage_core.service.server import ImageStore
+
+    store = ImageStore(str(tmp_path), "http://h", default_ttl=3600, max_items=3, max_bytes=250)
+    names = [store.put(str(uuid.uuid4()), b"x" * 100, "png").rsplit("/", 1)[1] for _ in range(2)]
+    assert all(store.get(n) for n in names)
+    third = store.put(str(uuid.uuid4()), b"x" * 100, "png").rsplit("/", 1)[1]  # 300 bytes > 250: oldest goes
+    assert store.get(names[0]) is None and not (tmp_path / names[0]).exists()
+    assert store.get(names[1]) and store.get(third)
+    more = [store.put(str(uuid.uuid4()), b"y", "png").rsplit("/", 1)[1] for _ in range(3)]
+    assert len(list(tmp_path.iterdir())) == 3 and all(store.get(n) for n in more)

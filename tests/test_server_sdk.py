@@ -55,6 +55,12 @@ CLIENT = textwrap.dedent(
             except Exception as e:
                 out["error"] = {"type": type(e).__name__, "code": getattr(e, "code", None),
                                 "parameter": getattr(e, "parameter", None), "status": getattr(e, "status_code", None)}
+        ws = BASE.replace("http://", "ws://")
+        async with Runware(api_key="k", transport="websocket", ws_base_url=ws, timeout=60000) as c:
+            r = await c.run({**T, "outputType": "base64Data", "seed": 20})
+            out["ws_async"] = [x["seed"] for x in r]
+            r = await c.run({**T, "deliveryMethod": "sync", "numberResults": 2, "seed": 30})
+            out["ws_sync"] = sorted(x["seed"] for x in r)
         async with Runware(api_key="wrong", transport="rest", http_base_url=BASE, timeout=20000, max_retries=0) as c:
             try:
                 await c.run({**T, "deliveryMethod": "sync"})
@@ -67,7 +73,7 @@ CLIENT = textwrap.dedent(
 )
 
 
-def test_runware_sdk_over_rest(sdk_python, tiny_pipe, tmp_path: Path):
+def test_runware_sdk_over_rest_and_websocket(sdk_python, tiny_pipe, tmp_path: Path):
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     with ServerThread(tiny_pipe, api_keys=["k"]) as s:
@@ -81,3 +87,4 @@ def test_runware_sdk_over_rest(sdk_python, tiny_pipe, tmp_path: Path):
     assert all(x["imageURL"].startswith(s.base + "/image/") for x in out["sync"])
     assert out["error"]["parameter"] == "width" and out["error"]["status"] == 400
     assert out["auth"]["status"] == 401
+    assert out["ws_async"] == [20] and out["ws_sync"] == [30, 31]  # and over WebSocket

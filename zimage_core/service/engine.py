@@ -67,10 +67,6 @@ def remember_image(pipe, image_uuid: str, image: Image.Image) -> None:
     pipe.outputs.put(image_uuid, image)
 
 
-def set_output_capacity(pipe, n: int) -> None:
-    pipe.outputs.capacity = max(pipe.outputs.capacity, n)
-
-
 class _StepHook:
     """The pipeline with a per-call step callback added to every ``generate`` call (for deadlines and aborts)."""
 

@@ -64,6 +64,7 @@ class Settings:
     registry_ttl_s: float = 3600.0  # finished tasks stay answerable (getResponse, resends) this long
     output_ttl_s: int = 3600  # URL outputs without a ttl are kept this long
     output_items: int = 10000
+    output_bytes: int = 2 * 2**30  # URL outputs and uploads kept on disk, at most (oldest evicted first)
     output_dir: str | None = None
     public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
     max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
@@ -95,14 +96,16 @@ def _is_loopback(host: str) -> bool:
 class ImageStore:
     """``outputType: URL`` images (and uploads) on local disk, served at ``/image/<uuid>.<ext>`` until they expire."""
 
-    def __init__(self, folder: str | None, base_url: str, default_ttl: int, max_items: int):
+    def __init__(self, folder: str | None, base_url: str, default_ttl: int, max_items: int, max_bytes: int = 2**31):
         self._own = folder is None
         self.folder = Path(folder or tempfile.mkdtemp(prefix="zimage-serve-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.base_url = base_url.rstrip("/")
         self.default_ttl = default_ttl
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, float] = OrderedDict()  # file name -> expiry (time.time())
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
@@ -111,8 +114,10 @@ class ImageStore:
         with self._lock:
             self._items[name] = time.time() + (ttl or self.default_ttl)
             self._items.move_to_end(name)
-            while len(self._items) > self.max_items:
-                old, _ = self._items.popitem(last=False)
+            self._sizes[name] = len(data)
+            while len(self._items) > self.max_items or sum(self._sizes.values()) > self.max_bytes:
+                old, _ = self._items.popitem(last=False)  # the oldest goes first, whatever its ttl
+                self._sizes.pop(old, None)
                 (self.folder / old).unlink(missing_ok=True)
         self.purge()
         return f"{self.base_url}/image/{name}"
@@ -133,6 +138,7 @@ class ImageStore:
             old = [n for n, t in self._items.items() if t <= now]
             for n in old:
                 del self._items[n]
+                self._sizes.pop(n, None)
         for n in old:
             (self.folder / n).unlink(missing_ok=True)
 
@@ -215,8 +221,16 @@ class Service:
         self.settings = settings
         self.pipe = pipe
         self._key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
-        base = settings.public_url or f"http://{settings.host}:{settings.port}"
-        self.store = ImageStore(settings.output_dir, base, settings.output_ttl_s, settings.output_items)
+        host = settings.host
+        if not settings.public_url and host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+            log.warning("imageURL base is http://%s:%d; set --public-url if clients use another", host, settings.port)
+        base = settings.public_url or f"http://{host}:{settings.port}"
+        self.store = ImageStore(
+            settings.output_dir, base, settings.output_ttl_s, settings.output_items, settings.output_bytes
+        )
         self.registry = TaskRegistry(settings.registry_size, settings.registry_ttl_s)
         self.queue: WorkQueue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -239,7 +253,6 @@ class Service:
             self._spawn(self._load())
 
     def _model_ready(self) -> None:
-        engine.set_output_capacity(self.pipe, 1024)
         self.queue.ready.set()
 
     async def _load(self) -> None:
@@ -330,6 +343,9 @@ class Service:
                     raise existing.error
                 if async_:
                     return [{**it, "status": "success"} for it in existing.items]
+                if conn is not None and existing.connection is not None and not existing.done.is_set():
+                    existing.connection = conn  # a reconnected client's resend: the new socket owns it now
+                    conn.tasks.add(existing)
                 return existing  # answered from the first run
             if existing is not None:
                 self.registry.remove(existing)
@@ -469,7 +485,7 @@ class Service:
         conn.closed = True
         n = 0
         for task in list(conn.tasks):
-            if task.status == PENDING and not task.done.is_set():
+            if task.connection is conn and task.status == PENDING and not task.done.is_set():
                 task.cancelled = True
                 task.finish(error=ApiError("cancelled"))
                 n += 1
