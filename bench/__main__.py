@@ -13,6 +13,7 @@ COMMANDS = {
     "cache": "step-cache threshold sweeps: evaluations saved, speedup, PSNR/SSIM, Pareto plot",
     "ablate": "each optimisation (compile, Triton kernels, TMA attention) on and off, side by side in one run",
     "parallel": "sequence/CFG parallelism: ms per step and communication per mode, next to an NVLink model",
+    "serve": "N concurrent protocol clients against one server process and Ray replicas; overhead vs direct infer",
 }
 
 

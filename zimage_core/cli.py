@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--outbound-allow-net", action="append", default=[], metavar="CIDR", help="also allow this network")
     s.add_argument("--outbound-timeout", type=float, default=10.0, help="total deadline of one outbound call (s)")
+    s.add_argument("--ray", action="store_true", help="run as replicas on Ray Serve (needs the [ray] extra)")
+    s.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with its own model and device")
+    s.add_argument("--autoscale", action="store_true", help="with --ray: 1..--max-replicas on queue length")
+    s.add_argument("--max-replicas", type=int, default=None, help="with --ray --autoscale (default --replicas)")
     return p
 
 
@@ -145,6 +149,13 @@ def _serve(args) -> int:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         kernels=args.kernels,
     )
+    if args.ray:
+        from .service import ray_app
+
+        if args.replicas < 1:
+            raise SystemExit("zimage serve: --replicas must be >= 1")
+        ray_app.run(settings, replicas=args.replicas, autoscale=args.autoscale, max_replicas=args.max_replicas)
+        return 0
     return serve(settings)
 
 

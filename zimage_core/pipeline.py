@@ -55,6 +55,8 @@ class Defaults:
     max_sequence_length: int = 512
 
 
+DEFAULT_STRENGTH = 0.8  # image-to-image / inpainting / outpainting re-noise this fraction of the schedule
+
 # Base model: 30 steps, CFGScale 5, CFG normalization on; turbo: 8 steps, CFGScale 1. A preset never sets the shift:
 # the loaded checkpoint's scheduler/scheduler_config.json does (Z-Image 6.0, Z-Image-Turbo 3.0), as in diffusers.
 MODEL_PRESETS: dict[str, Defaults] = {
@@ -465,7 +467,7 @@ class ZImage:
         m = self.size_multiple
         _check_int("width", work.width, m, 4096, multiple=m)
         _check_int("height", work.height, m, 4096, multiple=m)
-        strength = 0.8 if strength is None else _check_float("strength", strength, 0, 1)
+        strength = DEFAULT_STRENGTH if strength is None else _check_float("strength", strength, 0, 1)
 
         h_lat, w_lat = 2 * (work.height // m), 2 * (work.width // m)
         if shift is None:  # the checkpoint's scheduler config decides, as in diffusers

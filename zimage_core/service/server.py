@@ -4,6 +4,7 @@
 
 Routes: ``/v1`` (WebSocket, and ``POST`` of a task array), ``GET /image/<uuid>.<ext>`` (``outputType: URL``
 outputs, kept for their ``ttl``), ``GET /healthz`` (liveness; ``?ready=1`` answers 503 until the model is loaded).
+``GET /`` (the playground page), ``GET /metrics`` (Prometheus text format).
 One model instance behind a bounded queue; see README "Serving" for the protocol, the error codes and the limits.
 """
 
@@ -33,12 +34,14 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ..errors import RequestError
-from . import engine, outbound
+from . import engine, outbound, playground, progress
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .protocol import ApiError, clip, normalize_inference, parse_frame
 from .tasks import PENDING, Job, Task, TaskRegistry, WorkQueue
 
@@ -235,11 +238,14 @@ class Service:
         self.load_error: str | None = None
         self._outbound = ThreadPoolExecutor(4, thread_name_prefix="zimage-outbound")
         self._background: set[asyncio.Task] = set()
+        self.metrics = Metrics()
+        self.ray = None  # a ray_app.RayLink when this is one replica under Ray Serve
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     async def startup(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue = WorkQueue(self.settings.queue)
+        self.queue = WorkQueue(self.settings.queue, metrics=self.metrics)
+        self.metrics.track_queue(self.queue.qsize)
         self.queue.start()
         if self.pipe is not None:
             self._model_ready()
@@ -305,7 +311,11 @@ class Service:
             session = conn.session if conn else str(uuid.uuid4())
             return [{"taskType": "authentication", "connectionSessionUUID": session}]
         if kind == "imageInference":
-            return await self.submit(owner, item, conn)
+            try:
+                return await self.submit(owner, item, conn)
+            except ApiError as e:  # rejected before it was queued
+                self.metrics.task_finished("imageInference", "error", e.code)
+                raise
         if kind == "getResponse":
             return await self.get_response(owner, item)
         if kind == "imageUpload":
@@ -316,6 +326,7 @@ class Service:
     async def submit(self, owner: str, item: dict, conn: Connection | None) -> Task | list[dict]:
         try:
             task_dict = normalize_inference(item)
+            want_progress = progress.wanted(task_dict)
         except RequestError as e:
             raise ApiError.from_request_error(e) from None
         task_uuid = task_dict.get("taskUUID")
@@ -361,6 +372,11 @@ class Service:
         job = Job(task, lambda step: engine.run(pipe, valid, store, step), deadline)
         if hooks:
             job.post = lambda items: self._outbound_calls(items, hooks, fields_["outputFormat"])
+        if want_progress and conn is not None:
+            loop = asyncio.get_running_loop()
+            steps = progress.run_steps(fields_, valid.steps)
+            send = lambda frame: loop.call_soon_threadsafe(lambda: conn.spawn(conn.send(frame)))  # noqa: E731
+            job.on_step = progress.callback(send, task_uuid, steps, fields_["numberResults"])
         try:
             self.queue.submit(job)
         except ApiError:
@@ -368,6 +384,9 @@ class Service:
             raise
         if conn is not None and not async_:
             conn.tasks.add(task)
+        self._spawn(self._observe(task, async_))
+        if async_ and self.ray is not None:
+            self.ray.publish_result(owner, task_uuid, None, None)
         return [_ack(task_uuid)] if async_ else task
 
     async def _wait_for_model(self) -> None:
@@ -380,11 +399,31 @@ class Service:
             except asyncio.TimeoutError:
                 raise ApiError("timeout", "the model did not finish loading in time") from None
 
+    async def _observe(self, task: Task, async_: bool) -> None:
+        """Metrics of a finished task; under Ray, an async task's outcome is published for the other replicas."""
+        await task.done.wait()
+        code = None if task.error is None else task.error.code
+        outcome = "success" if task.error is None else "error"
+        self.metrics.task_finished("imageInference", outcome, code, seconds=task.finished - task.created)
+        self.metrics.images_generated(sum(1 for it in task.items if "imageUUID" in it))
+        if async_ and self.ray is not None:
+            err = None if task.error is None else task.error.item(None, None)
+            self.ray.publish_result(task.owner, task.task_uuid, task.items, err)
+
     async def get_response(self, owner: str, item: dict) -> list[dict]:
         task_uuid = item.get("taskUUID")
         if not isinstance(task_uuid, str):
             raise ApiError("invalidParameter", "taskUUID: is required", "taskUUID")
         task = self.registry.get(owner, task_uuid)
+        if task is None and self.ray is not None:  # submitted to another replica
+            hit = await self.ray.find_result(owner, task_uuid)
+            if hit is not None:
+                items, err = hit
+                if items is None and err is None:
+                    return [_ack(task_uuid)]
+                if err is not None:
+                    raise ApiError(err["code"], err["message"], err.get("parameter"))
+                return [{**it, "status": "success"} for it in items]
         if task is None:
             raise ApiError("taskNotFound", parameter="taskUUID")
         with contextlib.suppress(asyncio.TimeoutError):
@@ -663,6 +702,17 @@ async def healthz(request: Request) -> Response:
     return JSONResponse(body, status_code=status)
 
 
+async def playground_page(request: Request) -> Response:
+    service: Service = request.app.state.service
+    return HTMLResponse(playground.render(service.pipe), headers={"Cache-Control": "no-cache"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    service: Service = request.app.state.service
+    body = await service.ray.metrics_text() if service.ray is not None else service.metrics.render()[0]
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
 def build_app(service: Service) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -676,6 +726,8 @@ def build_app(service: Service) -> Starlette:
             Route("/v1", rest_endpoint, methods=["POST"]),
             Route("/image/{name}", image_endpoint, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/", playground_page, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
         lifespan=lifespan,
     )

@@ -94,14 +94,25 @@ class Job:
     task: Task
     run: Callable[[Callable], list]  # run(step_callback) -> response items; called in the worker thread
     deadline: float  # time.monotonic() seconds
+    on_step: Callable | None = None  # called with the sampler's step info after each step (progress frames)
     post: Callable | None = None  # async post(items) -> items, run after the model (outbound calls), off the worker
+
+
+def _device_sync():
+    """``torch.cuda.synchronize`` when the model may run on CUDA (step times then measure device work)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return lambda: torch.cuda.synchronize() if torch.cuda.is_initialized() else None
 
 
 class WorkQueue:
     """A bounded queue of jobs in front of one model; one worker thread runs them in order."""
 
-    def __init__(self, maxsize: int, ready: asyncio.Event | None = None):
+    def __init__(self, maxsize: int, ready: asyncio.Event | None = None, metrics=None):
         self.maxsize = maxsize
+        self.metrics = metrics  # service.metrics.Metrics: tasks started/stopped, step times
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="zimage-model")
         self._worker: asyncio.Task | None = None
@@ -139,8 +150,16 @@ class WorkQueue:
                 continue
             task.status = RUNNING
             self.running = job
+            timer = None
+            if self.metrics is not None:
+                self.metrics.task_started()
+                timer = self.metrics.step_timer(_device_sync())
 
-            def step(_info, job=job):
+            def step(_info, job=job, timer=timer):
+                if timer is not None:
+                    timer.step(_info.get("i"))
+                if job.on_step is not None:
+                    job.on_step(_info)
                 if self.abort_running is not None:
                     raise Aborted(self.abort_running)
                 if time.monotonic() > job.deadline:
@@ -168,6 +187,8 @@ class WorkQueue:
             finally:
                 self.running = None
                 self.completed += 1
+                if self.metrics is not None:
+                    self.metrics.task_stopped()
 
     async def _post(self, job: Job, items: list) -> None:
         try:
