@@ -15,7 +15,8 @@ step is our ``Default`` sampler. ``scheduler_name=`` picks any sampler of the AP
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,6 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
 
 from .. import lora as lora_mod
 from ..errors import RequestError
-from ..model import CaptionContext
 from ..pipeline import ZImage
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .transformer import ZImageTransformer2DModel
