@@ -438,7 +438,11 @@ class _DropIn:
                     latents = spec.sample(denoise, latents, run_sigmas, generator=sampler_generator, callback=on_step)
                 except _Interrupted as stop:
                     latents = stop.latents
-        self._last_stats = stats
+        if cache_state is not None:
+            stats["cache"] = cache_state.summary()
+        self._last_stats = (
+            stats  # forwards and the step cache's decisions of the last call (not part of diffusers' API)
+        )
 
         # 6. decode
         if output_type == "latent":
