@@ -11,6 +11,7 @@ COMMANDS = {
     "parity": "our pipeline against diffusers' ZImagePipeline: per-step and final latent error, image PSNR",
     "throughput": "ms per forward / step / image against diffusers, eager and compiled, with telemetry",
     "cache": "step-cache threshold sweeps: evaluations saved, speedup, PSNR/SSIM, Pareto plot",
+    "dropin": "zimage_core.diffusers.ZImagePipeline against diffusers' ZImagePipeline (and its attention processor)",
 }
 
 

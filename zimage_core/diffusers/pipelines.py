@@ -66,7 +66,7 @@ class _DropIn:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
         if "transformer" not in kwargs:
-            keys = ("torch_dtype", "cache_dir", "local_files_only", "revision", "token", "variant", "use_safetensors")
+            keys = ("torch_dtype", "dtype", "cache_dir", "local_files_only", "revision", "token", "variant", "use_safetensors")
             kwargs["transformer"] = ZImageTransformer2DModel.from_pretrained(
                 pretrained_model_name_or_path, subfolder="transformer", **{k: kwargs[k] for k in keys if k in kwargs}
             )
