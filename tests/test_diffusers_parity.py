@@ -63,10 +63,8 @@ def test_pipeline_signatures(ours, theirs):
     mine, ref = _params(ours.__call__), _params(theirs.__call__)
     assert mine[: len(ref)] == ref
     extras = mine[len(ref) :]
-    assert [(n, k) for n, k, _ in extras] == [
-        ("cache", inspect.Parameter.KEYWORD_ONLY),
-        ("scheduler_name", inspect.Parameter.KEYWORD_ONLY),
-    ]
+    names = ["cache", "scheduler_name"] + (["padding_mask_crop"] if ours is zd.ZImageInpaintPipeline else [])
+    assert [(n, k) for n, k, _ in extras] == [(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
     assert ours._callback_tensor_inputs == theirs._callback_tensor_inputs
 
 
@@ -213,6 +211,33 @@ def test_pipeline_parity(folder, mode, pair, case):
     got, want = _run(ours, mode, make()), _run(ref, mode, make())  # fresh args: diffusers mutates them
     assert got.dtype == want.dtype == torch.float32
     assert rel(got, want) <= TOL
+
+
+def test_inpaint_padding_mask_crop(folder):
+    """Our extra ``padding_mask_crop`` equals diffusers' inpaint pipeline run on the crop that diffusers' own image
+    processor cuts (mask box + margin, resized to the generation size), pasted back with its ``apply_overlay``."""
+    ours, ref = loaded(zd.ZImageInpaintPipeline, folder), loaded(diffusers.ZImageInpaintPipeline, folder)
+    big = Image.fromarray((np.random.RandomState(2).rand(144, 224, 3) * 255).astype("uint8"))
+    m = np.zeros((144, 224), "uint8")
+    m[40:70, 120:160] = 255
+    mask = Image.fromarray(m)
+    args = dict(prompt="a red circle", height=H, width=W, num_inference_steps=3, output_type="pil")
+    got = ours(image=big, mask_image=mask, padding_mask_crop=8, generator=torch.Generator().manual_seed(0), **args)
+    got = got.images[0]
+    box = ref.mask_processor.get_crop_region(mask, W, H, pad=8)
+    crop = dict(height=H, width=W, crops_coords=box, resize_mode="fill")
+    init, mask_t = ref.image_processor.preprocess(big, **crop), ref.mask_processor.preprocess(mask, **crop)
+    want = ref(image=init, mask_image=mask_t, generator=torch.Generator().manual_seed(0), **args).images[0]
+    want = ref.image_processor.apply_overlay(mask, big, want, box)
+    assert got.size == big.size == want.size
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+    x0, y0, x1, y1 = box
+    outside = np.ones((144, 224), bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(np.asarray(got)[outside], np.asarray(big)[outside])
+    with pytest.raises(RequestError) as e:
+        ours(image=big, mask_image=mask, padding_mask_crop=8, **{**args, "output_type": "latent"})
+    assert e.value.field == "padding_mask_crop"
 
 
 def test_decoded_images_parity(folder):

@@ -66,7 +66,16 @@ class _DropIn:
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
         if "transformer" not in kwargs:
-            keys = ("torch_dtype", "dtype", "cache_dir", "local_files_only", "revision", "token", "variant", "use_safetensors")
+            keys = (
+                "torch_dtype",
+                "dtype",
+                "cache_dir",
+                "local_files_only",
+                "revision",
+                "token",
+                "variant",
+                "use_safetensors",
+            )
             kwargs["transformer"] = ZImageTransformer2DModel.from_pretrained(
                 pretrained_model_name_or_path, subfolder="transformer", **{k: kwargs[k] for k in keys if k in kwargs}
             )
@@ -193,6 +202,23 @@ class _DropIn:
             if v % m:
                 raise RequestError(name, f"must be a multiple of {m}, got {v}")
 
+    def _crop_region(self, image, mask_image, pad, output_type, height, width):
+        """(crop box around the mask + ``pad`` px, generation height, width) for ``padding_mask_crop``."""
+        from PIL import Image
+
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise RequestError("padding_mask_crop", f"must be an integer >= 0 (pixels), got {pad!r}")
+        if not isinstance(image, Image.Image) or not isinstance(mask_image, Image.Image):
+            raise RequestError("padding_mask_crop", "needs image and mask_image as single PIL images")
+        if output_type != "pil":
+            raise RequestError(
+                "padding_mask_crop", f"needs output_type='pil' (the crop is pasted back), got {output_type!r}"
+            )
+        m = self.vae_scale_factor * 2
+        height = height if height is not None else image.height // m * m
+        width = width if width is not None else image.width // m * m
+        return self.mask_processor.get_crop_region(mask_image, width, height, pad=pad), height, width
+
     def _sampler(self, num_inference_steps, sigmas, image_seq_len, device, scheduler_name):
         """(spec, timesteps): diffusers' timesteps on the pipeline's scheduler; our sampler for them."""
         sched = self.scheduler
@@ -267,6 +293,7 @@ class _DropIn:
         max_sequence_length,
         cache,
         scheduler_name,
+        padding_mask_crop=None,
     ):
         # 1. check inputs
         self._check(prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
@@ -278,14 +305,29 @@ class _DropIn:
                 raise RequestError("mask_image", "is required for inpainting")
             if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
                 raise RequestError("strength", f"must be in [0.0, 1.0], got {strength!r}")
-            init_image = self.image_processor.preprocess(image).to(dtype=torch.float32)
+            crops_coords, image_in = None, image
+            if padding_mask_crop is not None:
+                crops_coords, height, width = self._crop_region(
+                    image, mask_image, padding_mask_crop, output_type, height, width
+                )
+                init_image = self.image_processor.preprocess(
+                    image, height=height, width=width, crops_coords=crops_coords, resize_mode="fill"
+                )
+            else:
+                init_image = self.image_processor.preprocess(image)
+            init_image = init_image.to(dtype=torch.float32)
             height = init_image.shape[-2] if height is None else height
             width = init_image.shape[-1] if width is None else width
         height, width = height or 1024, width or 1024
         self._check_size(height, width)
         mask = None
         if mode == "inpaint":
-            mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+            if padding_mask_crop is not None:
+                mask = self.mask_processor.preprocess(
+                    mask_image, height=height, width=width, resize_mode="fill", crops_coords=crops_coords
+                )
+            else:
+                mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
         device = self._execution_device
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
@@ -451,6 +493,8 @@ class _DropIn:
             z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.vae.decode(z, return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
+            if padding_mask_crop is not None:  # paste the repainted crop back into the untouched original
+                image = [self.image_processor.apply_overlay(mask_image, image_in, im, crops_coords) for im in image]
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
@@ -576,8 +620,13 @@ class ZImageInpaintPipeline(_DropIn, _DiffusersInpaint):
         *,
         cache=None,
         scheduler_name: str | None = None,
+        padding_mask_crop: int | None = None,
     ) -> ZImagePipelineOutput | tuple:
-        """diffusers' ``ZImageInpaintPipeline.__call__``; extras as in :class:`ZImagePipeline`."""
+        """diffusers' ``ZImageInpaintPipeline.__call__``; extras as in :class:`ZImagePipeline`, and
+        ``padding_mask_crop`` (pixels, as in diffusers' Stable Diffusion inpainting): work on the mask's bounding box
+        grown by that margin, resized to ``height`` x ``width`` (default: the image's size rounded down to a multiple
+        of 16), and paste the result back into the original image; needs single PIL inputs and ``output_type="pil"``.
+        """
         kw = dict(locals())
         kw.pop("self")
         kw.pop("__class__", None)
