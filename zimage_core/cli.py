@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(pipe, args) -> int:
     cache = None
     if args.cache:
-        from kernels.cache import CacheConfig
+        from zimage_core.cache import CacheConfig
 
         cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
     result = pipe.generate(

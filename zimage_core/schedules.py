@@ -1,4 +1,4 @@
-"""Sigma schedules in flow-matching space (σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·noise); ../shared/docs/samplers.md §2.
+"""Sigma schedules in flow-matching space (σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·noise).
 
 Every schedule is a pure function ``(n, shift) -> sigmas``: a 1-D tensor of ``n`` decreasing values in (0, 1]
 followed by the terminal 0, so ``len(sigmas) == n + 1`` and "n steps" means n intervals σ_i → σ_{i+1}.
@@ -119,7 +119,7 @@ SCHEDULES = {
 
 
 def img2img_start(n: int, strength: float) -> int:
-    """First step index of image-to-image / inpainting: ``n − floor(strength·n)`` (decisions.md, ``strength`` row).
+    """First step index of image-to-image / inpainting: ``n − floor(strength·n)``.
 
     The run covers ``sigmas[img2img_start(n, strength):]``. ``strength·n`` is a float product; one within 1e-9 of
     an integer counts as that integer, so ``strength=0.29, n=100`` re-noises 29 steps (the float product is

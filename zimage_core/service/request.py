@@ -1,4 +1,4 @@
-"""Validation of ``imageInference`` requests (../shared/spec/imageInference-api.md, ../shared/docs/decisions.md).
+"""Validation of ``imageInference`` requests (the request API in README.md).
 
 Every field of the spec is described once in :data:`SCHEMA` (type, range, default, enum); :func:`validate_request`
 checks a request against it, applies the cross-field rules (width/height together, step windows, which options
@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RequestError
-from .scheduler_table import SCHEDULER_NAMES as SCHEDULERS
+from ..config import SEED_MAX
+from ..errors import RequestError
+from ..scheduler_table import SCHEDULER_NAMES as SCHEDULERS
 
 UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.IGNORECASE)
 URI_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
-SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
 
 
 def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int, int] | None:
-    """A half-open [start, end) step window from absolute or percentage bounds (decisions.md), or None if unset."""
+    """A half-open [start, end) step window from absolute or percentage bounds, or None if unset."""
     bounds = {}
     for b in ("Start", "End"):
         a, p = f"{prefix}{b}Step", f"{prefix}{b}StepPercentage"
@@ -227,7 +227,7 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
 
 
 @dataclass
-class ValidRequest:
+class RequestArgs:
     raw: dict  # normalised request (defaults filled)
     steps: int
     cfg_scale: float
@@ -237,7 +237,7 @@ class ValidRequest:
 
 def validate_request(
     request, *, model_defaults, has_checker=False, has_face_detector=False, lora_resolver=None
-) -> ValidRequest:
+) -> RequestArgs:
     """Check a request dict against the spec; returns the normalised request. Raises RequestError."""
     if not isinstance(request, dict):
         raise RequestError("request", f"must be a JSON object, got {type(request).__name__}")
@@ -315,4 +315,4 @@ def validate_request(
             raise RequestError(
                 f"acceleratorOptions.{key}", "has no effect without a step cache (fbCache, teaCache or dbCache: true)"
             )
-    return ValidRequest(r, steps, cfg_scale, cache, window)
+    return RequestArgs(r, steps, cfg_scale, cache, window)
