@@ -63,7 +63,7 @@ def test_pipeline_signatures(ours, theirs):
     mine, ref = _params(ours.__call__), _params(theirs.__call__)
     assert mine[: len(ref)] == ref
     extras = mine[len(ref) :]
-    names = ["cache", "scheduler_name"] + (["padding_mask_crop"] if ours is zd.ZImageInpaintPipeline else [])
+    names = ["cache", "scheduler_name", "hooks"] + (["padding_mask_crop"] if ours is zd.ZImageInpaintPipeline else [])
     assert [(n, k) for n, k, _ in extras] == [(n, inspect.Parameter.KEYWORD_ONLY) for n in names]
     assert ours._callback_tensor_inputs == theirs._callback_tensor_inputs
 
@@ -314,15 +314,15 @@ def test_scheduler_name(folder):
 
 
 def test_cache_extra(folder):
-    from kernels.cache import FBCacheConfig
+    from zimage_core.cache import FBCacheConfig
 
     ours = loaded(zd.ZImagePipeline, folder)
     args = dict(prompt="a red circle", num_inference_steps=6)
     plain = _run(ours, "t2i", args)
     assert rel(_run(ours, "t2i", dict(args, cache=FBCacheConfig(threshold=0.0))), plain) == 0
-    assert ours._last_stats["cache"]["reused_steps"] == []
+    assert ours._last_stats.cache[0]["reused_steps"] == []
     reused = _run(ours, "t2i", dict(args, cache=FBCacheConfig(threshold=1e9)))
-    summary = ours._last_stats["cache"]
+    summary = ours._last_stats.cache[0]
     assert summary["reused_steps"] and summary["main_layer_evals"] < summary["main_layer_evals_uncached"]
     assert 0 < rel(reused, plain) and torch.isfinite(reused).all()
 
@@ -362,3 +362,23 @@ def test_lora_matches_merged_weights(folder, tmp_path):
     finally:
         ours.enable_lora()
         ours.unload_lora_weights()
+
+
+def test_hooks_extra_reaches_every_model_call(folder):
+    from zimage_core.hooks import StackHook
+
+    class Count(StackHook):
+        def __init__(self):
+            self.layers = []
+
+        def after_layer(self, index, hidden, inp):
+            self.layers.append(index)
+            return hidden
+
+    ours = loaded(zd.ZImagePipeline, folder)
+    hook = Count()
+    plain = _run(ours, "t2i", dict(prompt="a red circle"))
+    hooked = _run(ours, "t2i", dict(prompt="a red circle", hooks=[hook]))
+    n_layers = ours.transformer.config.n_layers
+    assert hook.layers == list(range(n_layers)) * ours._last_stats.forwards and ours._last_stats.forwards == 3
+    assert rel(hooked, plain) == 0

@@ -5,7 +5,8 @@ folders, ``to``, offload, ``encode_prompt``, ``prepare_latents`` (so a generator
 very same noise) and the output type are diffusers'. ``__call__`` keeps diffusers' signature, adds keyword-only
 extras (``cache=``, ``scheduler_name=``), and runs our path: prompts encoded without padding to 512 tokens, the
 caption branch of the transformer once per call, our sampler over the scheduler's sigmas calling our denoiser
-(``ZImage._denoiser``: CFG, normalization, truncation), step caches, run-time LoRA.
+(``zimage_core.denoiser.Denoiser``: CFG, normalization, truncation), step caches and other model hooks, run-time
+LoRA, and our VAE decode step.
 
 The sigmas come from the pipeline's scheduler exactly as diffusers computes them (``set_timesteps`` with ``mu``,
 custom ``sigmas``, Karras/exponential/beta options of ``FlowMatchEulerDiscreteScheduler``); that scheduler's Euler
@@ -15,7 +16,7 @@ step is our ``Default`` sampler. ``scheduler_name=`` picks any sampler of the AP
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,8 +34,10 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
 )
 
 from .. import lora as lora_mod
+from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
-from ..pipeline import ZImage
+from ..hooks import StackHook
+from ..pipeline import ZImage, vae_decode
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .transformer import ZImageTransformer2DModel
 
@@ -293,6 +296,7 @@ class _DropIn:
         max_sequence_length,
         cache,
         scheduler_name,
+        hooks=(),
         padding_mask_crop=None,
     ):
         # 1. check inputs
@@ -410,7 +414,13 @@ class _DropIn:
         run_sigmas = self.scheduler.sigmas[t_start:]
         cfg_norm = float(cfg_normalization) if cfg_normalization else 0.0
         cfg_trunc = math.inf if cfg_truncation is None else float(cfg_truncation)
-        stats = {"forwards": 0, "sequences": 0}
+        stats = GenerationStats(
+            scheduler=scheduler_name or "Default",
+            shift=float(self.scheduler.config.get("shift", 1.0)),
+            t_start=t_start,
+            steps=len(timesteps),
+            cfg_scale=float(guidance_scale) + 1.0,
+        )
         cache_state = cache.new_state(num_steps=total_steps, start_step=t_start) if cache is not None else None
         sampler_generator = generator[0] if isinstance(generator, list) else generator
         if sampler_generator is not None and sampler_generator.device.type != "cpu":
@@ -427,15 +437,15 @@ class _DropIn:
         def build_denoiser():
             ctx_pos, ctx_neg = self._contexts(tensors["prompt_embeds"], tensors["negative_prompt_embeds"], use_cfg)
             current["embeds"] = (tensors["prompt_embeds"], tensors["negative_prompt_embeds"])
-            current["denoise"] = ZImage._denoiser(
-                self,
+            current["denoise"] = Denoiser.build(
+                self.transformer,
                 ctx_pos,
                 ctx_neg,
-                guidance_scale,
-                cfg_norm,
-                cfg_trunc,
-                stats,
-                main_layers=None if cache_state is None else cache_state.main_layers,
+                guidance=float(guidance_scale),
+                cfg_normalization=cfg_norm,
+                cfg_truncation=cfg_trunc,
+                stats=stats,
+                hooks=[*hooks, *([] if cache_state is None else [cache_state])],  # the cache is the innermost hook
             )
 
         def denoise(x, sigma):
@@ -480,19 +490,16 @@ class _DropIn:
                     latents = spec.sample(denoise, latents, run_sigmas, generator=sampler_generator, callback=on_step)
                 except _Interrupted as stop:
                     latents = stop.latents
+        stats.nfe_per_result = stats.forwards
         if cache_state is not None:
-            stats["cache"] = cache_state.summary()
-        self._last_stats = (
-            stats  # forwards and the step cache's decisions of the last call (not part of diffusers' API)
-        )
+            stats.cache = [cache_state.summary()]
+        self._last_stats = stats  # what the last call did (forwards, cache decisions); not part of diffusers' API
 
         # 6. decode
         if output_type == "latent":
             image = latents
         else:
-            z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            image = self.vae.decode(z, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
+            image = self.image_processor.postprocess(vae_decode(self.vae, latents), output_type=output_type)
             if padding_mask_crop is not None:  # paste the repainted crop back into the untouched original
                 image = [self.image_processor.apply_overlay(mask_image, image_in, im, crops_coords) for im in image]
         self.maybe_free_model_hooks()
@@ -533,9 +540,11 @@ class ZImagePipeline(_DropIn, _DiffusersText2Image):
         *,
         cache=None,
         scheduler_name: str | None = None,
+        hooks: Sequence[StackHook] = (),
     ) -> ZImagePipelineOutput | tuple:
         """diffusers' ``ZImagePipeline.__call__``; extras: ``cache`` (a step-cache config, e.g.
-        ``zimage_core.cache.FBCacheConfig``) and ``scheduler_name`` (any of the API's scheduler names)."""
+        ``zimage_core.cache.FBCacheConfig``), ``scheduler_name`` (any of the API's scheduler names) and ``hooks``
+        (``zimage_core.hooks.StackHook`` objects acting around the main layers of every model call)."""
         kw = dict(locals())
         kw.pop("self")
         kw.pop("__class__", None)
@@ -576,6 +585,7 @@ class ZImageImg2ImgPipeline(_DropIn, _DiffusersImg2Img):
         *,
         cache=None,
         scheduler_name: str | None = None,
+        hooks: Sequence[StackHook] = (),
     ) -> ZImagePipelineOutput | tuple:
         """diffusers' ``ZImageImg2ImgPipeline.__call__``; extras as in :class:`ZImagePipeline`."""
         kw = dict(locals())
@@ -620,6 +630,7 @@ class ZImageInpaintPipeline(_DropIn, _DiffusersInpaint):
         *,
         cache=None,
         scheduler_name: str | None = None,
+        hooks: Sequence[StackHook] = (),
         padding_mask_crop: int | None = None,
     ) -> ZImagePipelineOutput | tuple:
         """diffusers' ``ZImageInpaintPipeline.__call__``; extras as in :class:`ZImagePipeline`, and
