@@ -291,6 +291,7 @@ def test_errors_name_the_field(folder):
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(prompt=None, prompt_embeds=[torch.zeros(3, 32)]), "negative_prompt_embeds"),
         (dict(scheduler_name="Euler Z"), "scheduler_name"),
+        (dict(prompt_embeds=[torch.zeros(3, 32)], negative_prompt_embeds=[torch.zeros(3, 32)]), "prompt_embeds"),
     ]
     for args, field in cases:
         args.setdefault("prompt", "a red circle")

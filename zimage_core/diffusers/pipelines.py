@@ -185,6 +185,8 @@ class _DropIn:
     def _check(self, prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt):
         if prompt is None and prompt_embeds is None:
             raise RequestError("prompt", "give either prompt or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:  # diffusers' text-to-image would ignore prompt silently
+            raise RequestError("prompt_embeds", "give either prompt or prompt_embeds, not both")
         if prompt is not None and not isinstance(prompt, (str, list)):
             raise RequestError("prompt", f"must be a str or a list of str, got {type(prompt).__name__}")
         if output_type not in OUTPUT_TYPES:
