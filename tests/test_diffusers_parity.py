@@ -27,7 +27,7 @@ PAIRS = [
 
 
 def rel(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a - b).norm() / b.norm())
 
@@ -103,6 +103,33 @@ def test_transformer_controlnet_block_samples_parity():
         got = ours(x, t, caps, controlnet_block_samples=hints).sample
         plain = ours(x, t, caps).sample
     assert rel_l2(got, want) <= TOL and rel_l2(plain, want) > 1e-3
+
+
+def test_transformer_attention_backend_is_ours():
+    model = zd.ZImageTransformer2DModel(**SMALL_CONFIGS["hd32"])
+    with pytest.warns(UserWarning, match="set_kernel_backend"):
+        model.set_attention_backend("native")
+    with pytest.raises(ValueError):  # diffusers' own check of the name
+        model.set_attention_backend("no-such-backend")
+
+
+def test_pipeline_built_from_diffusers_components(folder):
+    """Our pipeline given diffusers' own transformer converts it (same weights) and gives diffusers' result."""
+    ref = loaded(diffusers.ZImagePipeline, folder)
+    pipe = zd.ZImagePipeline(**ref.components)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.transformer, zd.ZImageTransformer2DModel)
+    assert pipe.transformer.x_pad_token.data_ptr() == ref.transformer.x_pad_token.data_ptr()  # shared, not copied
+    assert rel(_run(pipe, "t2i", dict(prompt="a red circle")), _run(ref, "t2i", dict(prompt="a red circle"))) <= TOL
+
+
+def test_encode_prompt_parity(folder):
+    ours, ref = loaded(zd.ZImagePipeline, folder), loaded(diffusers.ZImagePipeline, folder)
+    prompts = ["a red circle", "a small yellow triangle in the top left on a black background"]
+    got = ours.encode_prompt(list(prompts), device="cpu", negative_prompt=["", "blurry"])
+    want = ref.encode_prompt(list(prompts), device="cpu", negative_prompt=["", "blurry"])
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        assert g.shape == w.shape and rel(g, w) <= TOL
 
 
 def test_transformer_refuses_omni():

@@ -8,6 +8,7 @@ through the kernel switch, the caption branch computed once per request by our p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -135,6 +136,17 @@ class ZImageTransformer2DModel(ZImageTransformer, ModelMixin, ConfigMixin, PeftA
         if kernel_backend:
             model.set_kernel_backend(kernel_backend)
         return model.eval()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' check of ``backend`` (same errors), then a warning: this transformer's attention is our op
+        (Triton on CUDA, torch SDPA elsewhere), chosen with :meth:`set_kernel_backend`, not diffusers' backends."""
+        super().set_attention_backend(backend)
+        warnings.warn(
+            f"set_attention_backend({backend!r}) has no effect on zimage_core's ZImageTransformer2DModel: its "
+            "attention is zimage_core's own kernel (Triton on CUDA); choose it with "
+            "set_kernel_backend('triton'|'torch'|'auto')",
+            stacklevel=2,
+        )
 
     @apply_lora_scale("joint_attention_kwargs")
     def forward(
