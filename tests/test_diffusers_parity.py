@@ -75,6 +75,17 @@ def test_transformer_signatures():
     assert set(ours(**SMALL_CONFIGS["hd32"]).state_dict()) == set(theirs(**SMALL_CONFIGS["hd32"]).state_dict())
 
 
+def test_package_name_does_not_shadow_diffusers():
+    """``zimage_core.diffusers`` imports the real library absolutely; ``import diffusers`` stays diffusers."""
+    import importlib
+    from pathlib import Path
+
+    real = importlib.import_module("diffusers")
+    assert zd.__name__ == "zimage_core.diffusers" and real is diffusers
+    assert "zimage_core" not in Path(real.__file__).parts and hasattr(real, "DiffusionPipeline")
+    assert zd.ZImagePipeline.__mro__[2] is diffusers.ZImagePipeline
+
+
 # ---- the transformer -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", ["hd32", "hd16x8"])
 @pytest.mark.parametrize("kind", ["single", "ragged", "cfg"])

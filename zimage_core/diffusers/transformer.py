@@ -28,9 +28,10 @@ class ModelConfig(FrozenDict):
     (``head_dim``, ``out_channels``, ``to_dict()``...) for code written against our transformer."""
 
     def __getattr__(self, name):
-        if name.startswith("__") or name == "_zconfig":
+        zconfig = self.__dict__.get("_zconfig")
+        if name.startswith("__") or zconfig is None:
             raise AttributeError(name)
-        return getattr(self.__dict__["_zconfig"], name)
+        return getattr(zconfig, name)
 
 
 class ControlNetSamples(StackHook):
@@ -119,7 +120,7 @@ class ZImageTransformer2DModel(ZImageTransformer, ModelMixin, ConfigMixin, PeftA
     @property
     def config(self) -> ModelConfig:
         cfg = ModelConfig(self.__dict__.get("_internal_dict", {}))
-        cfg.__dict__["_zconfig"] = self.__dict__["_zconfig"]
+        cfg.__dict__["_zconfig"] = self.__dict__.get("_zconfig")
         return cfg
 
     @config.setter
