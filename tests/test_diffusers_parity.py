@@ -421,3 +421,13 @@ def test_hooks_extra_reaches_every_model_call(folder):
     n_layers = ours.transformer.config.n_layers
     assert hook.layers == list(range(n_layers)) * ours._last_stats.forwards and ours._last_stats.forwards == 3
     assert rel(hooked, plain) == 0
+
+
+def test_saved_folders_cross_load(folder, tmp_path):
+    """A folder saved by our pipeline loads in diffusers' (and diffusers' own folders load in ours: every fixture)."""
+    ours = loaded(zd.ZImagePipeline, folder)
+    ours.save_pretrained(tmp_path)
+    theirs = diffusers.ZImagePipeline.from_pretrained(tmp_path)
+    theirs.set_progress_bar_config(disable=True)
+    assert type(theirs.transformer) is diffusers.ZImageTransformer2DModel
+    assert rel(_run(theirs, "t2i", dict(prompt="a red circle")), _run(ours, "t2i", dict(prompt="a red circle"))) <= TOL
