@@ -381,7 +381,10 @@ def test_lora_matches_merged_weights(folder, tmp_path):
         b = torch.randn(w.shape[0], 4, generator=g) * 0.3
         sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = a, b
         merged[name] = (w, b @ a)
-    ours.load_lora_weights(sd, adapter_name="shapes")
+    from safetensors.torch import save_file
+
+    save_file(sd, tmp_path / "shapes_lora.safetensors")
+    ours.load_lora_weights(tmp_path, weight_name="shapes_lora.safetensors", adapter_name="shapes")
     assert ours.get_active_adapters() == ["shapes"] and ours.get_list_adapters() == {"transformer": ["shapes"]}
     prompt = dict(prompt="a red circle")
     try:

@@ -16,6 +16,7 @@ step is our ``Default`` sampler. ``scheduler_name=`` picks any sampler of the AP
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -309,7 +310,7 @@ class _DropIn:
                 raise RequestError("image", f"is required by {type(self).__name__}")
             if mode == "inpaint" and mask_image is None:
                 raise RequestError("mask_image", "is required for inpainting")
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
                 raise RequestError("strength", f"must be in [0.0, 1.0], got {strength!r}")
             crops_coords, image_in = None, image
             if padding_mask_crop is not None:
