@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from zimage_core.cache import CONFIGS
 from zimage_core.components import RANDOM_TRANSFORMER, SchedulerSettings, byte_level_tokenizer, small_text_encoder
 from zimage_core.config import ZImageConfig
 from zimage_core.model import ZImageTransformer
@@ -45,7 +46,7 @@ DEFAULT_PROMPT = "a photograph of a red fox sitting in fresh snow at golden hour
 REFERENCE = "diffusers-eager"
 ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-batched", "ours-triton", "ours-cache")
 # the request API's defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
-CACHE_DEFAULTS = {"fbcache": 0.25, "teacache": 0.5, "dbcache": 0.25}
+CACHE_DEFAULTS = {f"{m}cache": cfg.threshold for m, cfg in CONFIGS.items()}  # fbcache 0.25, teacache 0.5, ...
 
 # The real VAE (FLUX AE) config, zimage-reference.md §2.3.
 REAL_VAE = dict(

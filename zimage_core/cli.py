@@ -11,14 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
+from .config import DTYPE_NAMES
+
+DTYPES = {**DTYPE_NAMES, **{name: name for name in DTYPE_NAMES.values()}}  # fp32 or float32, ...
 
 
 def _load(args):

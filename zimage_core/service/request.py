@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig
 from ..config import SEED_MAX
 from ..errors import RequestError
 from ..scheduler_table import SCHEDULER_NAMES as SCHEDULERS
@@ -75,14 +76,14 @@ SCHEMA: dict[str, Field] = {
     "numberResults": Field("int", default=1, lo=1, hi=20),
     "acceleratorOptions": Field("object", fields={
         **{f"cache{k}": v for k, v in WINDOW.items()},
-        "cacheMaxConsecutiveSteps": Field("int", default=3, lo=1, hi=5),
+        "cacheMaxConsecutiveSteps": Field("int", default=CacheConfig.max_consecutive, lo=1, hi=5),
         "fbCache": Field("bool", default=False),
-        "fbCacheThreshold": Field("float", default=0.25, lo=0, hi=1),
+        "fbCacheThreshold": Field("float", default=FBCacheConfig.threshold, lo=0, hi=1),
         "teaCache": Field("bool", default=False),
-        "teaCacheDistance": Field("float", default=0.5, lo=0, hi=1),
+        "teaCacheDistance": Field("float", default=TeaCacheConfig.threshold, lo=0, hi=1),
         "dbCache": Field("bool", default=False),
-        "dbCacheThreshold": Field("float", default=0.25, lo=0, hi=1),
-        "dbCacheSkipInterval": Field("int", default=5, lo=1, hi=1000),
+        "dbCacheThreshold": Field("float", default=DBCacheConfig.threshold, lo=0, hi=1),
+        "dbCacheSkipInterval": Field("int", default=DBCacheConfig.skip_interval, lo=1, hi=1000),
     }),
     # inputs
     "inputs": Field("object", fields={"seedImage": Field("str", min_len=1), "maskImage": Field("str", min_len=1)}),
