@@ -88,7 +88,12 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraWeights:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files must be .safetensors")
-    raw = load_file(path)
+    return lora_from_state_dict(load_file(path), name or path.stem, source=str(path))
+
+
+def lora_from_state_dict(raw: dict[str, torch.Tensor], name: str, source: str = "state dict") -> LoraWeights:
+    """Adapters from LoRA tensors already in memory (the formats of :func:`load_lora`); ``source`` names errors."""
+    path = source
     parts: dict[str, dict] = {}
     for key, t in raw.items():
         try:
@@ -110,7 +115,7 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraWeights:
             modules[mod] = LoraModule(down, up, alpha)
     if not modules:
         raise ValueError(f"{path}: no LoRA tensors found")
-    return LoraWeights(name or path.stem, modules)
+    return LoraWeights(name, modules)
 
 
 class LoraStore:

@@ -1,0 +1,650 @@
+"""``ZImagePipeline``, ``ZImageImg2ImgPipeline``, ``ZImageInpaintPipeline``: diffusers' classes, our sampling core.
+
+Each class subclasses diffusers' own pipeline (0.42.1): the constructor, ``from_pretrained`` / ``save_pretrained``
+folders, ``to``, offload, ``encode_prompt``, ``prepare_latents`` (so a generator or a list of generators draws the
+very same noise) and the output type are diffusers'. ``__call__`` keeps diffusers' signature, adds keyword-only
+extras (``cache=``, ``scheduler_name=``), and runs our path: prompts encoded without padding to 512 tokens, the
+caption branch of the transformer once per call, our sampler over the scheduler's sigmas calling our denoiser
+(``zimage_core.denoiser.Denoiser``: CFG, normalization, truncation), step caches and other model hooks, run-time
+LoRA, and our VAE decode step.
+
+The sigmas come from the pipeline's scheduler exactly as diffusers computes them (``set_timesteps`` with ``mu``,
+custom ``sigmas``, Karras/exponential/beta options of ``FlowMatchEulerDiscreteScheduler``); that scheduler's Euler
+step is our ``Default`` sampler. ``scheduler_name=`` picks any sampler of the API's ``scheduler`` table instead.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import ZImageImg2ImgPipeline as _DiffusersImg2Img
+from diffusers import ZImageInpaintPipeline as _DiffusersInpaint
+from diffusers import ZImagePipeline as _DiffusersText2Image
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
+from diffusers.pipelines.z_image.pipeline_z_image import (
+    calculate_shift,
+    get_default_z_image_sigmas,
+    retrieve_timesteps,
+)
+
+from .. import lora as lora_mod
+from ..denoiser import Denoiser, GenerationStats
+from ..errors import RequestError
+from ..hooks import StackHook
+from ..pipeline import ZImage, vae_decode
+from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
+from .transformer import ZImageTransformer2DModel
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What diffusers writes into model_index.json for the transformer: saved folders load in diffusers unchanged.
+TRANSFORMER_ENTRY = ("diffusers", "ZImageTransformer2DModel")
+
+
+class _Interrupted(Exception):
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+
+class _DropIn:
+    """The shared implementation; mixed in before the diffusers pipeline class it replaces."""
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
+        if not isinstance(transformer, ZImageTransformer2DModel):  # diffusers' own transformer: same weights, ours
+            transformer = ZImageTransformer2DModel.from_diffusers(transformer)
+        super().__init__(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
+        self.register_to_config(transformer=TRANSFORMER_ENTRY)
+        self._loras: dict[str, lora_mod.LoraWeights] = {}
+        self._active_loras: dict[str, float] = {}
+        self._loras_enabled = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
+        if "transformer" not in kwargs:
+            keys = (
+                "torch_dtype",
+                "dtype",
+                "cache_dir",
+                "local_files_only",
+                "revision",
+                "token",
+                "variant",
+                "use_safetensors",
+            )
+            kwargs["transformer"] = ZImageTransformer2DModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="transformer", **{k: kwargs[k] for k in keys if k in kwargs}
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ---- prompts ---------------------------------------------------------------------------------------------------
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device | None = None,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: list[torch.FloatTensor] | None = None,
+        negative_prompt_embeds: torch.FloatTensor | None = None,
+        max_sequence_length: int = 512,
+    ):
+        """diffusers' ``encode_prompt``, except that the caller's prompt list is never modified (diffusers writes the
+        chat-templated text back into it) and a single negative prompt string applies to every prompt."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        prompt_embeds = self._encode_prompt(prompts, device, prompt_embeds, max_sequence_length)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, []
+        n = len(prompt_embeds)
+        if negative_prompt is None:
+            negative_prompt = [""] * n
+        elif isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * n
+        elif len(negative_prompt) != n:
+            raise RequestError("negative_prompt", f"has {len(negative_prompt)} entries for {n} prompts")
+        negative_prompt_embeds = self._encode_prompt(
+            negative_prompt, device, negative_prompt_embeds, max_sequence_length
+        )
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_prompt(self, prompt, device=None, prompt_embeds=None, max_sequence_length: int = 512):
+        """Caption features [L_i, cap_feat_dim] per prompt; the same valid-token features as diffusers (which pads
+        every prompt to ``max_sequence_length`` tokens), padded only to the longest prompt of the call."""
+        if prompt_embeds is not None:
+            return prompt_embeds
+        device = device or self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return [f.to(device) for f in ZImage.encode_prompts(self, prompts, max_sequence_length)]
+
+    # ---- LoRA: diffusers' loader reads and converts the file; adapters apply at run time, never merged -------
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """Load a LoRA (any format diffusers' ``lora_state_dict`` reads) and make it the active adapter."""
+        kwargs.pop("hotswap", None)
+        state_dict = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        if isinstance(state_dict, tuple):
+            state_dict = state_dict[0]
+        if any("lokr" in k for k in state_dict):
+            raise NotImplementedError("LoKr adapters are not supported by zimage_core (LoRA only)")
+        name = adapter_name or f"default_{len(self._loras)}"
+        if name in self._loras:
+            raise ValueError(f"Adapter name {name} already in use in the transformer - please select a new one")
+        weights = lora_mod.lora_from_state_dict(state_dict, name, source=f"LoRA {name!r}")
+        with lora_mod.apply_loras(self.transformer, [(weights, 1.0, "both")], field="lora"):
+            pass  # checks every target is a linear layer of this transformer with matching shapes
+        self._loras[name] = weights
+        self._active_loras = {name: 1.0}
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"got {len(weights)} adapter weights for {len(names)} adapters")
+        missing = [n for n in names if n not in self._loras]
+        if missing:
+            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {list(self._loras)}.")
+        self._active_loras = {n: 1.0 if w is None else float(w) for n, w in zip(names, weights)}
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self._active_loras) if self._loras_enabled else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return {"transformer": list(self._loras)} if self._loras else {}
+
+    def delete_adapters(self, adapter_names: list[str] | str):
+        for n in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self._loras.pop(n, None)
+            self._active_loras.pop(n, None)
+
+    def unload_lora_weights(self):
+        self._loras, self._active_loras = {}, {}
+
+    def disable_lora(self):
+        self._loras_enabled = False
+
+    def enable_lora(self):
+        self._loras_enabled = True
+
+    def fuse_lora(self, *args, **kwargs):
+        raise NotImplementedError(
+            "zimage_core applies LoRA adapters at run time and never merges them into the weights; "
+            "use load_lora_weights / set_adapters (the result is the same)"
+        )
+
+    def _lora_list(self, scale: float):
+        if not self._loras_enabled:
+            return []
+        return [(self._loras[n], w * scale, "both") for n, w in self._active_loras.items()]
+
+    # ---- the shared generation path ------------------------------------------------------------------------------
+    def _check(self, prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt):
+        if prompt is None and prompt_embeds is None:
+            raise RequestError("prompt", "give either prompt or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:  # diffusers' text-to-image would ignore prompt silently
+            raise RequestError("prompt_embeds", "give either prompt or prompt_embeds, not both")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise RequestError("prompt", f"must be a str or a list of str, got {type(prompt).__name__}")
+        if output_type not in OUTPUT_TYPES:
+            raise RequestError("output_type", f"must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if bad:
+            raise RequestError(
+                "callback_on_step_end_tensor_inputs", f"must be in {self._callback_tensor_inputs}, got {bad}"
+            )
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise RequestError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise RequestError("num_images_per_prompt", f"must be >= 1, got {num_images_per_prompt}")
+
+    def _check_size(self, height, width):
+        m = self.vae_scale_factor * 2
+        for name, v in (("height", height), ("width", width)):
+            if v % m:
+                raise RequestError(name, f"must be a multiple of {m}, got {v}")
+
+    def _crop_region(self, image, mask_image, pad, output_type, height, width):
+        """(crop box around the mask + ``pad`` px, generation height, width) for ``padding_mask_crop``."""
+        from PIL import Image
+
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise RequestError("padding_mask_crop", f"must be an integer >= 0 (pixels), got {pad!r}")
+        if not isinstance(image, Image.Image) or not isinstance(mask_image, Image.Image):
+            raise RequestError("padding_mask_crop", "needs image and mask_image as single PIL images")
+        if output_type != "pil":
+            raise RequestError(
+                "padding_mask_crop", f"needs output_type='pil' (the crop is pasted back), got {output_type!r}"
+            )
+        m = self.vae_scale_factor * 2
+        height = height if height is not None else image.height // m * m
+        width = width if width is not None else image.width // m * m
+        return self.mask_processor.get_crop_region(mask_image, width, height, pad=pad), height, width
+
+    def _sampler(self, num_inference_steps, sigmas, image_seq_len, device, scheduler_name):
+        """(spec, timesteps): diffusers' timesteps on the pipeline's scheduler; our sampler for them."""
+        sched = self.scheduler
+        cfg = sched.config
+        mu = calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        if scheduler_name is None:
+            if not isinstance(sched, FlowMatchEulerDiscreteScheduler) or cfg.get("stochastic_sampling", False):
+                raise RequestError(
+                    "scheduler",
+                    f"{type(sched).__name__} (stochastic_sampling={cfg.get('stochastic_sampling', False)}) is not "
+                    "run by zimage_core: use FlowMatchEulerDiscreteScheduler, or pass scheduler_name= one of the API's "
+                    "scheduler names (e.g. 'DPM++ 2M Karras')",
+                )
+            spec = resolve_scheduler("Default")
+        else:
+            try:
+                spec = resolve_scheduler(scheduler_name)
+            except UnknownSchedulerError as e:
+                raise RequestError("scheduler_name", str(e)) from None
+            if spec.schedule_name != "default" and sigmas is not None:
+                raise RequestError("sigmas", f"cannot be combined with {scheduler_name!r}, which has its own schedule")
+        if sigmas is None:
+            sigmas = get_default_z_image_sigmas(num_inference_steps)
+        timesteps, num_inference_steps = retrieve_timesteps(sched, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        if spec.schedule_name != "default":  # the named schedule replaces the scheduler's (shift as configured)
+            shift = math.exp(mu) if cfg.get("use_dynamic_shifting", False) else float(cfg.get("shift", 1.0))
+            grid = spec.sigmas(num_inference_steps, shift).to(torch.float32)
+            sched.sigmas = grid.to(sched.sigmas.device)
+            sched.timesteps = (grid[:-1] * cfg.num_train_timesteps).to(timesteps.device)
+            timesteps = sched.timesteps
+        return spec, timesteps
+
+    def _contexts(self, prompt_embeds, negative_prompt_embeds, use_cfg):
+        dtype = self.transformer.dtype
+        pos = self.transformer.encode_context([p.to(dtype) for p in prompt_embeds])
+        neg = self.transformer.encode_context([n.to(dtype) for n in negative_prompt_embeds]) if use_cfg else None
+        return pos, neg
+
+    def _run(
+        self,
+        *,
+        mode: str,
+        prompt,
+        image=None,
+        mask_image=None,
+        masked_image_latents=None,
+        strength: float = 1.0,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        guidance_scale,
+        cfg_normalization,
+        cfg_truncation,
+        negative_prompt,
+        num_images_per_prompt,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        output_type,
+        return_dict,
+        joint_attention_kwargs,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        max_sequence_length,
+        cache,
+        scheduler_name,
+        hooks=(),
+        padding_mask_crop=None,
+    ):
+        # 1. check inputs
+        self._check(prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
+        init_image = None
+        if mode != "text2img":
+            if image is None:
+                raise RequestError("image", f"is required by {type(self).__name__}")
+            if mode == "inpaint" and mask_image is None:
+                raise RequestError("mask_image", "is required for inpainting")
+            if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+                raise RequestError("strength", f"must be in [0.0, 1.0], got {strength!r}")
+            crops_coords, image_in = None, image
+            if padding_mask_crop is not None:
+                crops_coords, height, width = self._crop_region(
+                    image, mask_image, padding_mask_crop, output_type, height, width
+                )
+                init_image = self.image_processor.preprocess(
+                    image, height=height, width=width, crops_coords=crops_coords, resize_mode="fill"
+                )
+            else:
+                init_image = self.image_processor.preprocess(image)
+            init_image = init_image.to(dtype=torch.float32)
+            height = init_image.shape[-2] if height is None else height
+            width = init_image.shape[-1] if width is None else width
+        height, width = height or 1024, width or 1024
+        self._check_size(height, width)
+        mask = None
+        if mode == "inpaint":
+            if padding_mask_crop is not None:
+                mask = self.mask_processor.preprocess(
+                    mask_image, height=height, width=width, resize_mode="fill", crops_coords=crops_coords
+                )
+            else:
+                mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        device = self._execution_device
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._interrupt = False
+        self._cfg_normalization = cfg_normalization
+        self._cfg_truncation = cfg_truncation
+        use_cfg = self.do_classifier_free_guidance
+        lora_scale = float((joint_attention_kwargs or {}).get("scale", 1.0))
+        loras = self._lora_list(lora_scale)
+
+        # 2. encode prompts
+        if prompt_embeds is not None and prompt is None:
+            if use_cfg and negative_prompt_embeds is None:
+                raise RequestError(
+                    "negative_prompt_embeds", "is required with prompt_embeds and no prompt when guidance_scale > 0"
+                )
+            if not use_cfg:
+                negative_prompt_embeds = []
+        else:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                do_classifier_free_guidance=use_cfg,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                device=device,
+                max_sequence_length=max_sequence_length,
+            )
+        batch_size = len(prompt_embeds)
+        if num_images_per_prompt > 1:
+            prompt_embeds = [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)]
+            if use_cfg and negative_prompt_embeds:
+                negative_prompt_embeds = [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)]
+        n = batch_size * num_images_per_prompt
+        channels = self.transformer.in_channels
+        lat_h, lat_w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
+
+        # 3. timesteps and sampler
+        spec, timesteps = self._sampler(
+            num_inference_steps, sigmas, (lat_h // 2) * (lat_w // 2), device, scheduler_name
+        )
+        total_steps = len(timesteps)
+        if mode == "text2img":
+            self.scheduler.set_begin_index(0)
+        else:
+            timesteps, steps_left = self.get_timesteps(total_steps, strength, device)
+            if steps_left < 1:
+                raise RequestError(
+                    "strength", f"{strength} leaves {steps_left} of {total_steps} steps to run (need at least 1)"
+                )
+        t_start = total_steps - len(timesteps)
+        self._num_timesteps = len(timesteps)
+
+        # 4. initial latents (diffusers' own prepare_latents: the same draws from the same generators)
+        noise = image_latents = None
+        if mode == "text2img":
+            latents = self.prepare_latents(n, channels, height, width, torch.float32, device, generator, latents)
+        else:
+            first = timesteps[:1].repeat(n)
+            args = (init_image, first, n, channels, height, width, prompt_embeds[0].dtype, device, generator, latents)
+            if mode == "img2img":
+                latents = self.prepare_latents(*args)
+            else:
+                latents, noise, image_latents = self.prepare_latents(*args)
+        latents = latents.float()
+        if mode == "inpaint":
+            if "masked_image_latents" in (callback_on_step_end_tensor_inputs or ()) and masked_image_latents is None:
+                masked = init_image * (mask < 0.5)
+                mask, masked_image_latents = self.prepare_mask_latents(
+                    mask, masked, n, height, width, prompt_embeds[0].dtype, device, generator
+                )
+            else:  # diffusers also VAE-encodes the masked image here, but its loop never reads the result
+                mask = F.interpolate(mask, size=(lat_h, lat_w), mode="nearest").to(device, prompt_embeds[0].dtype)
+                if mask.shape[0] < n:
+                    if n % mask.shape[0]:
+                        raise RequestError("mask_image", f"{mask.shape[0]} masks cannot be spread over {n} images")
+                    mask = mask.repeat(n // mask.shape[0], 1, 1, 1)
+
+        # 5. sample: our sampler over the scheduler's sigmas, calling our denoiser
+        run_sigmas = self.scheduler.sigmas[t_start:]
+        cfg_norm = float(cfg_normalization) if cfg_normalization else 0.0
+        cfg_trunc = math.inf if cfg_truncation is None else float(cfg_truncation)
+        stats = GenerationStats(
+            scheduler=scheduler_name or "Default",
+            shift=float(self.scheduler.config.get("shift", 1.0)),
+            t_start=t_start,
+            steps=len(timesteps),
+            cfg_scale=float(guidance_scale) + 1.0,
+        )
+        cache_state = cache.new_state(num_steps=total_steps, start_step=t_start) if cache is not None else None
+        sampler_generator = generator[0] if isinstance(generator, list) else generator
+        if sampler_generator is not None and sampler_generator.device.type != "cpu":
+            sampler_generator = None  # our stochastic samplers draw on the CPU
+        tensors = {
+            "latents": latents,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "mask": mask,
+            "masked_image_latents": masked_image_latents,
+        }
+        current: dict[str, Any] = {}
+
+        def build_denoiser():
+            ctx_pos, ctx_neg = self._contexts(tensors["prompt_embeds"], tensors["negative_prompt_embeds"], use_cfg)
+            current["embeds"] = (tensors["prompt_embeds"], tensors["negative_prompt_embeds"])
+            current["denoise"] = Denoiser.build(
+                self.transformer,
+                ctx_pos,
+                ctx_neg,
+                guidance=float(guidance_scale),
+                cfg_normalization=cfg_norm,
+                cfg_truncation=cfg_trunc,
+                stats=stats,
+                hooks=[*hooks, *([] if cache_state is None else [cache_state])],  # the cache is the innermost hook
+            )
+
+        def denoise(x, sigma):
+            return current["denoise"](x, sigma)
+
+        if cache_state is not None:
+            denoise = cache_state.observe(denoise)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+
+            def on_step(info):
+                i, x = info["i"], info["x"]
+                if mode == "inpaint":
+                    sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32)
+                    proper = (
+                        image_latents
+                        if i == len(timesteps) - 1
+                        else sig_next * noise + (1.0 - sig_next) * image_latents
+                    )
+                    x = (1 - tensors["mask"]) * proper + tensors["mask"] * x
+                tensors["latents"] = x
+                if cache_state is not None:
+                    cache_state.end_step(i)
+                if callback_on_step_end is not None:
+                    kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, timesteps[i], kwargs) or {}
+                    for k in ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"):
+                        if k in outputs:
+                            tensors[k] = outputs.pop(k)
+                    pos, neg = current["embeds"]
+                    if tensors["prompt_embeds"] is not pos or tensors["negative_prompt_embeds"] is not neg:
+                        build_denoiser()  # the caption branch follows embeddings a callback replaced
+                progress_bar.update()
+                if self._interrupt:
+                    raise _Interrupted(tensors["latents"])
+                return tensors["latents"]
+
+            with torch.no_grad(), lora_mod.apply_loras(self.transformer, loras):
+                lora_mod.set_sigma(1.0)
+                build_denoiser()
+                try:
+                    latents = spec.sample(denoise, latents, run_sigmas, generator=sampler_generator, callback=on_step)
+                except _Interrupted as stop:
+                    latents = stop.latents
+        stats.nfe_per_result = stats.forwards
+        if cache_state is not None:
+            stats.cache = [cache_state.summary()]
+        self._last_stats = stats  # what the last call did (forwards, cache decisions); not part of diffusers' API
+
+        # 6. decode
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(vae_decode(self.vae, latents), output_type=output_type)
+            if padding_mask_crop is not None:  # paste the repainted crop back into the untouched original
+                image = [self.image_processor.apply_overlay(mask_image, image_in, im, crops_coords) for im in image]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ZImagePipelineOutput(images=image)
+
+
+class ZImagePipeline(_DropIn, _DiffusersText2Image):
+    """diffusers' ``ZImagePipeline`` (text-to-image) on our transformer and sampling core."""
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        cfg_normalization: bool = False,
+        cfg_truncation: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: list[torch.FloatTensor] | None = None,
+        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_sequence_length: int = 512,
+        *,
+        cache=None,
+        scheduler_name: str | None = None,
+        hooks: Sequence[StackHook] = (),
+    ) -> ZImagePipelineOutput | tuple:
+        """diffusers' ``ZImagePipeline.__call__``; extras: ``cache`` (a step-cache config, e.g.
+        ``zimage_core.cache.FBCacheConfig``), ``scheduler_name`` (any of the API's scheduler names) and ``hooks``
+        (``zimage_core.hooks.StackHook`` objects acting around the main layers of every model call)."""
+        kw = dict(locals())
+        kw.pop("self")
+        kw.pop("__class__", None)
+        return self._run(mode="text2img", **kw)
+
+
+class ZImageImg2ImgPipeline(_DropIn, _DiffusersImg2Img):
+    """diffusers' ``ZImageImg2ImgPipeline`` on our transformer and sampling core."""
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        image: PipelineImageInput = None,
+        strength: float = 0.6,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        cfg_normalization: bool = False,
+        cfg_truncation: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: list[torch.FloatTensor] | None = None,
+        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_sequence_length: int = 512,
+        *,
+        cache=None,
+        scheduler_name: str | None = None,
+        hooks: Sequence[StackHook] = (),
+    ) -> ZImagePipelineOutput | tuple:
+        """diffusers' ``ZImageImg2ImgPipeline.__call__``; extras as in :class:`ZImagePipeline`."""
+        kw = dict(locals())
+        kw.pop("self")
+        kw.pop("__class__", None)
+        return self._run(mode="img2img", **kw)
+
+
+class ZImageInpaintPipeline(_DropIn, _DiffusersInpaint):
+    """diffusers' ``ZImageInpaintPipeline`` on our transformer and sampling core."""
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        image: PipelineImageInput = None,
+        mask_image: PipelineImageInput = None,
+        masked_image_latents: torch.FloatTensor | None = None,
+        strength: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        cfg_normalization: bool = False,
+        cfg_truncation: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: list[torch.FloatTensor] | None = None,
+        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[int, int, dict], None] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_sequence_length: int = 512,
+        *,
+        cache=None,
+        scheduler_name: str | None = None,
+        hooks: Sequence[StackHook] = (),
+        padding_mask_crop: int | None = None,
+    ) -> ZImagePipelineOutput | tuple:
+        """diffusers' ``ZImageInpaintPipeline.__call__``; extras as in :class:`ZImagePipeline`, and
+        ``padding_mask_crop`` (pixels, as in diffusers' Stable Diffusion inpainting): work on the mask's bounding box
+        grown by that margin, resized to ``height`` x ``width`` (default: the image's size rounded down to a multiple
+        of 16), and paste the result back into the original image; needs single PIL inputs and ``output_type="pil"``.
+        """
+        kw = dict(locals())
+        kw.pop("self")
+        kw.pop("__class__", None)
+        return self._run(mode="inpaint", **kw)
+
+
+__all__ = ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImagePipeline"]
