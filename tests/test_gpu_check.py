@@ -74,3 +74,20 @@ def test_without_cuda_the_real_run_refuses_with_77(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "environment", lambda py: {"cuda_available": False, "timestamp": "x"})
     assert gpu_check.main(["--out", str(tmp_path)]) == 77
     assert not any(tmp_path.iterdir())
+
+
+def test_missing_packages_come_from_local_wheels_only(tmp_path, monkeypatch):
+    """With diffusers importable nothing is installed; without it and without wheels, nothing either (no network)."""
+    calls = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(gpu_check, "_run_text", lambda *a, **k: "ok")
+    assert gpu_check.ensure_wheels(sys.executable, open(tmp_path / "log", "w")) is None
+    monkeypatch.setattr(gpu_check, "_run_text", lambda *a, **k: None)  # diffusers missing
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)  # no .whl/ there
+    assert gpu_check.ensure_wheels(sys.executable, open(tmp_path / "log", "w")) is None
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
+    site = gpu_check.ensure_wheels(sys.executable, open(tmp_path / "log", "w"))
+    assert site and len(calls) == 1
+    cmd = calls[0][0]
+    assert "--no-index" in cmd and "--target" in cmd and cmd[-1].endswith("diffusers-0.42.1-py3-none-any.whl")
