@@ -91,3 +91,21 @@ def test_missing_packages_come_from_local_wheels_only(tmp_path, monkeypatch):
     assert site and len(calls) == 1
     cmd = calls[0][0]
     assert "--no-index" in cmd and "--target" in cmd and cmd[-1].endswith("diffusers-0.42.1-py3-none-any.whl")
+
+
+def test_the_gpu_commands_are_valid_for_the_bench_parsers(tmp_path):
+    """The real (non-dry) run cannot be executed here; its commands must at least be what the benches accept."""
+    from bench import kernels as bench_kernels
+    from bench.pipelines import ALL_CONFIGS
+    from bench.shapes import resolve
+
+    steps = {name: cmd for name, cmd, _ in gpu_check.steps("python3", tmp_path, False, 8)}
+    assert steps["gpu-tests"][1:4] == ["scripts/run_tier.py", "gpu", "-q"]
+    k = bench_kernels.parse_args(steps["kernels"][4:])
+    assert (k.cases, k.dtype, k.out) == ("zimage", "bf16", str(tmp_path / "kernels.jsonl"))
+    thr = steps["throughput"]
+    shape = resolve(thr[thr.index("--shapes") + 1], "cuda")[0]
+    assert (shape.width, shape.height, shape.cfg, shape.steps) == (1024, 1024, True, 8)
+    assert set(thr[thr.index("--configs") + 1].split(",")) <= set(ALL_CONFIGS)
+    assert thr[thr.index("--model") + 1] == "synthetic"
+    assert sum(gpu_check.BUDGETS.values()) <= 560  # with start-up and env, under the GPU machine's 10 minutes
