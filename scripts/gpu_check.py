@@ -127,24 +127,26 @@ def default_out(env: dict) -> Path:
     return REPO / "bench" / "results" / f"{env['timestamp'][:10]}-{slug}"
 
 
-def ensure_wheels(py: str, log) -> dict:
-    """Install missing Python packages from local wheels (``.whl/``) into a private folder; never the network."""
+def ensure_wheels(py: str, log) -> str | None:
+    """Install missing Python packages from local wheels (``.whl/``) into a private folder; never the network.
+    Returns that folder (to put first on PYTHONPATH), or None when nothing was missing or no wheel is there."""
     missing = _run_text([py, "-c", "import diffusers"]) is None
     wheels = sorted((REPO / ".whl").glob("*.whl"))
     if not missing or not wheels:
-        return {}
+        return None
     target = Path(os.environ.get("TMPDIR", "/tmp")) / "zimage-site"
     cmd = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
     cmd += ["--target", str(target), *map(str, wheels)]
     log.write(f"===== wheels: {' '.join(cmd)}\n")
     log.flush()
     subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=120)
-    return {"PYTHONPATH": f"{target}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return str(target)
 
 
 def steps(py: str, out: Path, dry: bool, steps_per_image: int) -> list[tuple[str, list[str], dict]]:
     """(name, command, extra run_step kwargs) of the steps after ``env``."""
-    tier = [py, "scripts/run_tier.py", "gpu", "-q", "-x" if dry else "-rfE", f"--junitxml={out / 'gpu_tests.xml'}"]
+    tier = [py, "scripts/run_tier.py", "gpu", "-q", "-x" if dry else "-rfE", "--durations=15", "-p", "no:cacheprovider"]
+    tier += [f"--junitxml={out / 'gpu_tests.xml'}"]
     tier_log = {"log_file": "gpu_tests.log", "skip_codes": (77,)}
     if dry:
         kernels = [py, "-m", "bench", "kernels", "--cases", "small", "--ops", "gated_residual", "qk_norm_rope"]
@@ -185,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "steps.log", "w") as log:
         run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{REPO}{os.pathsep}"}
         run_env["PYTHONPATH"] += os.environ.get("PYTHONPATH", "")
-        run_env.update(ensure_wheels(py, log))
+        site = ensure_wheels(py, log)
+        if site:
+            run_env["PYTHONPATH"] = f"{site}{os.pathsep}{run_env['PYTHONPATH']}"
         if args.dry_run:
             run_env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
         for name, cmd, extra in steps(py, out, args.dry_run, args.steps):

@@ -74,3 +74,38 @@ def test_without_cuda_the_real_run_refuses_with_77(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "environment", lambda py: {"cuda_available": False, "timestamp": "x"})
     assert gpu_check.main(["--out", str(tmp_path)]) == 77
     assert not any(tmp_path.iterdir())
+
+
+def test_missing_packages_come_from_local_wheels_only(tmp_path, monkeypatch):
+    """With diffusers importable nothing is installed; without it and without wheels, nothing either (no network)."""
+    calls = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(gpu_check, "_run_text", lambda *a, **k: "ok")
+    assert gpu_check.ensure_wheels(sys.executable, open(tmp_path / "log", "w")) is None
+    monkeypatch.setattr(gpu_check, "_run_text", lambda *a, **k: None)  # diffusers missing
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)  # no .whl/ there
+    assert gpu_check.ensure_wheels(sys.executable, open(tmp_path / "log", "w")) is None
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
+    site = gpu_check.ensure_wheels(sys.executable, open(tmp_path / "log", "w"))
+    assert site and len(calls) == 1
+    cmd = calls[0][0]
+    assert "--no-index" in cmd and "--target" in cmd and cmd[-1].endswith("diffusers-0.42.1-py3-none-any.whl")
+
+
+def test_the_gpu_commands_are_valid_for_the_bench_parsers(tmp_path):
+    """The real (non-dry) run cannot be executed here; its commands must at least be what the benches accept."""
+    from bench import kernels as bench_kernels
+    from bench.pipelines import ALL_CONFIGS
+    from bench.shapes import resolve
+
+    steps = {name: cmd for name, cmd, _ in gpu_check.steps("python3", tmp_path, False, 8)}
+    assert steps["gpu-tests"][1:4] == ["scripts/run_tier.py", "gpu", "-q"]
+    k = bench_kernels.parse_args(steps["kernels"][4:])
+    assert (k.cases, k.dtype, k.out) == ("zimage", "bf16", str(tmp_path / "kernels.jsonl"))
+    thr = steps["throughput"]
+    shape = resolve(thr[thr.index("--shapes") + 1], "cuda")[0]
+    assert (shape.width, shape.height, shape.cfg, shape.steps) == (1024, 1024, True, 8)
+    assert set(thr[thr.index("--configs") + 1].split(",")) <= set(ALL_CONFIGS)
+    assert thr[thr.index("--model") + 1] == "synthetic"
+    assert sum(gpu_check.BUDGETS.values()) <= 560  # with start-up and env, under the GPU machine's 10 minutes

@@ -192,3 +192,17 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.zimage.swiglu, (t["x"], t["y"]))
     torch.library.opcheck(torch.ops.zimage.rms_norm_modulate, (t["x"], t["w"], t["s"], 1e-5))
     torch.library.opcheck(torch.ops.zimage.attention, (t["q"], t["k"], t["v"], None, None))
+
+
+@pytest.mark.parametrize("path", ["tma", "plain"])
+def test_attention_lse_bf16_real_shapes(path):
+    """The log-sum-exp output at Z-Image's shapes (ragged CFG batch) against float64, a few heads at a time."""
+    q, k, v, kv_lens = _attention_inputs(B=2)
+    out, lse = attn._launch(q, k, v, kv_lens, None, path=path, lse=True)
+    assert torch.equal(out, attn._launch(q, k, v, kv_lens, None, path=path))  # same output as without lse
+    keep = torch.arange(k.shape[1], device=DEV)[None, :] < kv_lens[:, None].long()
+    for h in range(0, H, 5):
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, :, h : h + 5].double(), k[:, :, h : h + 5].double()) * D**-0.5
+        want = torch.logsumexp(s.masked_fill(~keep[:, None, None, :], float("-inf")), dim=-1)
+        # bf16 inputs are exact in fp32; the error is the fp32 online sum and exp2 (about 1e-5 relative)
+        torch.testing.assert_close(lse[:, h : h + 5].double(), want, rtol=0, atol=1e-3)
