@@ -475,3 +475,13 @@ def test_control_blocks_run_the_fused_kernels_within_tolerance(tiny, monkeypatch
     fused = hints("triton", torch.float32)
     assert n_main == 0 and len(launched) > 0
     assert_close_to_ref(fused, exact, eager, "controlnet 2.1 hints")
+
+
+def test_controlnet_for_another_transformer_is_a_request_error(ours, tiny):
+    from zimage_core.errors import RequestError
+
+    tr, ours_t = tiny  # 4 main layers; the pipeline's transformer has 2
+    other = C.from_diffusers(diffusers_controlnet("1.0", tr), ours_t)
+    with pytest.raises(RequestError, match="control_layers_places") as e:
+        run(ours, C.ControlNetInput(other, guide(64, 64)))
+    assert e.value.field == "controlnets[0].model"

@@ -275,6 +275,50 @@ def evaluate(pipe, model, pairs, weight: float = 1.0, mode: str = "controlnet", 
     return {"n": n, "at_guide": at_guide / n, "at_guide_with_shape": shape_ok / n, "at_caption": at_caption / n}
 
 
+def measure(pipe, model, n: int = 24, repeats: int = 3) -> dict:
+    """The README's figures: the pixel check per controlMode, with FBCache and at weight 0; weight 0 against no
+    ControlNet; and CPU process time per image (medians of interleaved runs, one caption and seed) per setting."""
+    import statistics
+
+    from kernels.cache import CacheConfig
+
+    pairs = eval_pairs(n)
+    fb = CacheConfig.for_method("fb", threshold=0.25)
+    out = {mode: evaluate(pipe, model, pairs, weight=1.0, mode=mode) for mode in cn_mod.MODES}
+    out["weight0"] = evaluate(pipe, model, pairs, weight=0.0)
+    out["controlnet+fb0.25"] = evaluate(pipe, model, pairs, weight=1.0, mode="controlnet", cache=fb)
+    s, g, seed = pairs[0]
+    guide = guide_image(g)
+    off = pipe.generate(s.caption, seed=seed, output_type="latent").latents
+    zero = cn_mod.ControlNetInput(model, guide, weight=0.0)
+    out["weight0_equal"] = bool(torch.equal(off, pipe.generate(s.caption, seed=seed, output_type="latent",
+                                                                 controlnets=[zero]).latents))  # fmt: skip
+    spec = lambda **kw: [cn_mod.ControlNetInput(model, guide, weight=1.0, **kw)]  # noqa: E731
+    cases = {
+        "none": {},
+        "balanced": dict(controlnets=spec()),
+        "controlnet": dict(controlnets=spec(mode="controlnet")),
+        "balanced_window_half": dict(controlnets=spec(end=6)),
+        "fb": dict(cache=fb),
+        "fb+controlnet": dict(cache=fb, controlnets=spec(mode="controlnet")),
+    }
+    times, stats = {k: [] for k in cases}, {}
+    for _ in range(repeats):
+        for k, kw in cases.items():
+            t0 = time.process_time()
+            r = pipe.generate(s.caption, seed=seed, output_type="latent", **kw)
+            times[k].append(time.process_time() - t0)
+            stats[k] = {
+                "controlnet_forwards": (r.stats.get("controlnet") or [{}])[0].get("controlnet_forwards"),
+                "reused_steps": [len(c["reused_steps"]) for c in r.stats.get("cache", [])],
+            }
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out["cpu_s_median"] = med
+    out["ratio_vs_none"] = {k: round(v / med["none"], 3) for k, v in med.items()}
+    out["stats"] = stats
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..pipeline import ZImage
 
@@ -290,12 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = ZImage.default(device="cpu", dtype=torch.float32)
     if args.evaluate:
         model = cn_mod.load_controlnet(args.out or cn_mod.builtin_path(), pipe.transformer)
-        pairs = eval_pairs(args.n)
-        for mode in ("controlnet", "balanced"):
-            res = evaluate(pipe, model, pairs, mode=mode)
-            print(f"controlMode {mode}: {json.dumps(res)}")
-        base = evaluate(pipe, model, pairs, weight=0.0)
-        print(f"weight 0: {json.dumps(base)}")
+        print(json.dumps(measure(pipe, model, args.n), indent=1))
         return 0
     if not args.out:
         p.error("--out is required for training")
