@@ -280,7 +280,7 @@ def measure(pipe, model, n: int = 24, repeats: int = 3) -> dict:
     ControlNet; and CPU process time per image (medians of interleaved runs, one caption and seed) per setting."""
     import statistics
 
-    from kernels.cache import CacheConfig
+    from zimage_core.cache import CacheConfig
 
     pairs = eval_pairs(n)
     fb = CacheConfig.for_method("fb", threshold=0.25)
