@@ -170,7 +170,9 @@ class ZImageControlNetModel(ZImageControlNet, ModelMixin, ConfigMixin):
         if not isinstance(transformer, ZImageTransformer2DModel):
             transformer = ZImageTransformer2DModel.from_diffusers(transformer)
             self.__dict__["_transformer"] = transformer
-        hook = _AllHints(self, transformer, list(x), list(control_context), conditioning_scale, (patch_size, f_patch_size))
+        hook = _AllHints(
+            self, transformer, list(x), list(control_context), conditioning_scale, (patch_size, f_patch_size)
+        )
         try:
             transformer.forward_with_context(
                 x, t, transformer.encode_context(cap_feats), patch_size=patch_size, f_patch_size=f_patch_size,
