@@ -117,6 +117,23 @@ def test_model_folders_load_both_ways(tiny, tmp_path):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in control.items())
 
 
+def test_from_single_file_matches_diffusers(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    tr, _ = tiny
+    cn = diffusers_controlnet("2.1", tr, seed=6)
+    control = {k: v.contiguous() for k, v in cn.state_dict().items() if k.startswith("control_")}
+    save_file(control, tmp_path / "release.safetensors")
+    cn.save_pretrained(tmp_path / "config")  # a local config: the test machine has no hub access
+    args = (tmp_path / "release.safetensors",)
+    theirs = diffusers.ZImageControlNetModel.from_single_file(*args, config=str(tmp_path / "config"))
+    ours = zd.ZImageControlNetModel.from_single_file(*args, config=str(tmp_path / "config"))
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert isinstance(ours, zd.ZImageControlNetModel) and public(ours.config) == public(theirs.config)
+    assert set(ours.state_dict()) == set(control)
+    assert all(torch.equal(ours.state_dict()[k], theirs.state_dict()[k]) for k in control)
+
+
 # ---- the pipelines: parity ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

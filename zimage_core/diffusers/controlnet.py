@@ -140,6 +140,14 @@ class ZImageControlNetModel(ZImageControlNet, ModelMixin, ConfigMixin):
         return model.eval()
 
     @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs) -> ZImageControlNetModel:
+        """diffusers' single-file loader (the Union 1.0 / 2.0 / 2.1 release files; its ``config=`` and other keyword
+        arguments), converted to this class without a copy."""
+        from diffusers import ZImageControlNetModel as _Diffusers
+
+        return cls.from_diffusers(_Diffusers.from_single_file(pretrained_model_link_or_path_or_dict, **kwargs))
+
+    @classmethod
     def from_transformer(cls, controlnet, transformer):
         """diffusers' ``from_transformer``: remembers ``transformer`` for :meth:`forward` (not as a submodule: its
         weights stay out of this model's state dict). Our pipelines pass the transformer at run time instead."""
