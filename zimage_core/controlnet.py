@@ -324,7 +324,7 @@ class ControlHook(StackHook):
         on_block: Callable[[], None] | None = None,
     ):
         self.model, self.transformer, self.x = model, transformer, list(x)
-        self.control = control  # [control_in_dim, F, H, W], the same for every row
+        self.control = control  # [control_in_dim, F, H, W] for every row, or a list: row i gets control[i % len]
         self.weight = float(weight)
         self.layer_scales = list(layer_scales) if layer_scales is not None else None
         self.rows = None if rows is None else list(rows)
@@ -343,6 +343,8 @@ class ControlHook(StackHook):
         plens = [padded_len((xi.shape[1] // pf) * (xi.shape[2] // p) * (xi.shape[3] // p)) for xi in self.x]
         rows = self.rows if self.rows is not None and len(self.rows) < len(self.x) else None
         h, sub, x = hidden, inp, self.x
+        ctl = self.control if isinstance(self.control, (list, tuple)) else [self.control]
+        ctl = [ctl[i % len(ctl)] for i in range(len(x))]  # a CFG batch repeats the rows: [cond..., uncond...]
         if rows is not None:
             self._index = torch.tensor(rows, device=hidden.device)
             h = hidden.index_select(0, self._index)
@@ -350,9 +352,9 @@ class ControlHook(StackHook):
             sub = BlockInputs(
                 inp.ops, kv, inp.freqs_cis.index_select(0, self._index), inp.adaln_input.index_select(0, self._index)
             )
-            plens, x = [plens[i] for i in rows], [x[i] for i in rows]
+            plens, x, ctl = [plens[i] for i in rows], [x[i] for i in rows], [ctl[i] for i in rows]
         self._pending = self.model.iter_hints(
-            self.transformer, h, sub, plens, [self.control] * len(plens), x, scale=self.weight, patch=self.patch
+            self.transformer, h, sub, plens, ctl, x, scale=self.weight, patch=self.patch
         )
         self._hints = {}
         if self.on_forward is not None:
@@ -409,7 +411,7 @@ class ControlNetInput:
 @dataclass
 class _Prepared:
     spec: ControlNetInput
-    latent: torch.Tensor  # [control_in_dim, 1, h, w]
+    latent: torch.Tensor | list[torch.Tensor]  # [control_in_dim, 1, h, w], or one per row (see ControlHook)
     start: int
     end: int
     scales: list[float]

@@ -10,6 +10,7 @@ This package is named ``diffusers`` inside ``zimage_core``; every import of the 
 """
 
 from .attention import ZImageAttnProcessor, set_fast_attention
+from .controlnet import ZImageControlNetModel
 from .transformer import ZImageTransformer2DModel
 
 
@@ -18,11 +19,18 @@ def __getattr__(name):  # the pipelines pull in transformers: import them lazily
         from . import pipelines
 
         return getattr(pipelines, name)
+    if name in ("ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline"):
+        from . import controlnet_pipelines
+
+        return getattr(controlnet_pipelines, name)
     raise AttributeError(name)
 
 
 __all__ = [
     "ZImageAttnProcessor",
+    "ZImageControlNetInpaintPipeline",
+    "ZImageControlNetModel",
+    "ZImageControlNetPipeline",
     "ZImageImg2ImgPipeline",
     "ZImageInpaintPipeline",
     "ZImagePipeline",

@@ -34,6 +34,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
     retrieve_timesteps,
 )
 
+from .. import controlnet as cn_mod
 from .. import lora as lora_mod
 from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
@@ -301,6 +302,7 @@ class _DropIn:
         scheduler_name,
         hooks=(),
         padding_mask_crop=None,
+        controls=(),
     ):
         # 1. check inputs
         self._check(prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
@@ -425,6 +427,7 @@ class _DropIn:
             cfg_scale=float(guidance_scale) + 1.0,
         )
         cache_state = cache.new_state(num_steps=total_steps, start_step=t_start) if cache is not None else None
+        cn_state = cn_mod.ControlState(list(controls), self.transformer, t_start, t_start) if controls else None
         sampler_generator = generator[0] if isinstance(generator, list) else generator
         if sampler_generator is not None and sampler_generator.device.type != "cpu":
             sampler_generator = None  # our stochastic samplers draw on the CPU
@@ -449,6 +452,7 @@ class _DropIn:
                 cfg_truncation=cfg_trunc,
                 stats=stats,
                 hooks=[*hooks, *([] if cache_state is None else [cache_state])],  # the cache is the innermost hook
+                control=cn_state,  # ControlNet hints, added after their main layers through the hook chain
             )
 
         def denoise(x, sigma):
@@ -472,6 +476,8 @@ class _DropIn:
                 tensors["latents"] = x
                 if cache_state is not None:
                     cache_state.end_step(i)
+                if cn_state is not None:
+                    cn_state.end_step(i)
                 if callback_on_step_end is not None:
                     kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, timesteps[i], kwargs) or {}
@@ -496,6 +502,8 @@ class _DropIn:
         stats.nfe_per_result = stats.forwards
         if cache_state is not None:
             stats.cache = [cache_state.summary()]
+        if cn_state is not None:
+            stats.controlnet = [dict(cn_state.stats)]
         self._last_stats = stats  # what the last call did (forwards, cache decisions); not part of diffusers' API
 
         # 6. decode
