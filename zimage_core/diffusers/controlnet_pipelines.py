@@ -30,7 +30,7 @@ from diffusers.pipelines.z_image.pipeline_z_image_controlnet import retrieve_lat
 from .. import controlnet as cn_mod
 from ..errors import RequestError
 from .controlnet import CONTROLNET_ENTRY, ZImageControlNetModel
-from .pipelines import TRANSFORMER_ENTRY, _DropIn, drop_in_call
+from .pipelines import TRANSFORMER_ENTRY, _DropIn, drop_in_call, load_component
 from .transformer import ZImageTransformer2DModel
 
 _ALWAYS = 2**62  # the control step window: every step (diffusers has no window)
@@ -74,11 +74,7 @@ class _ControlNetDropIn(_DropIn):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with ``transformer/`` and ``controlnet/`` loaded as our classes."""
-        if "controlnet" not in kwargs:
-            keys = ("torch_dtype", "dtype", "cache_dir", "local_files_only", "revision", "token", "variant")
-            kwargs["controlnet"] = ZImageControlNetModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="controlnet", **{k: kwargs[k] for k in keys if k in kwargs}
-            )
+        load_component(kwargs, "controlnet", ZImageControlNetModel, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _encode_control(self, images: torch.Tensor) -> torch.Tensor:

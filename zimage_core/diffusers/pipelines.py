@@ -48,6 +48,27 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRANSFORMER_ENTRY = ("diffusers", "ZImageTransformer2DModel")
 
 
+# The keyword arguments of a pipeline's ``from_pretrained`` that also apply to loading one model of its folder.
+_MODEL_LOAD_KEYS = (
+    "torch_dtype",
+    "dtype",
+    "cache_dir",
+    "local_files_only",
+    "revision",
+    "token",
+    "variant",
+    "use_safetensors",
+)
+
+
+def load_component(kwargs: dict, name: str, model_cls: type, path) -> None:
+    """Unless the caller passed ``name`` in ``kwargs`` (a pipeline's ``from_pretrained`` arguments), load the folder's
+    ``name/`` subfolder as ``model_cls`` with the arguments that apply to one model, and put it there."""
+    if name not in kwargs:
+        model_kwargs = {k: kwargs[k] for k in _MODEL_LOAD_KEYS if k in kwargs}
+        kwargs[name] = model_cls.from_pretrained(path, subfolder=name, **model_kwargs)
+
+
 def _keyword_only(name: str, default, annotation) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -101,20 +122,7 @@ class _DropIn:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
-        if "transformer" not in kwargs:
-            keys = (
-                "torch_dtype",
-                "dtype",
-                "cache_dir",
-                "local_files_only",
-                "revision",
-                "token",
-                "variant",
-                "use_safetensors",
-            )
-            kwargs["transformer"] = ZImageTransformer2DModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="transformer", **{k: kwargs[k] for k in keys if k in kwargs}
-            )
+        load_component(kwargs, "transformer", ZImageTransformer2DModel, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ---- prompts ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 
 from .. import controlnet as cn_mod
 from . import dataset
-from .train import Optimizer, encode_latents, foreground_weights, log, sample_sigmas
+from .train import Optimizer, encode_latents, foreground_weights, log, parse_overrides, sample_sigmas
 
 GUIDE_COLOR, GUIDE_BACKGROUND = "white", "black"
 
@@ -300,15 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         p.error("--out is required for training")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in ControlTrainConfig.__dataclass_fields__:
-            p.error(f"unknown ControlTrainConfig field {key!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            p.error(f"--set {key}: the value must be JSON, got {value!r}")
+    overrides = parse_overrides(p, ControlTrainConfig, args.set)
     cfg = ControlTrainConfig(seed=args.seed, threads=args.threads, **overrides)
     t0 = time.perf_counter()
     model, losses, timings = train(pipe, cfg)

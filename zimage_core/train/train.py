@@ -484,6 +484,21 @@ def run(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
     return record
 
 
+def parse_overrides(parser: argparse.ArgumentParser, config_cls: type, items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as {field: JSON value} for the dataclass ``config_cls``; an unknown field or a value
+    that is not JSON ends the program through ``parser.error`` (exit code 2, naming the field)."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in config_cls.__dataclass_fields__:
+            parser.error(f"unknown {config_cls.__name__} field {key!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {key}: the value must be JSON (e.g. {key}=3000 or {key}=[8.0, 2.5]), got {value!r}")
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zimage_core.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
@@ -494,14 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
     args = p.parse_args(argv)
     overrides = dict(SMOKE) if args.smoke else {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in TrainConfig.__dataclass_fields__:
-            p.error(f"unknown TrainConfig field {key!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            p.error(f"--set {key}: the value must be JSON (e.g. {key}=3000 or {key}=[8.0, 2.5]), got {value!r}")
+    overrides.update(parse_overrides(p, TrainConfig, args.set))
     cfg = TrainConfig(seed=args.seed, threads=args.threads, **overrides)
     run(cfg, Path(args.out), args.work)
     return 0
