@@ -20,7 +20,7 @@ from ..config import ZImageConfig
 from ..controlnet import SHARED_PREFIXES, ControlNetConfig, ZImageControlNet
 from ..hooks import StackHook
 from ..model import padded_len
-from .transformer import ModelConfig
+from .transformer import config_property, sharing_weights
 
 # What diffusers writes into model_index.json for the ControlNet: saved pipeline folders load in diffusers unchanged.
 CONTROLNET_ENTRY = ("diffusers", "ZImageControlNetModel")
@@ -110,15 +110,7 @@ class ZImageControlNetModel(ZImageControlNet, ModelMixin, ConfigMixin):
         self.__dict__["_transformer"] = None
 
     # ``ZImageControlNet`` keeps its dataclass in ``self.config``; diffusers' ``config`` is the registered dict.
-    @property
-    def config(self) -> ModelConfig:
-        cfg = ModelConfig(self.__dict__.get("_internal_dict", {}))
-        cfg.__dict__["_zconfig"] = self.__dict__.get("_zconfig")
-        return cfg
-
-    @config.setter
-    def config(self, value: ControlNetConfig) -> None:
-        self.__dict__["_zconfig"] = value
+    config = config_property()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -132,12 +124,8 @@ class ZImageControlNetModel(ZImageControlNet, ModelMixin, ConfigMixin):
     def from_diffusers(cls, module: torch.nn.Module) -> ZImageControlNetModel:
         """This class with the weights of a live diffusers ``ZImageControlNetModel`` (tensors shared, not copied;
         the transformer's modules it may hold after ``from_transformer`` are left out)."""
-        config = {k: v for k, v in module.config.items() if not k.startswith("_")}
-        with torch.device("meta"):
-            model = cls(**config)
         sd = {k: v for k, v in module.state_dict().items() if not k.startswith(SHARED_PREFIXES)}
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
+        return sharing_weights(cls, module, sd)
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs) -> ZImageControlNetModel:

@@ -17,23 +17,20 @@ generated with one mask).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers import ZImageControlNetInpaintPipeline as _DiffusersControlNetInpaint
 from diffusers import ZImageControlNetPipeline as _DiffusersControlNet
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
 from diffusers.pipelines.z_image.pipeline_z_image_controlnet import retrieve_latents
 
 from .. import controlnet as cn_mod
 from ..errors import RequestError
-from ..hooks import StackHook
 from .controlnet import CONTROLNET_ENTRY, ZImageControlNetModel
-from .pipelines import TRANSFORMER_ENTRY, _DropIn
+from .pipelines import TRANSFORMER_ENTRY, _DropIn, drop_in_call, load_component
 from .transformer import ZImageTransformer2DModel
 
 _ALWAYS = 2**62  # the control step window: every step (diffusers has no window)
@@ -77,11 +74,7 @@ class _ControlNetDropIn(_DropIn):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with ``transformer/`` and ``controlnet/`` loaded as our classes."""
-        if "controlnet" not in kwargs:
-            keys = ("torch_dtype", "dtype", "cache_dir", "local_files_only", "revision", "token", "variant")
-            kwargs["controlnet"] = ZImageControlNetModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="controlnet", **{k: kwargs[k] for k in keys if k in kwargs}
-            )
+        load_component(kwargs, "controlnet", ZImageControlNetModel, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _encode_control(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,42 +158,12 @@ class ZImageControlNetPipeline(_ControlNetDropIn, _DiffusersControlNet):
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, controlnet):
         super().__init__(scheduler, vae, text_encoder, tokenizer, transformer, controlnet)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 5.0,
-        control_image: PipelineImageInput = None,
-        controlnet_conditioning_scale: float | list[float] = 0.75,
-        cfg_normalization: bool = False,
-        cfg_truncation: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: list[torch.FloatTensor] | None = None,
-        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[int, int], None] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        max_sequence_length: int = 512,
-        *,
-        cache=None,
-        scheduler_name: str | None = None,
-        hooks: Sequence[StackHook] = (),
-    ) -> ZImagePipelineOutput | tuple:
+    __call__ = drop_in_call(
+        _DiffusersControlNet,
+        _ControlNetDropIn._run_controlnet,
         """diffusers' ``ZImageControlNetPipeline.__call__``; extras as in ``ZImagePipeline`` (``cache``,
-        ``scheduler_name``, ``hooks``)."""
-        kw = dict(locals())
-        kw.pop("self")
-        kw.pop("__class__", None)
-        return self._run_controlnet(kw)
+        ``scheduler_name``, ``hooks``).""",
+    )
 
 
 class ZImageControlNetInpaintPipeline(_ControlNetDropIn, _DiffusersControlNetInpaint):
@@ -213,43 +176,11 @@ class ZImageControlNetInpaintPipeline(_ControlNetDropIn, _DiffusersControlNetInp
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, controlnet):
         super().__init__(scheduler, vae, text_encoder, tokenizer, transformer, controlnet)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 5.0,
-        image: PipelineImageInput = None,
-        mask_image: PipelineImageInput = None,
-        control_image: PipelineImageInput = None,
-        controlnet_conditioning_scale: float | list[float] = 0.75,
-        cfg_normalization: bool = False,
-        cfg_truncation: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: list[torch.FloatTensor] | None = None,
-        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[int, int], None] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        max_sequence_length: int = 512,
-        *,
-        cache=None,
-        scheduler_name: str | None = None,
-        hooks: Sequence[StackHook] = (),
-    ) -> ZImagePipelineOutput | tuple:
-        """diffusers' ``ZImageControlNetInpaintPipeline.__call__``; extras as in ``ZImagePipeline``."""
-        kw = dict(locals())
-        kw.pop("self")
-        kw.pop("__class__", None)
-        return self._run_controlnet(kw)
+    __call__ = drop_in_call(
+        _DiffusersControlNetInpaint,
+        _ControlNetDropIn._run_controlnet,
+        """diffusers' ``ZImageControlNetInpaintPipeline.__call__``; extras as in ``ZImagePipeline``.""",
+    )
 
 
 __all__ = ["ZImageControlNetInpaintPipeline", "ZImageControlNetPipeline"]

@@ -15,6 +15,7 @@ step is our ``Default`` sampler. ``scheduler_name=`` picks any sampler of the AP
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -26,7 +27,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import ZImageImg2ImgPipeline as _DiffusersImg2Img
 from diffusers import ZImageInpaintPipeline as _DiffusersInpaint
 from diffusers import ZImagePipeline as _DiffusersText2Image
-from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
 from diffusers.pipelines.z_image.pipeline_z_image import (
     calculate_shift,
@@ -46,6 +46,58 @@ from .transformer import ZImageTransformer2DModel
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What diffusers writes into model_index.json for the transformer: saved folders load in diffusers unchanged.
 TRANSFORMER_ENTRY = ("diffusers", "ZImageTransformer2DModel")
+
+
+# The keyword arguments of a pipeline's ``from_pretrained`` that also apply to loading one model of its folder.
+_MODEL_LOAD_KEYS = (
+    "torch_dtype",
+    "dtype",
+    "cache_dir",
+    "local_files_only",
+    "revision",
+    "token",
+    "variant",
+    "use_safetensors",
+)
+
+
+def load_component(kwargs: dict, name: str, model_cls: type, path) -> None:
+    """Unless the caller passed ``name`` in ``kwargs`` (a pipeline's ``from_pretrained`` arguments), load the folder's
+    ``name/`` subfolder as ``model_cls`` with the arguments that apply to one model, and put it there."""
+    if name not in kwargs:
+        model_kwargs = {k: kwargs[k] for k in _MODEL_LOAD_KEYS if k in kwargs}
+        kwargs[name] = model_cls.from_pretrained(path, subfolder=name, **model_kwargs)
+
+
+def _keyword_only(name: str, default, annotation) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+# The keyword-only parameters every drop-in ``__call__`` adds after diffusers' own.
+CALL_EXTRAS = (
+    _keyword_only("cache", None, Any),
+    _keyword_only("scheduler_name", None, str | None),
+    _keyword_only("hooks", (), Sequence[StackHook]),
+)
+
+
+def drop_in_call(base: type, run: Callable[[Any, dict], Any], doc: str, extra: Sequence[inspect.Parameter] = ()):
+    """A ``__call__`` with exactly ``base.__call__``'s parameters (names, order, defaults, annotations), then
+    :data:`CALL_EXTRAS` and ``extra`` (keyword-only), run under ``torch.no_grad()``: it binds the arguments as
+    Python would, fills in the defaults, and hands ``run(self, kw)`` a dict of every parameter but ``self``."""
+    params = [*inspect.signature(base.__call__).parameters.values(), *CALL_EXTRAS, *extra]
+    signature = inspect.Signature(params, return_annotation=ZImagePipelineOutput | tuple)
+
+    def __call__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        kw = dict(bound.arguments)
+        kw.pop("self")
+        return run(self, kw)
+
+    __call__.__signature__ = signature
+    __call__.__doc__ = doc
+    return torch.no_grad()(__call__)
 
 
 class _Interrupted(Exception):
@@ -70,20 +122,7 @@ class _DropIn:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
-        if "transformer" not in kwargs:
-            keys = (
-                "torch_dtype",
-                "dtype",
-                "cache_dir",
-                "local_files_only",
-                "revision",
-                "token",
-                "variant",
-                "use_safetensors",
-            )
-            kwargs["transformer"] = ZImageTransformer2DModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="transformer", **{k: kwargs[k] for k in keys if k in kwargs}
-            )
+        load_component(kwargs, "transformer", ZImageTransformer2DModel, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ---- prompts ---------------------------------------------------------------------------------------------------
@@ -525,41 +564,13 @@ class ZImagePipeline(_DropIn, _DiffusersText2Image):
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 5.0,
-        cfg_normalization: bool = False,
-        cfg_truncation: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: list[torch.FloatTensor] | None = None,
-        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[int, int], None] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        max_sequence_length: int = 512,
-        *,
-        cache=None,
-        scheduler_name: str | None = None,
-        hooks: Sequence[StackHook] = (),
-    ) -> ZImagePipelineOutput | tuple:
+    __call__ = drop_in_call(
+        _DiffusersText2Image,
+        lambda self, kw: self._run(mode="text2img", **kw),
         """diffusers' ``ZImagePipeline.__call__``; extras: ``cache`` (a step-cache config, e.g.
         ``zimage_core.cache.FBCacheConfig``), ``scheduler_name`` (any of the API's scheduler names) and ``hooks``
-        (``zimage_core.hooks.StackHook`` objects acting around the main layers of every model call)."""
-        kw = dict(locals())
-        kw.pop("self")
-        kw.pop("__class__", None)
-        return self._run(mode="text2img", **kw)
+        (``zimage_core.hooks.StackHook`` objects acting around the main layers of every model call).""",
+    )
 
 
 class ZImageImg2ImgPipeline(_DropIn, _DiffusersImg2Img):
@@ -568,41 +579,11 @@ class ZImageImg2ImgPipeline(_DropIn, _DiffusersImg2Img):
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] = None,
-        image: PipelineImageInput = None,
-        strength: float = 0.6,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 5.0,
-        cfg_normalization: bool = False,
-        cfg_truncation: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: list[torch.FloatTensor] | None = None,
-        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[int, int], None] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        max_sequence_length: int = 512,
-        *,
-        cache=None,
-        scheduler_name: str | None = None,
-        hooks: Sequence[StackHook] = (),
-    ) -> ZImagePipelineOutput | tuple:
-        """diffusers' ``ZImageImg2ImgPipeline.__call__``; extras as in :class:`ZImagePipeline`."""
-        kw = dict(locals())
-        kw.pop("self")
-        kw.pop("__class__", None)
-        return self._run(mode="img2img", **kw)
+    __call__ = drop_in_call(
+        _DiffusersImg2Img,
+        lambda self, kw: self._run(mode="img2img", **kw),
+        """diffusers' ``ZImageImg2ImgPipeline.__call__``; extras as in :class:`ZImagePipeline`.""",
+    )
 
 
 class ZImageInpaintPipeline(_DropIn, _DiffusersInpaint):
@@ -611,48 +592,16 @@ class ZImageInpaintPipeline(_DropIn, _DiffusersInpaint):
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(scheduler, vae, text_encoder, tokenizer, transformer)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] = None,
-        image: PipelineImageInput = None,
-        mask_image: PipelineImageInput = None,
-        masked_image_latents: torch.FloatTensor | None = None,
-        strength: float = 1.0,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 5.0,
-        cfg_normalization: bool = False,
-        cfg_truncation: float = 1.0,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: list[torch.FloatTensor] | None = None,
-        negative_prompt_embeds: list[torch.FloatTensor] | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable[[int, int, dict], None] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        max_sequence_length: int = 512,
-        *,
-        cache=None,
-        scheduler_name: str | None = None,
-        hooks: Sequence[StackHook] = (),
-        padding_mask_crop: int | None = None,
-    ) -> ZImagePipelineOutput | tuple:
+    __call__ = drop_in_call(
+        _DiffusersInpaint,
+        lambda self, kw: self._run(mode="inpaint", **kw),
         """diffusers' ``ZImageInpaintPipeline.__call__``; extras as in :class:`ZImagePipeline`, and
         ``padding_mask_crop`` (pixels, as in diffusers' Stable Diffusion inpainting): work on the mask's bounding box
         grown by that margin, resized to ``height`` x ``width`` (default: the image's size rounded down to a multiple
         of 16), and paste the result back into the original image; needs single PIL inputs and ``output_type="pil"``.
-        """
-        kw = dict(locals())
-        kw.pop("self")
-        kw.pop("__class__", None)
-        return self._run(mode="inpaint", **kw)
+        """,
+        extra=(_keyword_only("padding_mask_crop", None, int | None),),
+    )
 
 
 __all__ = ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImagePipeline"]

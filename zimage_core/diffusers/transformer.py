@@ -34,6 +34,32 @@ class ModelConfig(FrozenDict):
         return getattr(zconfig, name)
 
 
+def config_property() -> property:
+    """``config`` for a module of ours behind a diffusers model class: our module's ``__init__`` assigns its config
+    dataclass (kept aside), reading gives diffusers' registered dict as a :class:`ModelConfig` that also answers
+    the dataclass's fields."""
+
+    def get(self) -> ModelConfig:
+        cfg = ModelConfig(self.__dict__.get("_internal_dict", {}))
+        cfg.__dict__["_zconfig"] = self.__dict__.get("_zconfig")
+        return cfg
+
+    def put(self, value) -> None:
+        self.__dict__["_zconfig"] = value
+
+    return property(get, put)
+
+
+def sharing_weights(cls, module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]):
+    """``cls`` built from the registered config of the live diffusers ``module``, holding ``state_dict``'s tensors
+    (assigned, not copied), in eval mode."""
+    config = {k: v for k, v in module.config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = cls(**config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
 class ControlNetSamples(StackHook):
     """Adds ``samples[i]`` to the unified sequence after main layer ``i`` (diffusers' ``controlnet_block_samples``)."""
 
@@ -117,26 +143,15 @@ class ZImageTransformer2DModel(ZImageTransformer, ModelMixin, ConfigMixin, PeftA
         self.axes_lens = axes_lens
 
     # ``ZImageTransformer`` keeps its dataclass in ``self.config``; diffusers' ``config`` is the registered dict.
-    @property
-    def config(self) -> ModelConfig:
-        cfg = ModelConfig(self.__dict__.get("_internal_dict", {}))
-        cfg.__dict__["_zconfig"] = self.__dict__.get("_zconfig")
-        return cfg
-
-    @config.setter
-    def config(self, value: ZImageConfig) -> None:
-        self.__dict__["_zconfig"] = value
+    config = config_property()
 
     @classmethod
     def from_diffusers(cls, module: torch.nn.Module, kernel_backend: str | None = None) -> ZImageTransformer2DModel:
         """This class with the weights of a live diffusers ``ZImageTransformer2DModel`` (tensors shared)."""
-        config = {k: v for k, v in module.config.items() if not k.startswith("_")}
-        with torch.device("meta"):
-            model = cls(**config)
-        model.load_state_dict(module.state_dict(), strict=True, assign=True)
+        model = sharing_weights(cls, module, module.state_dict())
         if kernel_backend:
             model.set_kernel_backend(kernel_backend)
-        return model.eval()
+        return model
 
     def set_attention_backend(self, backend: str) -> None:
         """diffusers' check of ``backend`` (same errors), then a warning: this transformer's attention is our op

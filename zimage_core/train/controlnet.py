@@ -25,7 +25,6 @@ white silhouette on black, at the same place and size as in the target image.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import random
@@ -37,7 +36,7 @@ import torch
 
 from .. import controlnet as cn_mod
 from . import dataset
-from .train import _to_pixels, foreground_weights, log, sample_sigmas
+from .train import Optimizer, encode_latents, foreground_weights, log, parse_overrides, sample_sigmas
 
 GUIDE_COLOR, GUIDE_BACKGROUND = "white", "black"
 
@@ -85,16 +84,6 @@ def guide_image(scene: dataset.Scene):
     from PIL import Image
 
     return Image.fromarray(dataset.render(guide_scene(scene)))
-
-
-def _encode(vae, images: np.ndarray, batch: int = 64):
-    means, logvars = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            d = vae.encode(_to_pixels(images[i : i + batch])).latent_dist
-            means.append(d.mean)
-            logvars.append(d.logvar)
-    return torch.cat(means), torch.cat(logvars)
 
 
 def init_controlnet(pipe, cfg: ControlTrainConfig) -> cn_mod.ZImageControlNet:
@@ -145,9 +134,9 @@ def train(pipe, cfg: ControlTrainConfig):
     t0 = time.perf_counter()
     vae = pipe.vae
     sf, sc = vae.config.shift_factor, vae.config.scaling_factor
-    mean, logvar = _encode(vae, images)
+    mean, logvar = encode_latents(vae, images)
     mean, logvar = (mean - sf) * sc, logvar + 2 * math.log(sc)
-    gmean, _ = _encode(vae, guides)
+    gmean, _ = encode_latents(vae, guides)
     control = ((gmean - sf) * sc).float()  # posterior mode, as the pipeline encodes a guide
     # every caption of the training triples, in every position (a pair's caption may name another position)
     captions = sorted(
@@ -164,24 +153,10 @@ def train(pipe, cfg: ControlTrainConfig):
 
     transformer = pipe.transformer.requires_grad_(False).eval()
     model = init_controlnet(pipe, cfg).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.99),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: min(1.0, (i + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))),
-    )
+    opt = Optimizer(model, cfg, no_decay=lambda name, p: p.ndim < 2, smoothing=0.95)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     positions = list(dataset.POSITIONS)
     std = (0.5 * logvar).exp()
-    losses, acc = [], []
-    chunk = max(1, cfg.steps // 20)
-    running = None
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=gen)
@@ -207,24 +182,11 @@ def train(pipe, cfg: ControlTrainConfig):
         err = (torch.stack(out).squeeze(2) - (x0 - noise)).pow(2)
         w = weights[idx] if weights is not None else torch.ones_like(err[:, :1])
         loss = (err * w).mean() / w.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            d = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        acc.append(loss.item())
-        if len(acc) == chunk or step == cfg.steps - 1:
-            losses.append(sum(acc) / len(acc))
-            acc = []
+        opt.step(step, loss)
         if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"controlnet step {step}/{cfg.steps}: loss {running:.4f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"controlnet step {step}/{cfg.steps}: loss {opt.running:.4f} ({time.perf_counter() - t0:.0f} s)")
     timings["train_s"] = time.perf_counter() - t0
-    return ema, losses, timings
+    return opt.ema, opt.losses, timings
 
 
 class _TrainHook(cn_mod.ControlHook):
@@ -338,15 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         p.error("--out is required for training")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in ControlTrainConfig.__dataclass_fields__:
-            p.error(f"unknown ControlTrainConfig field {key!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            p.error(f"--set {key}: the value must be JSON, got {value!r}")
+    overrides = parse_overrides(p, ControlTrainConfig, args.set)
     cfg = ControlTrainConfig(seed=args.seed, threads=args.threads, **overrides)
     t0 = time.perf_counter()
     model, losses, timings = train(pipe, cfg)

@@ -315,6 +315,53 @@ def flow_loss(model, x0, feats, sigmas, noise, weights=None):
     return (err * weights).mean() / weights.mean()
 
 
+class Optimizer:
+    """The training step both trainers use: AdamW (betas 0.9/0.99; weight decay ``cfg.weight_decay`` except on the
+    parameters ``no_decay(name, param)`` picks), ``cfg.warmup`` warm-up steps then cosine decay to 5% of ``cfg.lr``
+    over ``cfg.steps``, gradients clipped to norm 1, an EMA copy of the weights (decay ``cfg.ema``, less at the
+    start), and the loss record: the mean of each twentieth of the run (``losses``) and a smoothed value for the
+    log (``running``)."""
+
+    def __init__(self, model: torch.nn.Module, cfg, no_decay, smoothing: float):
+        self.model, self.cfg, self.smoothing = model, cfg, smoothing
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        decay, keep = [], []
+        for n, p in model.named_parameters():
+            (keep if no_decay(n, p) else decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.99),
+        )
+
+        def lr_at(i):
+            warm = min(1.0, (i + 1) / cfg.warmup)
+            return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps)))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
+        self.running: float | None = None
+        self.losses: list[float] = []
+        self._acc: list[float] = []
+        self._chunk = max(1, cfg.steps // 20)
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            d = min(self.cfg.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        value = loss.item()
+        self.running = value if self.running is None else self.smoothing * self.running + (1 - self.smoothing) * value
+        self._acc.append(value)
+        if len(self._acc) == self._chunk or step == self.cfg.steps - 1:
+            self.losses.append(sum(self._acc) / len(self._acc))
+            self._acc = []
+
+
 def train_transformer(
     cfg: TrainConfig, mean, logvar, caption_ids, feats: list, empty_feats, callback=None, weights=None
 ):
@@ -322,28 +369,11 @@ def train_transformer(
     per-latent-pixel loss weights [N, 1, h, w] (:func:`foreground_weights`) or None.
     ``callback(step, ema)`` is called after every step (for monitoring)."""
     model = init_transformer(cfg.transformer_config(), cfg.seed, cfg.qk_norm_init).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "pad_token" in n else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.99),
-    )
-
-    def lr_at(i):
-        warm = min(1.0, (i + 1) / cfg.warmup)
-        return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt = Optimizer(model, cfg, no_decay=lambda name, p: p.ndim < 2 or "pad_token" in name, smoothing=0.98)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n = len(mean)
     std = (0.5 * logvar).exp()
     t0 = time.perf_counter()
-    running = None
-    chunk = max(1, cfg.steps // 20)
-    losses, acc = [], []  # mean loss of each twentieth of the run
     for step in range(cfg.steps):
         idx = torch.randint(0, n, (cfg.batch,), generator=gen)
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
@@ -352,25 +382,12 @@ def train_transformer(
         sigmas = sample_sigmas(cfg.batch, cfg, gen)
         noise = torch.randn(x0.shape, generator=gen)
         loss = flow_loss(model, x0, caps, sigmas, noise, None if weights is None else weights[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            d = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        acc.append(loss.item())
-        if len(acc) == chunk or step == cfg.steps - 1:
-            losses.append(sum(acc) / len(acc))
-            acc = []
+        opt.step(step, loss)
         if callback is not None:
-            callback(step, ema)
+            callback(step, opt.ema)
         if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"transformer step {step}/{cfg.steps}: loss {running:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return ema, model, losses
+            log(f"transformer step {step}/{cfg.steps}: loss {opt.running:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return opt.ema, model, opt.losses
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,6 +484,21 @@ def run(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
     return record
 
 
+def parse_overrides(parser: argparse.ArgumentParser, config_cls: type, items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as {field: JSON value} for the dataclass ``config_cls``; an unknown field or a value
+    that is not JSON ends the program through ``parser.error`` (exit code 2, naming the field)."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in config_cls.__dataclass_fields__:
+            parser.error(f"unknown {config_cls.__name__} field {key!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {key}: the value must be JSON (e.g. {key}=3000 or {key}=[8.0, 2.5]), got {value!r}")
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zimage_core.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
@@ -477,14 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
     args = p.parse_args(argv)
     overrides = dict(SMOKE) if args.smoke else {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in TrainConfig.__dataclass_fields__:
-            p.error(f"unknown TrainConfig field {key!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            p.error(f"--set {key}: the value must be JSON (e.g. {key}=3000 or {key}=[8.0, 2.5]), got {value!r}")
+    overrides.update(parse_overrides(p, TrainConfig, args.set))
     cfg = TrainConfig(seed=args.seed, threads=args.threads, **overrides)
     run(cfg, Path(args.out), args.work)
     return 0
