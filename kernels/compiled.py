@@ -170,7 +170,10 @@ def compile_launch(launch: Launch, arch: int = 90, config=None):
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound, spec, opts = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, spec, opts)
-    src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    src_cls = ASTSource
+    if jit.is_gluon():  # Gluon kernels compile from their own AST source (TTGIR, layouts explicit)
+        from triton.experimental.gluon._runtime import GluonASTSource as src_cls
+    src = src_cls(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     return jit, kwargs, triton.compile(src, target=target, options=options.__dict__)
 
 
