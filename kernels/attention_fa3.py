@@ -4,7 +4,7 @@ Same contract as ``kernels.attention`` (non-causal, ``[B, N, H, D]``, per-sample
 restricted to what the structure needs: fp16/bf16, D in {64, 128}, q/k/v (and the output) laid out as
 ``[B, N, H·D]`` rows (``.unflatten`` views of a Linear output: unit D stride, head stride D, batch stride N·row),
 16-byte aligned. Everything else goes to ``kernels.attention``. Selected only by ``attention(..., impl="fa3")`` or
-``$ZIMAGE_ATTENTION_IMPL=fa3`` (see ``kernels/README.md``); it has not run on a GPU yet.
+``$ZIMAGE_ATTENTION_IMPL=fa3`` (``kernels.attention``, eager calls only; see ``kernels/README.md``); it has not run on a GPU yet.
 
 Structure (after Shah et al., "FlashAttention-3", arXiv 2407.08608, and Triton's Gluon tutorials):
 
@@ -30,7 +30,6 @@ probability exactly 0; they must be finite (they are: padding tokens are embedde
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -45,15 +44,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-IMPL_ENV = "ZIMAGE_ATTENTION_IMPL"
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # One config, chosen to fit: 2 consumer warpgroups × 64 rows, 128-key blocks, 2 K/V stages (smem: Q 2×16 KiB,
 # K/V 2×2×32 KiB, O 2×16 KiB = 192 KiB at D = 128). Checked by compiling for sm_90a (scripts/aot_compile.py).
 BLOCK_M, BLOCK_N, STAGES = 64, 128, 2
-CONSUMER_REGS = gl.constexpr(240)  # setmaxnreg of the second consumer warpgroup
-LOADER_REGS = gl.constexpr(24)  # and of the load warp
+# setmaxnreg per worker partition (the load warp is padded to a warpgroup); the default partition (consumer 0) gets
+# the rest of the 168-register cap × 384 threads, i.e. also 240 (read off the PTX: scripts/aot_compile.py).
+CONSUMER_REGS = gl.constexpr(240)
+LOADER_REGS = gl.constexpr(24)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,9 +331,3 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, lse=False):
     )  # fmt: skip
     return (out, lse_out) if lse else out
 
-
-def impl_setting() -> str:
-    impl = os.environ.get(IMPL_ENV, "default").strip().lower() or "default"
-    if impl not in ("default", "fa3"):
-        raise ValueError(f"${IMPL_ENV} must be default or fa3; got {impl!r}")
-    return impl
