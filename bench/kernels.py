@@ -6,8 +6,9 @@ times providers that pass. Units: TFLOP/s for attention (4·H·D·N_q·Σ_b kv_l
 elementwise ops (minimal bytes: every input read once, every output written once), with the measured device-copy
 bandwidth as the roofline (``pct_of_copy``).
 
-Providers: ``triton`` (the op switch's Triton function; for attention also ``triton-tma`` / ``triton-plain`` / ``triton-fa3`` forcing
-one kernel), ``eager`` (``kernels.reference``), for attention every torch SDPA backend (``sdpa-flash``,
+Providers: ``triton`` (the op switch's Triton function; for attention also ``triton-tma`` / ``triton-plain`` forcing
+one kernel, and ``triton-fa3``, the opt-in Gluon kernel, only when named in ``--providers``), ``eager``
+(``kernels.reference``), for attention every torch SDPA backend (``sdpa-flash``,
 ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``; ragged batches pass SDPA a boolean key mask, as diffusers does, which
 some backends reject), and with ``--compile`` the reference under ``torch.compile``.
 

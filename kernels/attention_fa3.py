@@ -3,8 +3,9 @@
 Same contract as ``kernels.attention`` (non-causal, ``[B, N, H, D]``, per-sample ``kv_lens``, optional fp32 LSE),
 restricted to what the structure needs: fp16/bf16, D in {64, 128}, q/k/v (and the output) laid out as
 ``[B, N, H·D]`` rows (``.unflatten`` views of a Linear output: unit D stride, head stride D, batch stride N·row),
-16-byte aligned. Everything else goes to ``kernels.attention``. Selected only by ``attention(..., impl="fa3")`` or
-``$ZIMAGE_ATTENTION_IMPL=fa3`` (``kernels.attention``, eager calls only; see ``kernels/README.md``); it has not run on a GPU yet.
+16-byte aligned. Everything else goes to ``kernels.attention``'s kernels. Selected only by
+``kernels.attention.attention(..., impl="fa3")`` or ``$ZIMAGE_ATTENTION_IMPL=fa3`` (eager calls only; see
+``kernels/README.md``). It has not run on a GPU yet.
 
 Structure (after Shah et al., "FlashAttention-3", arXiv 2407.08608, and Triton's Gluon tutorials):
 
@@ -108,7 +109,8 @@ def _fa3_loader(
         for wg in gl.static_range(2):
             mbarrier.wait(q_empty.index(wg), (t & 1) ^ 1)  # the consumer's previous tile no longer reads Q
             mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [row_q + wg * BM, h * HEAD_DIM], q_ready.index(wg), q_smem.index(wg))
+            coord = [row_q + wg * BM, h * HEAD_DIM]
+            tma.async_copy_global_to_shared(q_desc, coord, q_ready.index(wg), q_smem.index(wg))
         row_k = b * N_KV
         for j in range(0, gl.cdiv(kv_len, BN)):
             s = c % NSTAGE
@@ -330,4 +332,3 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, lse=False):
         num_warps=4,
     )  # fmt: skip
     return (out, lse_out) if lse else out
-
