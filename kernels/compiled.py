@@ -238,6 +238,8 @@ def facts(compiled, arch: int = 90, fmad: bool = True) -> dict:
         "shared_bytes": compiled.metadata.shared,
         "ptx_wgmma": "wgmma" in ptx,
         "ptx_setmaxnreg": "setmaxnreg" in ptx,
+        # a wgmma wait that leaves a group in flight: compute overlapped with a running GEMM (FA3's softmax/PV overlap)
+        "ptx_wgmma_overlap": bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)),
         # contracted bf16/fp16 multiply-adds skip an eager rounding: the bit-faithful kernels must have none
         "half_fma": bool(re.search(r"\bfma\.rn\.(bf16|f16)", ptx)),
         **sass_facts(sass),
