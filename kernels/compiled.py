@@ -248,7 +248,7 @@ def facts(compiled, arch: int = 90, fmad: bool = True) -> dict:
 
 def config_label(kwargs: dict) -> str:
     keep = ("BLOCK_M", "BLOCK_N", "WARP_SPECIALIZE", "EVEN_KV", "BLOCK_R", "BLOCK_C", "BLOCK_F", "BLOCK_T", "num_warps")
-    keep += ("num_stages",)
+    keep += ("num_stages", "BM", "BN", "NSTAGE")
     return ",".join(f"{k}={kwargs[k]}" for k in keep if k in kwargs)
 
 
