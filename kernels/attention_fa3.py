@@ -22,6 +22,8 @@ Structure (after Shah et al., "FlashAttention-3", arXiv 2407.08608, and Triton's
 - Host-side TMA descriptors for Q, K, V and O (2-D over the ``[B·N, H·D]`` row view, coordinates
   ``[b·N + row, h·D]``); only the last KV block of a sample is masked (keys ``>= kv_len`` to -inf); the tail query
   tile (rows past N, which would belong to the next sample) is stored with a masked pointer store instead of TMA.
+- Early exit for a padded query block: warpgroup 1's half of a sample's last tile, when it lies past N, computes
+  nothing (it only releases the K/V stages) and warpgroup 0 runs that tile without the turn handshake.
 - Returns the row log-sum-exp (natural log, fp32 ``[B, H, N]``) when asked (ring attention).
 
 Key rows past ``kv_len`` inside the last block are read (they belong to the same or the next sample) and get
@@ -152,35 +154,41 @@ def _fa3_consumer(
         kv_len = _kv_len(KV_LENS, b, N_KV, HAS_KV_LENS)
         n_blocks = gl.cdiv(kv_len, BN)
         m0 = mt * (2 * BM) + WG * BM  # first query row of this warpgroup (within the sample)
+        # Early exit for a padded query block: when warpgroup 1's rows all lie past N_Q (only the last tile of a
+        # sample, and only warpgroup 1 can be), it computes nothing and only releases the K/V stages; warpgroup 0
+        # then runs alone, without the GEMM-turn handshake (``pingpong`` is the same value in both warpgroups).
+        pingpong = mt * (2 * BM) + BM < N_Q
+        active = m0 < N_Q
+        n_work = gl.where(active, n_blocks, 0)
         mbarrier.wait(q_ready.index(WG), t & 1)
 
         m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BM], gl.float32, row_s)
         acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        if n_blocks > 0:
+        if n_work > 0:
             # Block 0: QK only (no previous P to multiply yet).
             s = c % NSTAGE
             mbarrier.wait(kv_ready.index(s), (c // NSTAGE) & 1)
-            mbarrier.wait(turn.index(WG), (g & 1) ^ (1 - WG))
+            mbarrier.wait(turn.index(WG), (g & 1) ^ (1 - WG), pred=pingpong)
             qk = warpgroup_mma(q_buf, k_smem.index(s).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
                                use_acc=False, is_async=True)  # fmt: skip
-            mbarrier.arrive(turn.index(1 - WG), count=1)
-            g += 1
+            mbarrier.arrive(turn.index(1 - WG), count=1, pred=pingpong)
+            g += pingpong.to(gl.int32)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
             pf, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, 0, n_blocks, kv_len, qk_scale, BN, s_layout)
             p = gl.convert_layout(pf.to(dtype), p_layout)
             s_prev = s
             c += 1
-            for j in range(1, n_blocks):
+            for j in range(1, n_work):
                 s = c % NSTAGE
                 mbarrier.wait(kv_ready.index(s), (c // NSTAGE) & 1)
                 # Ping-pong: take the GEMM turn, issue QK_j then PV_{j-1}, hand the turn to the other warpgroup.
-                mbarrier.wait(turn.index(WG), (g & 1) ^ (1 - WG))
+                mbarrier.wait(turn.index(WG), (g & 1) ^ (1 - WG), pred=pingpong)
                 qk = warpgroup_mma(q_buf, k_smem.index(s).permute((1, 0)), gl.zeros([BM, BN], gl.float32, s_layout),
                                    use_acc=False, is_async=True)  # fmt: skip
                 acc = warpgroup_mma(p, v_smem.index(s_prev), acc, is_async=True)
-                mbarrier.arrive(turn.index(1 - WG), count=1)
-                g += 1
+                mbarrier.arrive(turn.index(1 - WG), count=1, pred=pingpong)
+                g += pingpong.to(gl.int32)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))  # S_j done; P_{j-1}·V_{j-1} may still run
                 # Softmax of block j while P_{j-1}·V_{j-1} runs on the tensor cores.
                 pf, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, j, n_blocks, kv_len, qk_scale, BN, s_layout)
@@ -191,15 +199,20 @@ def _fa3_consumer(
                 s_prev = s
                 c += 1
             # The last block's PV.
-            mbarrier.wait(turn.index(WG), (g & 1) ^ (1 - WG))
+            mbarrier.wait(turn.index(WG), (g & 1) ^ (1 - WG), pred=pingpong)
             acc = warpgroup_mma(p, v_smem.index(s_prev), acc, is_async=True)
-            mbarrier.arrive(turn.index(1 - WG), count=1)
-            g += 1
+            mbarrier.arrive(turn.index(1 - WG), count=1, pred=pingpong)
+            g += pingpong.to(gl.int32)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(kv_empty.index(s_prev), count=1)
+        for _j in range(n_work, n_blocks):  # padded (inactive) warpgroup: release the stages warpgroup 0 reads
+            s = c % NSTAGE
+            mbarrier.wait(kv_ready.index(s), (c // NSTAGE) & 1)
+            mbarrier.arrive(kv_empty.index(s), count=1)
+            c += 1
         mbarrier.arrive(q_empty.index(WG), count=1)
 
-        if RETURN_LSE != 0:
+        if (RETURN_LSE != 0) & active:
             rows = m0 + gl.arange(0, BM, row_s)
             lse = (m_i + gl.log2(gl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453
             lse = gl.where(l_i > 0.0, lse, float("-inf"))

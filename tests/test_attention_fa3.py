@@ -67,10 +67,11 @@ _CHILD = textwrap.dedent(
     if torch.cuda.get_device_capability()[0] != 9:
         print("SKIP: not sm_90")
         raise SystemExit(0)
-    cases = [("real B=2 ragged", _attention_inputs(2)), ("real B=1", _attention_inputs(1))]
+    cases = [("real B=2 ragged", _attention_inputs(2))]
+    cases.append(("real N=4128 (padded warpgroup exits early)", _attention_inputs(1, caps=(32,))))
     torch.manual_seed(1)
     small = [torch.randn(2, 300, 4 * 64, device="cuda").bfloat16().unflatten(-1, (4, 64)) for _ in range(3)]
-    cases.append(("unaligned D=64", (*small, torch.tensor([300, 131], dtype=torch.int32, device="cuda"))))
+    cases.append(("unaligned D=64, tail tile", (*small, torch.tensor([300, 131], dtype=torch.int32, device="cuda"))))
     cases.append(("empty sample", (*small, torch.tensor([0, 77], dtype=torch.int32, device="cuda"))))
     for name, (q, k, v, kv_lens) in cases:
         assert attention_fa3.supports(q, k, v, kv_lens), name
@@ -93,10 +94,10 @@ def test_fa3_bf16_against_float64_at_real_shapes():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         res = subprocess.run(
-            [sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+            [sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, cwd=REPO, timeout=150
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("the FA3 kernel did not finish within 120 s (a hang in its barrier protocol?)")
+        pytest.fail("the FA3 kernel did not finish within 150 s (a hang in its barrier protocol?)")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     if "SKIP" in res.stdout:
         pytest.skip(res.stdout.strip())
