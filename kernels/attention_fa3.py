@@ -47,9 +47,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .attention import LOG2E
+
 HEAD_DIMS = (64, 128)
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # One config, chosen to fit: 2 consumer warpgroups × 64 rows, 128-key blocks, 2 K/V stages (smem: Q 2×16 KiB,
 # K/V 2×2×32 KiB, O 2×16 KiB = 192 KiB at D = 128). Checked by compiling for sm_90a (scripts/aot_compile.py).
 BLOCK_M, BLOCK_N, STAGES = 64, 128, 2
@@ -214,7 +214,7 @@ def _fa3_consumer(
 
         if (RETURN_LSE != 0) & active:
             rows = m0 + gl.arange(0, BM, row_s)
-            lse = (m_i + gl.log2(gl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453
+            lse = (m_i + gl.log2(gl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453  # ln 2: base 2 -> natural
             lse = gl.where(l_i > 0.0, lse, float("-inf"))
             gl.store(LSE + (b * H + h).to(gl.int64) * N_Q + rows, lse, mask=rows < N_Q)
         l_safe = gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), row_o)
