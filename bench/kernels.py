@@ -7,7 +7,8 @@ elementwise ops (minimal bytes: every input read once, every output written once
 bandwidth as the roofline (``pct_of_copy``).
 
 Providers: ``triton`` (the op switch's Triton function; for attention also ``triton-tma`` / ``triton-plain`` forcing
-one kernel), ``eager`` (``kernels.reference``), for attention every torch SDPA backend (``sdpa-flash``,
+one kernel, and ``triton-fa3``, the opt-in Gluon kernel, only when named in ``--providers``), ``eager``
+(``kernels.reference``), for attention every torch SDPA backend (``sdpa-flash``,
 ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``; ragged batches pass SDPA a boolean key mask, as diffusers does, which
 some backends reject), and with ``--compile`` the reference under ``torch.compile``.
 
@@ -44,6 +45,7 @@ from kernels import reference
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+OPT_IN_PROVIDERS = ("triton-fa3",)  # run only when --providers names them (scripts/gpu_check.py runs them apart)
 OPS = ("attention", "qk_norm_rope", "rms_norm_modulate", "gated_residual", "swiglu", "layer_norm_modulate")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -234,6 +236,15 @@ def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: boo
 
             out["triton-tma"] = forced("tma")
             out["triton-plain"] = forced("plain")
+
+            def fa3(q, k, v, kv_lens=None):
+                from kernels import attention_fa3
+
+                if not attention_fa3.supports(q, k, v, kv_lens):
+                    raise Unsupported("the FA3 Gluon kernel needs sm_90, fp16/bf16, D 64/128, [B, N, H·D] row views")
+                return attention_fa3._launch(q, k, v, kv_lens)
+
+            out["triton-fa3"] = fa3
     out["eager"] = getattr(reference, op)
     if op == "attention":
         for b in SDPA_BACKENDS:
@@ -453,6 +464,7 @@ def parse_args(argv):
                     help="default: zimage on CUDA, small on CPU")  # fmt: skip
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--providers", nargs="+", default=None, help="only these providers (e.g. triton eager)")
+    ap.add_argument("--append", action="store_true", help="append the rows to --out instead of overwriting it")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(reference) for elementwise ops")
     ap.add_argument("--quick", action="store_true", help="shorter timing (smoke runs)")
     ap.add_argument("--out", help="write the JSON lines here")
@@ -502,6 +514,8 @@ def main(argv: list[str]) -> int:
         provs = providers(case.op, device, triton_ok, args.compile)
         if args.providers:
             provs = {k: v for k, v in provs.items() if k in args.providers}
+        else:  # opt-in rows (kernels not yet measured on a GPU): only when named in --providers
+            provs = {k: v for k, v in provs.items() if k not in OPT_IN_PROVIDERS}
         rows += run_case(case, device, dtype, provs, env, copy_gbps, args)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -512,7 +526,8 @@ def main(argv: list[str]) -> int:
     for path in [args.out] + ([str(results_path(env))] if args.save else []):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(lines)
+            with Path(path).open("a" if args.append else "w") as f:
+                f.write(lines)
             print(f"wrote {len(rows)} rows to {path}")
     failed = [r for r in rows if r["refcheck"] is not None and not r["refcheck"]["passed"]]
     return 1 if failed else 0

@@ -56,6 +56,7 @@ from ._triton import (
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x·scale) = exp2(x·scale·log2 e)
 PATH_ENV = "ZIMAGE_ATTENTION_PATH"
+IMPL_ENV = "ZIMAGE_ATTENTION_IMPL"  # "default" | "fa3" (opt-in Gluon kernel, kernels/attention_fa3.py)
 TMA_HEAD_DIMS = (32, 64, 128)
 MAX_HEAD_DIM = 256
 
@@ -387,6 +388,13 @@ def _path_setting() -> str:
     return path
 
 
+def _impl_setting(impl: str | None) -> str:
+    impl = (impl if impl is not None else os.environ.get(IMPL_ENV, "default")).strip().lower() or "default"
+    if impl not in ("default", "fa3"):
+        raise ValueError(f"attention impl (or ${IMPL_ENV}) must be default or fa3; got {impl!r}")
+    return impl
+
+
 def _tma_compatible(*tensors: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and 16-byte multiples for every stride but the last (which is 1)."""
     for t in tensors:
@@ -531,6 +539,7 @@ def attention(
     kv_lens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    impl: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal softmax attention; q ``[B, N_q, H, D]``, k/v ``[B, N_kv, H, D]``; keys ``j >= kv_lens[b]``
     ignored; ``scale`` defaults to ``1/sqrt(D)``. Returns a new contiguous ``[B, N_q, H, D]`` tensor in q's dtype.
@@ -538,7 +547,16 @@ def attention(
 
     ``return_lse``: return ``(out, lse)`` with ``lse`` the fp32 ``[B, H, N_q]`` natural log-sum-exp of each query
     row's scaled scores over its valid keys (``-inf`` when it has none), what ring attention needs to merge partial
-    results (``kernels.reference.attention_lse``)."""
+    results (``kernels.reference.attention_lse``).
+
+    ``impl``: ``"default"`` (the kernels above) or ``"fa3"`` (the FA3-structured Gluon kernel of
+    ``kernels/attention_fa3.py``, eager calls on sm_90 only; inputs it does not take, and calls under torch.compile,
+    use the default path); ``None`` reads ``$ZIMAGE_ATTENTION_IMPL`` (default ``default``)."""
+    if _impl_setting(impl) == "fa3" and not use_custom_op() and q.device.type == "cuda":
+        from . import attention_fa3
+
+        if attention_fa3.supports(q, k, v, kv_lens, scale):
+            return attention_fa3._launch(q, k, v, kv_lens, scale, lse=return_lse)
     if return_lse:
         if not supports(q, k, v, kv_lens, scale):
             return reference.attention_lse(q, k, v, kv_lens=kv_lens, scale=scale)

@@ -18,7 +18,8 @@ Facts read per (kernel, config):
 
 ``check(row)`` turns the project's guarantees into failures (used by ``scripts/aot_compile.py`` and the CPU test
 tier): 0 spills and no local memory, shared memory within the sm_90 limit, 16-byte global accesses only for the
-elementwise kernels, wgmma for every Hopper attention kernel, setmaxnreg for the warp-specialized one.
+elementwise kernels, wgmma for every Hopper attention kernel, setmaxnreg for the warp-specialized ones (the Gluon
+FA3 kernel of ``attention_fa3.py`` compiles through the same binder, from its Gluon AST source).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 def zimage_launches(quick: bool = False) -> list[tuple[str, Launch]]:
     """(case name, launch) of every op at Z-Image's shapes in bf16, recorded from the ops' own launchers."""
-    from . import attention, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu
+    from . import attention, attention_fa3, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu
 
-    mods = (attention, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu)
+    mods = (attention, attention_fa3, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu)
     out = []
     x, y = _meta(B, N, C), _meta(B, N, C)
     w = _meta(C)
@@ -127,10 +128,12 @@ def zimage_launches(quick: bool = False) -> list[tuple[str, Launch]]:
             ("qk_norm_rope", lambda: qk_norm_rope._launch(qkv[0], qkv[1], _meta(D), _meta(D), freqs, 1e-5)),
             ("attention tma kv_lens", lambda: attention._launch(*qkv, lens, path="tma")),
             ("attention plain kv_lens", lambda: attention._launch(*qkv, lens, path="plain")),
+            ("attention fa3 kv_lens", lambda: attention_fa3._launch(*qkv, lens)),
         ]
         if not quick:
             calls.append(("attention tma even", lambda: attention._launch(*qkv, None, path="tma")))
             calls.append(("attention tma lse", lambda: attention._launch(*qkv, lens, path="tma", lse=True)))
+            calls.append(("attention fa3 lse", lambda: attention_fa3._launch(*qkv, lens, lse=True)))
         for name, call in calls:
             before = len(sink)
             call()
@@ -170,7 +173,10 @@ def compile_launch(launch: Launch, arch: int = 90, config=None):
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound, spec, opts = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, spec, opts)
-    src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    src_cls = ASTSource
+    if jit.is_gluon():  # Gluon kernels compile from their own AST source (TTGIR, layouts explicit)
+        from triton.experimental.gluon._runtime import GluonASTSource as src_cls
+    src = src_cls(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     return jit, kwargs, triton.compile(src, target=target, options=options.__dict__)
 
 
@@ -232,6 +238,8 @@ def facts(compiled, arch: int = 90, fmad: bool = True) -> dict:
         "shared_bytes": compiled.metadata.shared,
         "ptx_wgmma": "wgmma" in ptx,
         "ptx_setmaxnreg": "setmaxnreg" in ptx,
+        # a wgmma wait that leaves a group in flight: compute overlapped with a running GEMM (FA3's softmax/PV overlap)
+        "ptx_wgmma_overlap": bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)),
         # contracted bf16/fp16 multiply-adds skip an eager rounding: the bit-faithful kernels must have none
         "half_fma": bool(re.search(r"\bfma\.rn\.(bf16|f16)", ptx)),
         **sass_facts(sass),
@@ -240,7 +248,7 @@ def facts(compiled, arch: int = 90, fmad: bool = True) -> dict:
 
 def config_label(kwargs: dict) -> str:
     keep = ("BLOCK_M", "BLOCK_N", "WARP_SPECIALIZE", "EVEN_KV", "BLOCK_R", "BLOCK_C", "BLOCK_F", "BLOCK_T", "num_warps")
-    keep += ("num_stages",)
+    keep += ("num_stages", "BM", "BN", "NSTAGE")
     return ",".join(f"{k}={kwargs[k]}" for k in keep if k in kwargs)
 
 
@@ -291,6 +299,9 @@ def check(row: dict) -> list[str]:
             bad.append("no HGMMA (wgmma) in the Hopper attention kernel")
         if "WARP_SPECIALIZE=True" in row["config"] and not row["setmaxnreg"]:
             bad.append("warp-specialized config without setmaxnreg")
+    if row["kernel"] == "_attn_fa3_kernel":  # Gluon, explicit partitions: wgmma, TMA and the register split
+        if not (row["hgmma"] and row["tma"] and row["setmaxnreg"]):
+            bad.append(f"FA3 kernel lacks HGMMA/TMA/setmaxnreg: {row['hgmma']}/{row['tma']}/{row['setmaxnreg']}")
     return bad
 
 

@@ -9,6 +9,8 @@ next one):
                   capture of a forward and of a sampling step, determinism)                    -> gpu_tests.log, .xml
 3. ``kernels``    ``python -m bench kernels`` at Z-Image's shapes: ours against torch SDPA's flash / cuDNN /
                   efficient backends (and FlashAttention when importable), elementwise ops in GB/s -> kernels.jsonl
+3b. ``fa3``       the opt-in FA3-structured Gluon attention (kernels/attention_fa3.py) against the default TMA
+                  kernel at the same shapes, appended to kernels.jsonl
 4. ``throughput`` ``python -m bench throughput`` at the real transformer dims with random weights, 1024², CFG:
                   ms per step and per image, ours against diffusers' pipeline, peak memory  -> throughput.jsonl/.md
 5. ``summary.md`` one table of the steps (status, seconds, exit code) and the tail of every log.
@@ -41,8 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MAX_FILES = 8  # the GPU machine sends back at most 8 files
 # Wall-clock budgets (seconds) on the GPU; their sum stays under 10 minutes with room for start-up.
-BUDGETS = {"gpu-tests": 200, "kernels": 150, "throughput": 190}
-DRY_BUDGETS = {"gpu-tests": 60, "kernels": 120, "throughput": 240}
+BUDGETS = {"gpu-tests": 200, "kernels": 120, "fa3": 55, "throughput": 185}
+DRY_BUDGETS = {"gpu-tests": 60, "kernels": 120, "fa3": 60, "throughput": 240}
 FILES = (
     "env.json",
     "gpu_tests.log",
@@ -158,10 +160,20 @@ def steps(py: str, out: Path, dry: bool, steps_per_image: int) -> list[tuple[str
         kernels += ["--out", str(out / "kernels.jsonl")]
         shape, model, configs = f"1024x1024/b1/base{steps_per_image}", "synthetic", "diffusers-eager,ours-triton"
         thr_extra = ["--repeats", "2"]
+    # The opt-in FA3 Gluon kernel in a step of its own (a hang or failure there costs only its budget), its rows
+    # appended to kernels.jsonl next to the default TMA kernel's.
+    fa3 = [py, "-m", "bench", "kernels", "--cases", "small" if dry else "zimage", "--ops", "attention", "--quick"]
+    fa3 += ["--dtype", "fp32" if dry else "bf16", "--providers", "eager" if dry else "triton-fa3", "triton-tma"]
+    fa3 += ["--append", "--out", str(out / "kernels.jsonl")]
     thr_dir = out / "_throughput"
     throughput = [py, "-m", "bench", "throughput", "--model", model, "--shapes", shape, "--configs", configs]
     throughput += [*thr_extra, "--no-plots", "--out", str(thr_dir)]
-    return [("gpu-tests", tier, tier_log), ("kernels", kernels, {}), ("throughput", throughput, {"thr_dir": thr_dir})]
+    return [
+        ("gpu-tests", tier, tier_log),
+        ("kernels", kernels, {}),
+        ("fa3", fa3, {}),
+        ("throughput", throughput, {"thr_dir": thr_dir}),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ KERNELS = {
     "_qk_norm_rope_kernel",
     "_attn_fwd_tma_kernel",
     "_attn_fwd_kernel",
+    "_attn_fa3_kernel",
 }
 
 
@@ -55,7 +56,7 @@ def test_every_kernel_compiles_for_sm90a_and_keeps_every_guarantee(rows):
 def test_elementwise_kernels_use_16_byte_vectors_only(rows):
     _, rows = rows
     for r in rows:
-        if r["kernel"] in KERNELS - {"_attn_fwd_tma_kernel", "_attn_fwd_kernel"}:
+        if r["kernel"] in KERNELS - {"_attn_fwd_tma_kernel", "_attn_fwd_kernel", "_attn_fa3_kernel"}:
             widths = r["global_access_bits"]
             assert widths and set(widths) <= {"ldg128", "stg128"}, (r["kernel"], widths)
             assert not r["half_fma"], r["kernel"]  # bit-faithful kernels: no contracted bf16 multiply-add
@@ -76,6 +77,17 @@ def test_hopper_attention_uses_wgmma_tma_and_warp_specialization(rows):
     ws = [r for r in tma if "WARP_SPECIALIZE=True" in r["config"]]
     assert ws and all(r["setmaxnreg"] for r in ws)  # producer/consumer register split
     assert all(r["hgmma"] for r in rows if r["kernel"] == "_attn_fwd_kernel")  # tl.dot lowers to wgmma on sm_90a
+
+
+def test_fa3_gluon_attention_compiles_to_async_wgmma_tma_and_a_register_split(rows):
+    """kernels/attention_fa3.py: two consumer warpgroups + a load warp (padded to a warpgroup): 384 threads, async
+    wgmma (HGMMA in SASS, wgmma.wait_group in PTX), TMA loads and stores, setmaxnreg for the partitions."""
+    _, rows = rows
+    (r,) = [r for r in rows if r["kernel"] == "_attn_fa3_kernel"]
+    assert r["hgmma"] >= 32 and r["ptx_wgmma"] and r["tma"] >= 3 and r["setmaxnreg"] >= 2, r
+    assert r["ptx_wgmma_overlap"], r  # waits for QK while PV is still in flight (wgmma.wait_group 1)
+    assert r["spill_bytes"] == 0 and r["local_memory"] == 0 and r["stack_bytes"] == 0, r
+    assert r["shared_bytes"] <= 232448, r
 
 
 def test_sass_parser_on_a_hand_written_listing():

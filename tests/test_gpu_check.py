@@ -38,13 +38,13 @@ def test_dry_run_walks_every_step_within_the_file_limit(tmp_path):
     assert env_json["mode"].startswith("dry-run")
 
     summary = (out / "summary.md").read_text()
-    status = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()[6:9]}
-    assert status == {"gpu-tests": "skipped", "kernels": "ok", "throughput": "ok"}, summary
+    status = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()[6:10]}
+    assert status == {"gpu-tests": "skipped", "kernels": "ok", "fa3": "ok", "throughput": "ok"}, summary
     assert "no CUDA device" in (out / "gpu_tests.log").read_text()
 
     kernel_rows = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
     checked = [r for r in kernel_rows if r["refcheck"] is not None]
-    assert {r["op"] for r in checked} == {"gated_residual", "qk_norm_rope"}
+    assert {r["op"] for r in checked} == {"gated_residual", "qk_norm_rope", "attention"}  # attention: the fa3 step
     assert all(r["refcheck"]["passed"] for r in checked)
     thr = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
     assert {r["config"] for r in thr} == {"diffusers-eager", "ours-torch"}
@@ -103,6 +103,9 @@ def test_the_gpu_commands_are_valid_for_the_bench_parsers(tmp_path):
     assert steps["gpu-tests"][1:4] == ["scripts/run_tier.py", "gpu", "-q"]
     k = bench_kernels.parse_args(steps["kernels"][4:])
     assert (k.cases, k.dtype, k.out) == ("zimage", "bf16", str(tmp_path / "kernels.jsonl"))
+    fa3 = bench_kernels.parse_args(steps["fa3"][4:])
+    assert fa3.append and fa3.out == k.out and fa3.ops == ["attention"] and (fa3.cases, fa3.dtype) == ("zimage", "bf16")
+    assert "triton-fa3" in fa3.providers and "triton-fa3" in bench_kernels.OPT_IN_PROVIDERS
     thr = steps["throughput"]
     shape = resolve(thr[thr.index("--shapes") + 1], "cuda")[0]
     assert (shape.width, shape.height, shape.cfg, shape.steps) == (1024, 1024, True, 8)
