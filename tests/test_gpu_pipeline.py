@@ -12,7 +12,6 @@ ragged CFG batch (captions of 128 and 32 padded tokens).
 Skipped without CUDA (tests/conftest.py); run by scripts/gpu_check.sh. NOT YET RUN ON HARDWARE.
 """
 
-
 import pytest
 import torch
 
