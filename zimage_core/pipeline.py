@@ -15,7 +15,6 @@ diffusers' formulation ``pos + g·(pos − neg)`` with ``g = CFGScale − 1``, a
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -34,7 +33,7 @@ from .errors import RequestError
 from .model import CaptionContext, ZImageTransformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .schedules import img2img_start
-from .weights import CheckpointError, load_transformer
+from .weights import CheckpointError, check_safetensors_component, load_transformer, read_json
 
 SEED_MAX = 2**63 - 1
 
@@ -91,6 +90,17 @@ def _check_float(field_name, value, lo=None, hi=None):
     return float(value)
 
 
+def _load_component(load: Callable, folder: Path):
+    """Run a transformers/diffusers loader; its errors on a broken folder (bad JSON, missing files, wrong shapes)
+    become a CheckpointError naming the folder."""
+    try:
+        return load()
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{folder}: cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from None
+
+
 class ZImage:
     """A loaded Z-Image pipeline: our transformer and sampling loop, transformers' Qwen3, diffusers' VAE."""
 
@@ -140,27 +150,41 @@ class ZImage:
         path = Path(path).expanduser()
         if not (path / "model_index.json").exists():
             raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        read_json(path / "model_index.json", "model index")
         for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
             if not (path / sub).is_dir():
                 raise CheckpointError(f"{path}: missing the {sub}/ subfolder")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        scheduler = SchedulerSettings.from_folder(path / "scheduler")
+        meta_path = path / "zimage_fast.json"
+        meta = read_json(meta_path, "zimage_fast.json") if meta_path.exists() else {}
+        if presets is None and "defaults" in meta:
+            try:
+                d = Defaults(**meta["defaults"])
+            except TypeError as e:
+                raise CheckpointError(f"{meta_path}: invalid defaults ({str(e)[:200]})") from None
+            presets = {mid: d for mid in (*MODEL_PRESETS, str(meta.get("model_id", "zimage-fast:default")))}
+        for sub in ("text_encoder", "vae"):  # transformers/diffusers would unpickle a .bin: weights must be safetensors
+            check_safetensors_component(path / sub)
         transformer = load_transformer(path / "transformer", dtype=dtype, device=device, kernel_backend=kernel_backend)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a bar per component is noise; generate() has its own
         try:
-            text_encoder = AutoModel.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()
+            text_encoder = _load_component(
+                lambda: AutoModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True),
+                path / "text_encoder",
+            )
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(device).eval()
-        scheduler = SchedulerSettings.from_folder(path / "scheduler")
-        meta_path = path / "zimage_fast.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if presets is None and "defaults" in meta:
-            d = Defaults(**meta["defaults"])
-            presets = {mid: d for mid in (*MODEL_PRESETS, meta.get("model_id", "zimage-fast:default"))}
+        text_encoder = text_encoder.to(device).eval()
+        tokenizer = _load_component(lambda: AutoTokenizer.from_pretrained(path / "tokenizer"), path / "tokenizer")
+        vae = _load_component(
+            lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True),
+            path / "vae",
+        )
+        vae = vae.to(device).eval()
         pipe = cls(transformer, text_encoder, tokenizer, vae, scheduler, presets, name=meta.get("name", path.name))
         pipe.meta = meta
         return pipe
