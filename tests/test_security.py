@@ -135,7 +135,9 @@ def test_fifo_as_weights_or_config_refused_without_blocking(tmp_path, name):
         "except CheckpointError as e:\n    print('REFUSED', e)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert "REFUSED" in proc.stdout and "not a regular file" in proc.stdout, proc.stderr[-2000:]
 
 
