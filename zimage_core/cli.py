@@ -235,6 +235,7 @@ def _generate(pipe, args) -> int:
         model=args.preset_model,
         cache=cache,
         progress=not args.quiet,
+        read_paths=True,  # the command line's --seed-image/--mask-image are local files
     )
     out = args.output_path
     paths = (

@@ -380,6 +380,7 @@ class ZImage:
         cache=None,
         step_callback: Callable | None = None,
         loras: Sequence = (),
+        read_paths: bool = False,
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -392,6 +393,9 @@ class ZImage:
         diffusers' ``num_images_per_prompt``): each result keeps its own seed's noise, but then matches a solo run
         only up to floating-point rounding. It applies to deterministic samplers without a step cache; stochastic
         samplers and caches always run result by result.
+
+        ``seed_image``/``mask_image``: PIL images, base64 or data URIs; local file paths only with
+        ``read_paths=True`` (off by default, so a string passed through from a client never reads a local file).
 
         ``diffusers_compat=True`` consumes the generator exactly like diffusers' img2img/inpaint pipelines (VAE
         posterior sample before the noise) and uses their start step ``int(N − N·strength)``; by default the VAE
@@ -432,6 +436,7 @@ class ZImage:
             width=width,
             height=height,
             default_size=(preset.width, preset.height),
+            allow_paths=read_paths,
         )
         width, height = work.width, work.height
         if work.image is None:
