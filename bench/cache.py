@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics
+
 PSNR_CAP = 100.0
 TARGET_FACTOR, TARGET_PSNR, TARGET_STEPS = 2.5, 30.0, 50
 
@@ -42,12 +44,8 @@ DEFAULT_THRESHOLDS = {
 
 
 def psnr(a, b, data_range: float = 255.0) -> float:
-    """PSNR in dB computed in float64 (cache-dit's uint8 version wraps mod 256). Identical → ``PSNR_CAP``."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    if mse == 0.0:
-        return PSNR_CAP
-    return min(PSNR_CAP, 10.0 * math.log10(data_range**2 / mse))
+    """``bench.metrics.psnr`` on the 0..255 scale, capped at ``PSNR_CAP`` (identical images)."""
+    return metrics.psnr(np.asarray(a), np.asarray(b), data_range, cap=PSNR_CAP)
 
 
 def ssim(a, b, data_range: float = 255.0, sigma: float = 1.5) -> float:
@@ -85,7 +83,7 @@ def environment(device) -> dict:
 
 
 def model_label(pipe) -> str:
-    from kernels.cache.teacache import model_kind
+    from zimage_core.cache.teacache import model_kind
 
     return model_kind(pipe)
 
@@ -122,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", help="model preset id (defaults and TeaCache coefficients); default: the model's")
     p.add_argument(
-        "--prompts", help="prompt file, one per line (default: the model's own prompts, else kernels/cache/prompts.txt)"
+        "--prompts",
+        help="prompt file, one per line (default: the model's own prompts, else zimage_core/cache/prompts.txt)",
     )
     p.add_argument("-n", "--num-prompts", type=int, default=4)
     p.add_argument("--steps", type=_ints, default=[30, 50], help="comma-separated step counts")
@@ -251,9 +250,9 @@ def _fewer_steps_row(pipe, args, prompts, refs, steps, kk, base_t, common) -> di
 
 
 def sweep(pipe, args, log=print) -> list[dict]:
-    from kernels.cache import CacheConfig
-    from kernels.cache.calibrate import load_prompts
-    from kernels.cache.teacache import model_fingerprint
+    from zimage_core.cache import CacheConfig
+    from zimage_core.cache.calibrate import load_prompts
+    from zimage_core.cache.teacache import model_fingerprint
 
     prompts = load_prompts(args.prompts, args.num_prompts, pipe)
     settings = _settings(args)

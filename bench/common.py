@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from zimage_core.config import DTYPE_NAMES
+
 from . import metrics
 from .pipelines import ALL_CONFIGS, DEFAULT_PROMPT
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {short: getattr(torch, name) for short, name in DTYPE_NAMES.items()}
 # Lossless configurations pass when the final latents' relative L2 error against diffusers is at most this. fp32:
 # our core reproduces diffusers' cast points, so only summation order differs. bf16/fp16: a starting value, to be
 # calibrated on a GPU run (diffusers-compile against diffusers-eager is the natural noise floor to compare with).

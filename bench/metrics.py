@@ -41,12 +41,13 @@ def cosine(a, b) -> float:
     return float(a @ b) / den
 
 
-def psnr(a, b, data_range: float = 1.0) -> float:
+def psnr(a, b, data_range: float = 1.0, cap: float = math.inf) -> float:
+    """PSNR in dB, computed in float64 (never on wrapped uint8); identical inputs give ``cap`` (default inf)."""
     a, b = _flat(a), _flat(b)
     mse = float(((a - b) ** 2).mean())
     if mse == 0:
-        return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
+        return cap
+    return min(cap, 10.0 * math.log10(data_range**2 / mse))
 
 
 def finite(x) -> bool:

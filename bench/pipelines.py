@@ -17,7 +17,7 @@ Models (``--model``):
 
 Configurations (``Config``): ``diffusers-eager`` (the reference, SDPA attention), ``diffusers-compile``
 (``torch.compile`` of the diffusers transformer), ``ours-torch`` (our sampling core, torch ops), ``ours-triton`` (our
-core with the Triton op backend), ``ours-<cache>`` (our core with a step cache from ``kernels.cache``).
+core with the Triton op backend), ``ours-<cache>`` (our core with a step cache from ``zimage_core.cache``).
 Availability is decided at run time; an unavailable one carries ``skip_reason``.
 """
 
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from zimage_core.cache import CONFIGS
 from zimage_core.components import RANDOM_TRANSFORMER, SchedulerSettings, byte_level_tokenizer, small_text_encoder
 from zimage_core.config import ZImageConfig
 from zimage_core.model import ZImageTransformer
@@ -44,8 +45,8 @@ from .timing import Clock
 DEFAULT_PROMPT = "a photograph of a red fox sitting in fresh snow at golden hour, shallow depth of field"
 REFERENCE = "diffusers-eager"
 ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-batched", "ours-triton", "ours-cache")
-# decisions.md defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
-CACHE_DEFAULTS = {"fbcache": 0.25, "teacache": 0.5, "dbcache": 0.25}
+# the request API's defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
+CACHE_DEFAULTS = {f"{m}cache": cfg.threshold for m, cfg in CONFIGS.items()}  # fbcache 0.25, teacache 0.5, ...
 
 # The real VAE (FLUX AE) config, zimage-reference.md §2.3.
 REAL_VAE = dict(
@@ -228,7 +229,7 @@ class Config:
     skip_reason: str | None = None
     pipe: Any = None  # diffusers: the pipeline object to call (eager or with a compiled transformer)
     backend: str | None = None  # ours: kernel backend ("torch", "triton", "auto")
-    cache: Any = None  # ours: a kernels.cache.CacheConfig
+    cache: Any = None  # ours: a zimage_core.cache.CacheConfig
     batch: bool = False  # ours: generate(batch_results=True), the results of a request as one batch
     compiled: bool = False
     info: dict = field(default_factory=dict)  # what the row should say about this configuration
@@ -257,7 +258,7 @@ def _triton_config(pair: Pair) -> Config:
 
 
 def parse_cache_spec(spec: str | None) -> dict[str, float | None]:
-    """``"fbcache=0.25,teacache"`` -> {"fbcache": 0.25, "teacache": 0.5 (decisions.md default)}; None: all three."""
+    """``"fbcache=0.25,teacache"`` -> {"fbcache": 0.25, "teacache": 0.5 (the default)}; None: all three."""
     if not spec:
         return dict(CACHE_DEFAULTS)
     out = {}
@@ -268,30 +269,20 @@ def parse_cache_spec(spec: str | None) -> dict[str, float | None]:
 
 
 def cache_configs(spec: str | None = None) -> list[Config]:
-    """One ``ours-<method>`` config per cache method, through the interface the caching work will provide:
-    ``kernels.cache.CacheConfig.for_method(method, threshold=...)``, passed as ``ZImage.generate(cache=...)``,
-    which calls ``cache.new_state()`` per result (``.main_layers``, ``.end_step(i)``, ``.summary()``).
-    Anything missing is a skip with the reason, never a failure."""
+    """One ``ours-<method>`` config per cache method: ``zimage_core.cache.CacheConfig.for_method(method,
+    threshold=...)``, passed as ``ZImage.generate(cache=...)``, which calls ``cache.new_state()`` per result (a
+    ``StackHook`` with ``.observe``, ``.end_step(i)``, ``.summary()``). A method whose config cannot be built is a
+    skip with the reason, never a failure."""
     methods = parse_cache_spec(spec)
-    try:
-        mod = importlib.import_module("kernels.cache")
-    except ImportError as e:
-        reason = f"kernels.cache is not importable ({e}); step caches are not merged yet"
-        return [Config(f"ours-{m}", "ours", lossy=True, skip_reason=reason) for m in methods]
-    cache_cls = getattr(mod, "CacheConfig", None)
+    mod = importlib.import_module("zimage_core.cache")  # looked up at call time: tests substitute stand-ins
+    cache_cls = mod.CacheConfig
     out = []
     for m, thr in methods.items():
         cfg = Config(f"ours-{m}", "ours", lossy=True, backend="auto", info={"cache_method": m, "threshold": thr})
-        if cache_cls is None or not hasattr(cache_cls, "for_method"):
-            cfg.skip_reason = "kernels.cache has no CacheConfig.for_method"
-        else:
-            try:
-                cfg.cache = cache_cls.for_method(m, threshold=thr) if thr is not None else cache_cls.for_method(m)
-            except Exception as e:  # noqa: BLE001 - unknown method name, bad threshold, ...
-                cfg.skip_reason = f"CacheConfig.for_method({m!r}, threshold={thr}) failed: {type(e).__name__}: {e}"
-            else:
-                if not callable(getattr(cfg.cache, "new_state", None)):
-                    cfg.skip_reason = "the CacheConfig has no new_state() (the interface ZImage.generate(cache=) uses)"
+        try:
+            cfg.cache = cache_cls.for_method(m, threshold=thr) if thr is not None else cache_cls.for_method(m)
+        except Exception as e:  # noqa: BLE001 - unknown method name, bad threshold, ...
+            cfg.skip_reason = f"CacheConfig.for_method({m!r}, threshold={thr}) failed: {type(e).__name__}: {e}"
         out.append(cfg)
     return out
 
@@ -550,10 +541,7 @@ def per_step_latents(rec: Recorder, shape: Shape, kind: str) -> list[torch.Tenso
 def decode_float(vae, latents: torch.Tensor, device) -> torch.Tensor:
     """Float images in [0, 1], [n, 3, H, W] on CPU, decoded one at a time by the shared VAE (no 8-bit rounding):
     what the image PSNR is computed on."""
-    cfg = vae.config
-    out = []
-    for i in range(latents.shape[0]):
-        z = latents[i : i + 1].to(device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-        img = vae.decode(z, return_dict=False)[0].float()
-        out.append((img / 2 + 0.5).clamp(0, 1).cpu())
-    return torch.cat(out)
+    from zimage_core.pipeline import vae_decode
+
+    out = [vae_decode(vae, latents[i : i + 1].to(device)).float() for i in range(latents.shape[0])]
+    return torch.cat([(img / 2 + 0.5).clamp(0, 1).cpu() for img in out])

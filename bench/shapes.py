@@ -4,8 +4,9 @@ A shape is written ``WIDTHxHEIGHT/bN/PRESETSTEPS``, e.g. ``1024x768/b4/base50``:
 
 - ``bN``: ``numberResults`` N. Our pipeline runs the results one after another (each result reproduces alone from
   its own seed); diffusers batches them (``num_images_per_prompt``). Both produce the same N images.
-- ``base``: the base model's preset (CFGScale 5 with CFG normalization, shift 6); ``turbo``: CFGScale 1 (no CFG,
-  one forward per step), shift 3. Values come from ``zimage_core.pipeline.MODEL_PRESETS``.
+- ``base``: the base model's preset (CFGScale 5 with CFG normalization) at Z-Image's scheduler shift 6; ``turbo``:
+  CFGScale 1 (no CFG, one forward per step) at Z-Image-Turbo's shift 3. Steps and CFG come from
+  ``zimage_core.pipeline.MODEL_PRESETS``; the shift is the one each released checkpoint's scheduler config carries.
 
 Named tables: ``cpu`` (small sizes for the embedded small model on 2 cores), ``gpu`` (the default on a GPU),
 ``full`` (every resolution × batch × preset: long), ``test`` (tiny, for the harness's own tests).
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from zimage_core.pipeline import MODEL_PRESETS
 
 PRESETS = {"base": MODEL_PRESETS["runware:z-image@0"], "turbo": MODEL_PRESETS["z-image-turbo"]}
+CHECKPOINT_SHIFT = {"base": 6.0, "turbo": 3.0}  # scheduler_config.json of Tongyi-MAI/Z-Image and Z-Image-Turbo
 _SPEC = re.compile(r"^(\d+)x(\d+)/b(\d+)/([a-z]+)(\d+)$")
 
 
@@ -52,7 +54,7 @@ class Shape:
 
     @property
     def shift(self) -> float:
-        return PRESETS[self.preset].shift
+        return CHECKPOINT_SHIFT[self.preset]
 
     @property
     def cfg_normalization(self) -> float:

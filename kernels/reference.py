@@ -2,7 +2,7 @@
 
 This is the single source of truth for what each op computes: the model runs on it on CPU, the Triton kernels are
 tested against it, and the benchmarks compare with it. Each function reproduces diffusers 0.42.1's Z-Image numerics
-down to the cast points (see ../shared/docs/zimage-reference.md §1.3, "Precision notes"):
+down to the cast points:
 
 - RMSNorm: variance in fp32, ``x * rsqrt(var + eps)`` (promotes to fp32), cast to the *weight* dtype, then times
   the weight (``diffusers.models.normalization.RMSNorm``).
@@ -115,3 +115,33 @@ def attention(
         q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), attn_mask=mask, scale=scale
     )  # [B, H, N, D]
     return out.permute(0, 2, 1, 3)  # [B, N, H, D]
+
+
+# ---- step-cache ops: the decision metric's two L1 sums, and the residual apply of a cache hit ----
+
+
+def l1_sums(a: torch.Tensor, b: torch.Tensor, a_sub: torch.Tensor | None = None) -> torch.Tensor:
+    """The step caches' decision metric in one pass: ``Σ|(a − a_sub) − b|`` and ``Σ|b|``, accumulated in fp32 from
+    bf16/fp16/fp32 inputs (their ratio is the relative L1 change; ``a_sub`` lets a cache measure a residual without
+    materialising it). fp32 tensor ``[Σ|(a − a_sub) − b|, Σ|b|]`` over all elements (shapes must match)."""
+    if a.shape != b.shape or (a_sub is not None and a_sub.shape != a.shape):
+        raise ValueError(f"l1_sums: shapes differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    af = a.float()  # fp32 accumulation from low-precision inputs
+    if a_sub is not None:
+        af = af - a_sub.float()
+    bf = b.float()
+    return torch.stack([(af - bf).abs().sum(), bf.abs().sum()])
+
+
+def apply_residual(
+    hidden: torch.Tensor, residual: torch.Tensor, delta: torch.Tensor | None = None, coef: float = 0.0
+) -> torch.Tensor:
+    """``hidden + residual + coef·delta`` in fp32, rounded once to ``hidden.dtype`` (a new tensor): a cache hit's
+    reuse of a cached residual, or its order-1 Taylor extrapolation (``delta`` the difference of the last two cached
+    residuals, ``coef`` = elapsed / spacing, a host float)."""
+    if hidden.shape != residual.shape or (delta is not None and delta.shape != hidden.shape):
+        raise ValueError(f"apply_residual: shapes differ: {tuple(hidden.shape)} vs {tuple(residual.shape)}")
+    out = hidden.float() + residual.float()
+    if delta is not None and coef != 0.0:
+        out = out + coef * delta.float()
+    return out.to(hidden.dtype)

@@ -12,7 +12,8 @@ import torch
 from bench import parity, report, throughput
 from bench.__main__ import main as bench_main
 from zimage_core.components import build_random_pipeline
-from zimage_core.model import ZImageTransformer, run_layers
+from zimage_core.hooks import StackHook
+from zimage_core.model import ZImageTransformer
 
 TINY = "64x64/b1/turbo2,64x64/b2/base2"
 
@@ -71,7 +72,11 @@ def test_throughput_times_only_configs_that_passed(folder, tmp_path, capsys):
     text = capsys.readouterr().out
     rows = report.read_jsonl(tmp_path / "rows.jsonl")
     ok = [r for r in rows if r["status"] == "ok"]
-    caches = ("ours-fbcache", "ours-teacache", "ours-dbcache")  # kernels.cache: lossy configs that run and are timed
+    caches = (
+        "ours-fbcache",
+        "ours-teacache",
+        "ours-dbcache",
+    )  # zimage_core.cache: lossy configs that run and are timed
     assert {(r["case"], r["config"]) for r in ok} == {
         (c, k) for c in TINY.split(",") for k in ("diffusers-eager", "ours-torch", "ours-batched", *caches)
     }
@@ -105,12 +110,10 @@ def test_throughput_does_not_time_a_config_that_failed_parity(folder, tmp_path, 
 
 
 def test_a_lossy_cache_config_runs_through_the_assumed_interface(folder, tmp_path, monkeypatch):
-    """A stand-in kernels.cache whose cache never skips: the harness must run it, report it as lossy with its PSNR
+    """A stand-in zimage_core.cache whose cache never skips: the harness must run it, report it as lossy with its PSNR
     (near-lossless here: only summation order differs) and time it."""
 
-    class State:
-        main_layers = staticmethod(run_layers)
-
+    class State(StackHook):  # the identity hook: every layer runs
         def observe(self, denoise):
             return denoise
 
@@ -128,9 +131,9 @@ def test_a_lossy_cache_config_runs_through_the_assumed_interface(folder, tmp_pat
         def new_state(self, num_steps=None, start_step=0):
             return State()
 
-    mod = types.ModuleType("kernels.cache")
+    mod = types.ModuleType("zimage_core.cache")
     mod.CacheConfig = CacheConfig
-    monkeypatch.setitem(sys.modules, "kernels.cache", mod)
+    monkeypatch.setitem(sys.modules, "zimage_core.cache", mod)
     args = _args(folder, tmp_path, "--repeats", "1", "--configs", "diffusers-eager,ours-cache", "--caches", "fbcache")
     assert throughput.main(args) == 0
     rows = [r for r in report.read_jsonl(tmp_path / "rows.jsonl") if r["config"] == "ours-fbcache"]

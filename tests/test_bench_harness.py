@@ -199,13 +199,6 @@ def test_cache_spec_parsing():
     assert parse_cache_spec("fbcache=0.1, teacache") == {"fbcache": 0.1, "teacache": 0.5}
 
 
-def test_caches_are_skipped_with_a_reason_when_not_merged(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kernels.cache", None)  # import raises ImportError
-    cfgs = cache_configs(None)
-    assert [c.name for c in cfgs] == ["ours-fbcache", "ours-teacache", "ours-dbcache"]
-    assert all(not c.available and "kernels.cache" in c.skip_reason and c.lossy for c in cfgs)
-
-
 def test_caches_through_the_assumed_interface(monkeypatch):
     class FakeCacheConfig:
         def __init__(self, method, threshold):
@@ -220,9 +213,9 @@ def test_caches_through_the_assumed_interface(monkeypatch):
         def new_state(self):
             raise NotImplementedError
 
-    mod = types.ModuleType("kernels.cache")
+    mod = types.ModuleType("zimage_core.cache")
     mod.CacheConfig = FakeCacheConfig
-    monkeypatch.setitem(sys.modules, "kernels.cache", mod)
+    monkeypatch.setitem(sys.modules, "zimage_core.cache", mod)
     cfgs = {c.name: c for c in cache_configs("fbcache=0.1,teacache")}
     assert cfgs["ours-fbcache"].available and cfgs["ours-fbcache"].cache.threshold == 0.1
     assert not cfgs["ours-teacache"].available and "no coefficients" in cfgs["ours-teacache"].skip_reason

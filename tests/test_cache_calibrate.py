@@ -1,4 +1,4 @@
-"""TeaCache calibration (kernels.cache.calibrate) and the cache benchmark's metrics and smoke run (bench.cache)."""
+"""TeaCache calibration (zimage_core.cache.calibrate) and the cache benchmark's metrics and smoke run (bench.cache)."""
 
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.cache import calibrate as cal
-from kernels.cache.teacache import load_table, lookup
+from zimage_core.cache import calibrate as cal
+from zimage_core.cache.teacache import load_table, lookup
 
 
 def test_fit_recovers_a_known_polynomial_and_reports_r2():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.cache import cache_ops
-from kernels.cache import reference as ref
-from kernels.cache.reference import relative_change
+from kernels import get_ops as cache_ops  # the step-cache ops are ops of the one switch
+from kernels import reference as ref
+from zimage_core.cache.state import relative_change
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -78,7 +78,7 @@ def test_op_switch_is_torch_on_cpu():
 
 
 def _triton():
-    from kernels.cache import triton_kernels
+    from kernels import step_cache as triton_kernels
 
     return triton_kernels
 

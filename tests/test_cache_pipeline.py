@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from kernels import TORCH_OPS
-from kernels.cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig, from_request
-from kernels.cache.teacache import lookup, model_fingerprint, save_entry
 from tests.helpers import image_request
+from zimage_core.cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig, from_request
+from zimage_core.cache.teacache import lookup, model_fingerprint, save_entry
+from zimage_core.hooks import run_stack
 
 STEPS = 8
 BIG = 1e9  # a threshold nothing reaches: every step that may reuse does
@@ -147,7 +148,7 @@ def test_taylor_extrapolates_the_residual_in_sigma():
         for i, sigma in enumerate(sigmas):
             inp = SimpleNamespace(ops=TORCH_OPS, adaln_input=torch.tensor(1.0 - sigma), kv_lens=None)
             state.observe(lambda x, s: None)(None, sigma)
-            outs.append(state.main_layers(torch.ones(1, 3, 5), inp, layers))
+            outs.append(run_stack(torch.ones(1, 3, 5), inp, layers, [state]))
             state.end_step(i)
         return outs, state.summary()
 
@@ -164,7 +165,7 @@ def test_taylor_extrapolates_the_residual_in_sigma():
 
 
 def test_teacache_coefficients_from_the_table_or_identity(pipe, tmp_path, monkeypatch):
-    import kernels.cache.teacache as tc
+    import zimage_core.cache.teacache as tc
 
     table = tmp_path / "coeffs.json"
     monkeypatch.setattr(tc, "TABLE_PATH", table)
@@ -217,7 +218,7 @@ def test_two_threads_give_exactly_their_solo_results(pipe):
 
 
 def test_request_api_runs_each_cache(pipe):
-    from zimage_core.api import infer
+    from zimage_core.service import infer
 
     for opts in (
         {"fbCache": True, "fbCacheThreshold": 0.5},

@@ -1,4 +1,4 @@
-"""The step caches' decision policy (kernels.cache.policy): pure functions, every rule of decisions.md."""
+"""The step caches' decision policy (zimage_core.cache.policy): pure functions, every rule of README "Step caches"."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.cache import DBCacheConfig, FBCacheConfig, TeaCacheConfig
-from kernels.cache.policy import Counters, Rules, StepInfo, decide, forced
+from zimage_core.cache import DBCacheConfig, FBCacheConfig, TeaCacheConfig
+from zimage_core.cache.policy import Counters, Rules, StepInfo, decide, forced
 
 
 def simulate(rules, num_steps, changes, start_step=0, rescale=None, reset_at=()):
@@ -191,6 +191,6 @@ def test_method_configs_map_onto_rules():
     db = DBCacheConfig(fn=4, bn=2, skip_interval=7)
     assert db.rules().skip_interval == 7 and db.split(30) == (4, 2)
     assert db.split(3) == (2, 0) and db.split(2) == (1, 0)  # at least one middle layer is left
-    assert (db.fn, db.bn) != (1, 0)  # DBCache's defaults differ from FBCache (decisions.md)
+    assert (db.fn, db.bn) != (1, 0)  # DBCache's defaults differ from FBCache
     with pytest.raises(ValueError):
         DBCacheConfig(fn=0)

@@ -1,4 +1,4 @@
-"""The embedded default model (issue #8): procedural dataset, pixel checker, shipped weights, parity with diffusers,
+"""The embedded default model: procedural dataset, pixel checker, shipped weights, parity with diffusers,
 held-out accuracy at the default settings, and a smoke run of the training script."""
 
 import json

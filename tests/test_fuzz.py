@@ -328,7 +328,7 @@ class Stats:
 
 
 def _run_requests(pipe, n, capsys, tmp_path, monkeypatch):
-    from zimage_core.api import ServerConfig
+    from zimage_core.service import ServerConfig
 
     monkeypatch.setenv("ZIMAGE_OUTPUT_DIR", str(tmp_path / "outputs"))
     watch = Watch(pipe)
@@ -415,7 +415,6 @@ class _Pipe:
     """What prepare_inputs needs of a pipeline (size multiple and the VAE image processors), without a model."""
 
     size_multiple = 16
-    outputs = imgs.OutputCache()
 
     def __init__(self):
         from diffusers.image_processor import VaeImageProcessor

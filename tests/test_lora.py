@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 from tests.helpers import image_request
 from zimage_core import lora as lora_mod
-from zimage_core.api import ServerConfig
 from zimage_core.errors import RequestError
 from zimage_core.lora import LoraStore, load_lora
+from zimage_core.service import ServerConfig
 
 TARGETS = [
     "layers.0.attention.to_q",

@@ -179,7 +179,7 @@ def test_inpaint_matches_diffusers(folder, ours):
 
 
 def test_default_mode_start_step_and_noise(ours):
-    """Our default img2img: start step N − floor(N·strength) (decisions.md) and the same initial noise as t2i."""
+    """Our default img2img: start step N − floor(N·strength) and the same initial noise as t2i."""
     image = _test_image()
     res = ours.generate("a", seed=3, steps=10, strength=0.35, seed_image=image, output_type="latent", cfg_scale=1)
     assert res.stats["t_start"] == 10 - 3 and res.stats["steps"] == 3
@@ -213,3 +213,41 @@ def test_batched_results_match_solo_runs_closely(ours, theirs):
     assert rel_err(batched.latents, want) <= 1e-5
     stochastic = ours.generate("two birds", number_results=2, batch_results=True, scheduler="Euler a", **kw)
     assert not stochastic.stats["batched"]  # stochastic samplers always run result by result
+
+
+@pytest.mark.parametrize("model", ["runware:z-image@0", "z-image-turbo"])
+@pytest.mark.parametrize("folder_shift", [3.0, 4.5])
+def test_checkpoint_scheduler_decides_the_shift(tmp_path, folder, model, folder_shift):
+    """No ``shift`` argument: the folder's scheduler_config.json decides it (a preset never overrides it), so every
+    preset gives diffusers' latents on the same folder."""
+    import json
+    import shutil
+
+    from diffusers import ZImagePipeline
+
+    from zimage_core.pipeline import MODEL_PRESETS
+
+    assert all(d.shift is None for d in MODEL_PRESETS.values())
+    copy = shutil.copytree(folder, tmp_path / "f")
+    cfg_path = copy / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(shift=folder_shift, use_dynamic_shifting=False)
+    cfg_path.write_text(json.dumps(cfg))
+    mine = ZImage.from_pretrained(copy, device="cpu", dtype=torch.float32)
+    preset = mine.defaults(model)
+    res = mine.generate("a red circle", seed=5, steps=4, width=64, height=64, model=model, output_type="latent")
+    assert res.stats["shift"] == folder_shift
+    pipe = ZImagePipeline.from_pretrained(copy, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(
+        prompt="a red circle",
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=preset.cfg_scale - 1.0,
+        cfg_normalization=preset.cfg_normalization,
+        cfg_truncation=preset.cfg_truncation,
+        generator=gens(5, 1),
+        output_type="latent",
+    ).images
+    assert rel_err(res.latents, want) <= 1e-5

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.helpers import image_request
-from zimage_core.api import ServerConfig, get_response
 from zimage_core.errors import RequestError
-from zimage_core.request import SCHEDULERS, SCHEMA
+from zimage_core.service import ServerConfig, get_response
+from zimage_core.service.request import SCHEDULERS, SCHEMA
 
 base_request = image_request
 
@@ -182,7 +182,7 @@ def test_valid_request_response_fields(tiny_pipe):
 
 def test_output_types_and_formats(tiny_pipe, tmp_path):
     cfg = ServerConfig()
-    from zimage_core.api import LocalImageStore
+    from zimage_core.service import LocalImageStore
 
     cfg.image_store = LocalImageStore(tmp_path)
     r = tiny_pipe.infer(base_request(outputType="URL", outputFormat="WEBP", seed=1), cfg)[0]
@@ -195,7 +195,7 @@ def test_output_types_and_formats(tiny_pipe, tmp_path):
 
 
 def test_ttl_removes_stored_outputs(tiny_pipe, tmp_path):
-    from zimage_core.api import LocalImageStore
+    from zimage_core.service import LocalImageStore
 
     store = LocalImageStore(tmp_path)
     cfg = ServerConfig(image_store=store)

@@ -1,6 +1,6 @@
 """The kernel tolerance rule (flash-attention style) and exact float64 oracles for every fused op.
 
-Rule (../shared/docs/style.md §1.3, §5.3): a kernel's output ``out`` may be at most twice as far from the exact
+Rule: a kernel's output ``out`` may be at most twice as far from the exact
 result as torch's own same-dtype computation, plus a noise floor::
 
     max|out - ref64| <= 2 * max|pt - ref64| + floor,   floor = 2 * max|(r + 0.3 - 0.3) - r|, r = ref64 in out's dtype

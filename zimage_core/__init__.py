@@ -1,11 +1,14 @@
-"""zimage_core: a minimal sampling core for Z-Image.
+"""zimage_core: a minimal sampling core for Z-Image (the library; the request API is ``zimage_core.service``).
 
-request -> validation -> prompt encoding (once per request, with the context refiner) -> sampler loop over the
-scheduler's sigmas -> cache policy -> transformer -> ops (torch reference or Triton) -> VAE -> encoded image.
+generate: check arguments -> prompt encoding (once per request, with the context refiner) -> initial latents ->
+sampler loop over the scheduler's sigmas -> denoiser (CFG) -> transformer, with hooks around its main layers (step
+cache, ControlNet hints, ...) -> ops (torch reference or Triton) -> VAE.
 """
 
 from .config import PRESETS, ZImageConfig
+from .denoiser import GenerationStats
 from .errors import RequestError
+from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer, count_parameters
 from .weights import CheckpointError, load_transformer
 
@@ -20,7 +23,9 @@ def __getattr__(name):  # ZImage pulls in transformers/diffusers: import it lazi
 
 __all__ = [
     "ZImage",
+    "GenerationStats",
     "RequestError",
+    "StackHook",
     "PRESETS",
     "CaptionContext",
     "CheckpointError",

@@ -12,18 +12,13 @@ import math
 import sys
 from pathlib import Path
 
+from .config import DTYPE_NAMES
+
 OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_REQUEST_BYTES = 256 * 2**20  # a request file (base64 images included)
 MAX_JSON_DEPTH = 64  # an imageInference request nests at most 4 levels; deeper input is refused, not recursed into
 
-DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
+DTYPES = {**DTYPE_NAMES, **{name: name for name in DTYPE_NAMES.values()}}  # fp32 or float32, ...
 
 
 def _load(args):
@@ -211,7 +206,7 @@ def _infer(pipe, request) -> int:
 def _generate(pipe, args) -> int:
     cache = None
     if args.cache:
-        from kernels.cache import CacheConfig
+        from zimage_core.cache import CacheConfig
 
         cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
     result = pipe.generate(

@@ -14,6 +14,8 @@ from pathlib import Path
 ADALN_EMBED_DIM = 256  # width of the timestep embedding that drives every adaLN (min(dim, 256))
 SEQ_MULTI_OF = 32  # captions and images are padded to a multiple of this many tokens
 T_EMBED_MID = 1024  # hidden width of the timestep MLP
+SEED_MAX = 2**63 - 1  # seeds are in [0, SEED_MAX]; result i uses seed (seed + i) mod (SEED_MAX + 1)
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> torch dtype name
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ import base64
 import binascii
 import io
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,36 +23,12 @@ MAX_INPUT_PIXELS = 4096 * 4096
 # rarely used formats) is never tried.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 WHITESPACE_RE = re.compile(r"\s+")
-FORMATS = {
-    "JPG": ("JPEG", "image/jpeg", "jpg"),
-    "PNG": ("PNG", "image/png", "png"),
-    "WEBP": ("WEBP", "image/webp", "webp"),
-}
 
 
-class OutputCache:
-    """Earlier outputs of one ZImage by imageUUID (bounded, thread-safe), so requests can reference them."""
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._items: OrderedDict[str, Image.Image] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, uuid: str, image: Image.Image) -> None:
-        with self._lock:
-            self._items[uuid.lower()] = image
-            self._items.move_to_end(uuid.lower())
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def get(self, uuid: str) -> Image.Image | None:
-        with self._lock:
-            return self._items.get(uuid.lower())
-
-
-def load_image(value, field: str, outputs: OutputCache | None = None, allow_paths: bool = False) -> Image.Image:
-    """Decode an input image: a PIL image, a data URI, base64, an imageUUID of an earlier output, or (Python API
-    only) a local path. Remote URLs are refused: fetching them from a GPU server is an SSRF hole (decisions.md)."""
+def load_image(value, field: str, outputs=None, allow_paths: bool = False) -> Image.Image:
+    """Decode an input image: a PIL image, a data URI, base64, an imageUUID of an earlier output (``outputs``:
+    anything with ``get(uuid) -> image | None``, the service's output store), or (Python API only) a local path.
+    Remote URLs are refused: fetching them from a GPU server is a server-side request forgery hole."""
     if isinstance(value, Image.Image):
         if value.mode in ("RGB", "RGBA", "L"):
             return value
@@ -113,19 +87,6 @@ def _open(raw: bytes, field: str) -> Image.Image:
         ) from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on corrupted data; none may escape
         raise RequestError(field, f"could not be decoded as an image ({type(e).__name__})") from None
-
-
-def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95) -> bytes:
-    pil_fmt = FORMATS[fmt][0]
-    buf = io.BytesIO()
-    im = image.convert("RGB") if pil_fmt == "JPEG" else image
-    kwargs = {"quality": quality} if pil_fmt in ("JPEG", "WEBP") else {}
-    im.save(buf, format=pil_fmt, **kwargs)
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, fmt: str) -> str:
-    return f"data:{FORMATS[fmt][1]};base64,{base64.b64encode(data).decode()}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,10 +165,10 @@ def prepare_inputs(
         w, h = (width, height) if width is not None else default_size
         return Work(w, h)
 
-    image = load_image(seed_image, "seed_image", pipe.outputs, allow_paths).convert("RGB")
+    image = load_image(seed_image, "seed_image", None, allow_paths).convert("RGB")
     mask = None
     if mask_image is not None:
-        mask = load_image(mask_image, "mask_image", pipe.outputs, allow_paths).convert("L")
+        mask = load_image(mask_image, "mask_image", None, allow_paths).convert("L")
         if mask.size != image.size:
             mask = mask.resize(image.size, Image.NEAREST)
 

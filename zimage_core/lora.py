@@ -12,7 +12,7 @@ Adapters are never merged into the weights. Each targeted ``nn.Linear`` gets a f
 ``Σ scale·(alpha/r)·B(A x)`` for the adapters active *in the calling thread*, so concurrent requests with different
 LoRAs on one model never see each other's (and a model without adapters pays one dict lookup per Linear).
 
-Phases (decisions.md, ``lora[].transformer``): ``high`` is active while σ ≥ 0.5, ``low`` while σ < 0.5, ``both``
+Phases (``lora[].transformer``): ``high`` is active while σ ≥ 0.5, ``low`` while σ < 0.5, ``both``
 throughout; the pipeline's denoiser sets the current σ before each transformer call.
 """
 

@@ -1,7 +1,7 @@
 """Our Z-Image transformer: a readable re-implementation of diffusers' ``ZImageTransformer2DModel`` (0.42.1).
 
 The state dict uses exactly diffusers' keys, so checkpoints load unchanged (``zimage_core.weights``). The forward
-pass follows ../shared/docs/zimage-reference.md §1.3 step by step; the fused ops (attention, QK-norm + RoPE,
+pass follows diffusers 0.42.1's ``ZImageTransformer2DModel`` step by step; the fused ops (attention, QK-norm + RoPE,
 RMSNorm·(1+scale), x + tanh(g)·RMSNorm(y), SwiGLU, final LayerNorm·(1+scale)) go through one switch
 (``kernels.get_ops``) whose torch backend is the reference and whose Triton backend is the fast path.
 
@@ -19,7 +19,7 @@ The caption branch does not depend on ``t``: :meth:`ZImageTransformer.encode_con
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -236,24 +236,6 @@ class CaptionContext:
         return len(self.feats)
 
 
-MainLayers = Callable[[torch.Tensor, BlockInputs, nn.ModuleList], torch.Tensor]
-
-
-def run_layers(hidden: torch.Tensor, inp: BlockInputs, layers: Sequence[nn.Module]) -> torch.Tensor:
-    """The default main stack: every layer in order."""
-    return run_stack(hidden, inp, layers)
-
-
-class _MainLayersHook(StackHook):
-    """Adapter for the legacy ``main_layers`` callable (it replaces the whole stack; no after_layer hooks)."""
-
-    def __init__(self, fn: MainLayers):
-        self.fn = fn
-
-    def around_stack(self, inner, hidden, inp, stack):
-        return self.fn(hidden, inp, stack.layers)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,12 +332,11 @@ class ZImageTransformer(nn.Module):
         patch_size: int = 2,
         f_patch_size: int = 1,
         hooks: Sequence[StackHook] = (),
-        main_layers: MainLayers | None = None,
     ) -> list[torch.Tensor]:
         """The forward pass with a precomputed caption context (equal to ``forward`` with its captions).
 
         ``hooks`` act around the main layers (``zimage_core.hooks``: step caches, ControlNet hints, sequence
-        parallelism), composed for this call only. ``main_layers`` is the legacy single slot (an outermost hook).
+        parallelism), composed for this call only: the first is the outermost.
         """
         cfg = self.config
         key = f"{patch_size}-{f_patch_size}"
@@ -411,8 +392,6 @@ class ZImageTransformer(nn.Module):
         )  # [B, max(Np + Lp), dim]
         uni_freqs = pad_sequence([torch.cat([f, c]) for f, c in zip(img_freqs, context.freqs)], batch_first=True)
         inp = BlockInputs(ops, batch_lengths(uni_lens, device), uni_freqs, adaln_input)
-        if main_layers is not None:
-            hooks = (*hooks, _MainLayersHook(main_layers))
         unified = run_stack(unified, inp, self.layers, hooks)
 
         out = self.all_final_layer[key](unified, adaln_input, ops)  # [B, N, patch_dim]
@@ -465,4 +444,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["BlockInputs", "CaptionContext", "ZImageTransformer", "count_parameters", "run_layers"]
+__all__ = ["BlockInputs", "CaptionContext", "ZImageTransformer", "count_parameters"]

@@ -5,12 +5,13 @@ Data path of one ``generate`` call::
     prompt ─► tokenizer + Qwen3 (hidden_states[-2]) ─► caption features      (once per request)
            ─► transformer.encode_context (cap_embedder + context refiner)    (once per request)
     seed_i ─► CPU generator ─► initial noise (or VAE-encoded seed image, re-noised to the first sigma)
-           ─► sampler loop over the scheduler's sigmas ─► denoiser (CFG, cache hook) ─► transformer
+           ─► sampler loop over the scheduler's sigmas ─► denoiser (CFG, hooks) ─► transformer
            ─► final fp32 latents ─► VAE decode ─► PIL image
 
-The Z-Image conventions live in one adapter (:meth:`ZImage._denoiser`): the model sees ``t = 1 − σ`` (computed as
-diffusers does: ``(1000 − 1000σ)/1000`` in fp32), its output is negated into the flow velocity, CFG uses
-diffusers' formulation ``pos + g·(pos − neg)`` with ``g = CFGScale − 1``, and latents stay fp32.
+The Z-Image conventions live in one wrapper, ``zimage_core.denoiser.Denoiser``: the model sees ``t = 1 − σ``
+(computed as diffusers does), its output is negated into the flow velocity, CFG uses diffusers' formulation
+``pos + g·(pos − neg)`` with ``g = CFGScale − 1``, and latents stay fp32. The hooks of every model call are
+assembled in one place, :meth:`ZImage._sample`: the caller's ``hooks`` first, a step cache's state last.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,15 +28,15 @@ from PIL import Image
 
 from . import images as imgs
 from . import lora as lora_mod
-from .api import ServerConfig
 from .components import SchedulerSettings, build_random_pipeline
+from .config import SEED_MAX
+from .denoiser import Denoiser, GenerationStats
 from .errors import RequestError
+from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .schedules import img2img_start
 from .weights import CheckpointError, check_safetensors_component, load_transformer, read_json
-
-SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Defaults:
 
     steps: int
     cfg_scale: float
-    shift: float | None  # None: take the shift from the checkpoint's scheduler config
+    shift: float | None = None  # None (every built-in preset): the checkpoint's scheduler config decides the shift
     cfg_normalization: float = 0.0  # 0 = off; f > 0 clamps ‖pred‖ to f·‖pos‖ (diffusers' cfg_normalization)
     cfg_truncation: float = 1.0  # CFG only while t = 1 − σ ≤ this (diffusers' cfg_truncation)
     width: int = 1024
@@ -52,10 +53,11 @@ class Defaults:
     max_sequence_length: int = 512
 
 
-# decisions.md: base model 30 steps, CFGScale 5, shift 6, CFG normalization on; turbo 8 steps, CFGScale 1, shift 3.
+# Base model: 30 steps, CFGScale 5, CFG normalization on; turbo: 8 steps, CFGScale 1. A preset never sets the shift:
+# the loaded checkpoint's scheduler/scheduler_config.json does (Z-Image 6.0, Z-Image-Turbo 3.0), as in diffusers.
 MODEL_PRESETS: dict[str, Defaults] = {
-    "runware:z-image@0": Defaults(steps=30, cfg_scale=5.0, shift=6.0, cfg_normalization=1.0),
-    "z-image-turbo": Defaults(steps=8, cfg_scale=1.0, shift=3.0),
+    "runware:z-image@0": Defaults(steps=30, cfg_scale=5.0, cfg_normalization=1.0),
+    "z-image-turbo": Defaults(steps=8, cfg_scale=1.0),
 }
 
 
@@ -64,7 +66,40 @@ class GenerationResult:
     images: list  # PIL images (empty when output_type="latent")
     latents: torch.Tensor  # final fp32 latents before the VAE, [n, 16, H/8, W/8]
     seeds: list[int]
-    stats: dict = field(default_factory=dict)
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class _Args:
+    """``generate``'s arguments after the one check, with every default resolved."""
+
+    prompt: str
+    negative_prompt: str | None
+    steps: int
+    cfg_scale: float
+    cfg_normalization: float
+    cfg_truncation: float
+    max_sequence_length: int
+    seeds: list[int]
+    spec: object  # the scheduler table's entry: sigmas(), sample(), stochastic, requires_seed_image
+    work: imgs.Work
+    latent_size: tuple[int, int]
+    shift: float
+    sigmas: torch.Tensor  # the schedule from the start step on
+    t_start: int
+    output_type: str
+    diffusers_compat: bool
+
+    @property
+    def guidance(self) -> float:
+        return self.cfg_scale - 1.0  # standard scale s; Z-Image's own g = s − 1; CFG off when s ≤ 1
+
+
+@dataclass(frozen=True)
+class _Contexts:
+    pos: CaptionContext
+    neg: CaptionContext | None
+    low: tuple[CaptionContext, CaptionContext | None] | None  # for σ < HIGH_NOISE_SIGMA with a phased caption LoRA
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,8 +161,6 @@ class ZImage:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._image_processor = None
         self._mask_processor = None
-        self.outputs = imgs.OutputCache()  # earlier outputs by imageUUID, for seedImage/maskImage references
-        self.server = ServerConfig()  # pluggable server pieces for infer(): image store, price, checkers
 
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -259,75 +292,10 @@ class ZImage:
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         return [hidden[i][mask[i]] for i in range(len(texts))]
 
-    # ---- the model adapter -----------------------------------------------------------------------------------
-    def _denoiser(
-        self,
-        ctx_pos: CaptionContext,
-        ctx_neg: CaptionContext | None,
-        guidance: float,
-        cfg_normalization: float,
-        cfg_truncation: float,
-        stats: dict,
-        main_layers: Callable | None = None,
-        ctx_low: tuple[CaptionContext, CaptionContext | None] | None = None,
-    ) -> Callable[[torch.Tensor, float], torch.Tensor]:
-        """``denoise(x, sigma) -> v``: the guided flow velocity for fp32 latents x [B, C, h, w].
-
-        ``ctx_low``: other (positive, negative) contexts for σ < 0.5, when a phased LoRA changes the caption branch.
-        """
-        transformer = self.transformer
-
-        def pair(pos, neg):  # (context without CFG, batched [pos ‖ neg] context for CFG)
-            if neg is None:
-                return pos, None
-            return pos, CaptionContext(pos.feats + neg.feats, pos.freqs + neg.freqs, pos.lens + neg.lens)
-
-        high = pair(ctx_pos, ctx_neg)
-        low = high if ctx_low is None else pair(*ctx_low)
-
-        def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
-            b = x.shape[0]
-            # diffusers: timesteps = σ·1000 (fp32), model t = (1000 − timestep) / 1000 (fp32)
-            # computed on the host (IEEE fp32 either way) so that reading t for CFG truncation costs no device sync
-            timestep = torch.tensor(float(sigma), dtype=torch.float32) * 1000
-            t_host = (1000 - timestep) / 1000
-            t = t_host.to(x.device).expand(b)
-            lora_mod.set_sigma(float(sigma))
-            single, both = high if float(sigma) >= lora_mod.HIGH_NOISE_SIGMA else low
-            apply_cfg = both is not None and guidance > 0 and float(t_host) <= cfg_truncation
-            xin = x.to(transformer.dtype)
-            if apply_cfg:
-                xin, t, ctx = xin.repeat(2, 1, 1, 1), t.repeat(2), both
-            else:
-                ctx = single
-            out = transformer.forward_with_context(list(xin.unsqueeze(2).unbind(0)), t, ctx, main_layers=main_layers)
-            stats["forwards"] += 1
-            stats["sequences"] += len(out)
-            if apply_cfg:
-                preds = []
-                for j in range(b):
-                    pos, neg = out[j].float(), out[b + j].float()
-                    pred = pos + guidance * (pos - neg)
-                    if cfg_normalization > 0:
-                        pos_norm, pred_norm = torch.linalg.vector_norm(pos), torch.linalg.vector_norm(pred)
-                        max_norm = pos_norm * cfg_normalization
-                        if pred_norm > max_norm:
-                            pred = pred * (max_norm / pred_norm)
-                    preds.append(pred)
-                pred = torch.stack(preds)
-            else:
-                pred = torch.stack([o.float() for o in out])
-            return -pred.squeeze(2)  # flow velocity, fp32 [B, C, h, w]
-
-        return denoise
-
     # ---- VAE ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        cfg = self.vae.config
-        z = latents.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-        image = self.vae.decode(z, return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type="pil")
+        return self.image_processor.postprocess(vae_decode(self.vae, latents), output_type="pil")
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -343,12 +311,19 @@ class ZImage:
         return ((z - cfg.shift_factor) * cfg.scaling_factor).float()
 
     # ---- generation --------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, loras: Sequence | None = None, **kwargs) -> GenerationResult:
+    def generate(
+        self, prompt: str, *, loras: Sequence | None = None, hooks: Sequence[StackHook] = (), **kwargs
+    ) -> GenerationResult:
         """See :meth:`_generate`. ``loras``: [(LoraWeights, weight, "high"|"low"|"both")] active for this call only,
-        in this thread only (``zimage_core.lora``)."""
+        in this thread only (``zimage_core.lora``). ``hooks``: extra :class:`~zimage_core.hooks.StackHook` s around
+        the main layers of every model call of this request (outermost first; a step cache always runs innermost).
+
+        Steps: check the arguments (:meth:`_check`) -> encode the prompts once (:meth:`_encode`) -> per result,
+        prepare the initial latents (:meth:`_prepare_latents`) and sample them with the denoiser
+        (:meth:`_sample`, ``zimage_core.denoiser``) -> decode with the VAE."""
         loras = list(loras or [])
         with lora_mod.apply_loras(self.transformer, loras):
-            return self._generate(prompt, loras=loras, **kwargs)
+            return self._generate(prompt, loras=loras, hooks=tuple(hooks), **kwargs)
 
     @torch.no_grad()
     def _generate(
@@ -380,6 +355,7 @@ class ZImage:
         cache=None,
         step_callback: Callable | None = None,
         loras: Sequence = (),
+        hooks: Sequence[StackHook] = (),
         read_paths: bool = False,
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
@@ -400,9 +376,78 @@ class ZImage:
         ``diffusers_compat=True`` consumes the generator exactly like diffusers' img2img/inpaint pipelines (VAE
         posterior sample before the noise) and uses their start step ``int(N − N·strength)``; by default the VAE
         posterior mode is used (the seed's noise is then the same as text-to-image's) and the start step is
-        ``N − floor(N·strength)`` (decisions.md).
+        ``N − floor(N·strength)``.
         """
         t_total = time.perf_counter()
+        a = self._check(
+            prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            scheduler=scheduler,
+            number_results=number_results,
+            strength=strength,
+            seed_image=seed_image,
+            mask_image=mask_image,
+            mask_margin=mask_margin,
+            outpaint=outpaint,
+            cfg_normalization=cfg_normalization,
+            cfg_truncation=cfg_truncation,
+            shift=shift,
+            model=model,
+            max_sequence_length=max_sequence_length,
+            output_type=output_type,
+            diffusers_compat=diffusers_compat,
+            read_paths=read_paths,
+        )
+        stats = GenerationStats(
+            scheduler=scheduler, shift=a.shift, t_start=a.t_start, steps=len(a.sigmas) - 1, cfg_scale=a.cfg_scale
+        )
+        stats.batched = batch_results and len(a.seeds) > 1 and not a.spec.stochastic and cache is None
+        t0 = self._sync_time()
+        contexts = self._encode(a, loras)
+        stats.timings["encode_s"] = self._sync_time() - t0
+        t0 = self._sync_time()
+        latents = self._sample(a, contexts, stats, cache, hooks, progress, step_callback)
+        stats.timings["denoise_s"] = self._sync_time() - t0
+        images = []
+        if a.output_type == "pil":
+            t0 = self._sync_time()
+            images = [a.work.finish(self.decode(latents[i : i + 1])[0]) for i in range(len(a.seeds))]
+            stats.timings["decode_s"] = self._sync_time() - t0
+        stats.timings["total_s"] = time.perf_counter() - t_total
+        return GenerationResult(images=images, latents=latents.cpu(), seeds=a.seeds, stats=stats)
+
+    # ---- generate, step 1: check the arguments (once) and resolve the working size and the schedule ----------------
+    def _check(
+        self,
+        prompt,
+        *,
+        negative_prompt,
+        width,
+        height,
+        steps,
+        cfg_scale,
+        seed,
+        scheduler,
+        number_results,
+        strength,
+        seed_image,
+        mask_image,
+        mask_margin,
+        outpaint,
+        cfg_normalization,
+        cfg_truncation,
+        shift,
+        model,
+        max_sequence_length,
+        output_type,
+        diffusers_compat,
+        read_paths=False,
+    ) -> _Args:
         preset = self.defaults(model)
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("prompt", "must be a non-empty string")
@@ -424,9 +469,7 @@ class ZImage:
             spec = resolve_scheduler(scheduler)
         except UnknownSchedulerError as e:
             raise RequestError("scheduler", str(e)) from None
-        seeds = [(seed + i) % (SEED_MAX + 1) for i in range(number_results)]
 
-        # ---- the conditioning image(s) and the working size ----
         work = imgs.prepare_inputs(
             self,
             seed_image=seed_image,
@@ -438,107 +481,112 @@ class ZImage:
             default_size=(preset.width, preset.height),
             allow_paths=read_paths,
         )
-        width, height = work.width, work.height
         if work.image is None:
             if strength is not None:
                 raise RequestError("strength", "only applies with a seed image")
             if spec.requires_seed_image:
                 raise RequestError("scheduler", f"{scheduler!r} inverts a seed image to noise: give a seed image")
         m = self.size_multiple
-        _check_int("width", width, m, 4096, multiple=m)
-        _check_int("height", height, m, 4096, multiple=m)
+        _check_int("width", work.width, m, 4096, multiple=m)
+        _check_int("height", work.height, m, 4096, multiple=m)
         strength = 0.8 if strength is None else _check_float("strength", strength, 0, 1)
 
-        # ---- schedule ----
-        h_lat, w_lat = 2 * (height // m), 2 * (width // m)
-        shift = shift if shift is not None else (preset.shift or self.scheduler.shift_for((h_lat // 2) * (w_lat // 2)))
+        h_lat, w_lat = 2 * (work.height // m), 2 * (work.width // m)
+        if shift is None:  # the checkpoint's scheduler config decides, as in diffusers
+            shift = preset.shift or self.scheduler.shift_for((h_lat // 2) * (w_lat // 2))
         shift = _check_float("shift", shift, 1e-3, 1e3)
-        sigmas = spec.sigmas(steps, shift)
         t_start = 0
         if work.image is not None:
-            # decisions.md: N − floor(N·strength); diffusers' img2img: int(N − N·strength)
+            # N − floor(N·strength) by default; diffusers' img2img: int(N − N·strength)
             t_start = int(max(steps - steps * strength, 0)) if diffusers_compat else img2img_start(steps, strength)
-        run_sigmas = sigmas[t_start:]
+        return _Args(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            cfg_normalization=cfg_norm,
+            cfg_truncation=cfg_trunc,
+            max_sequence_length=max_len,
+            seeds=[(seed + i) % (SEED_MAX + 1) for i in range(number_results)],
+            spec=spec,
+            work=work,
+            latent_size=(h_lat, w_lat),
+            shift=shift,
+            sigmas=spec.sigmas(steps, shift)[t_start:],
+            t_start=t_start,
+            output_type=output_type,
+            diffusers_compat=diffusers_compat,
+        )
 
-        stats = {
-            "forwards": 0,
-            "sequences": 0,
-            "steps": len(run_sigmas) - 1,
-            "nfe_per_result": 0,
-            "scheduler": scheduler,
-            "shift": shift,
-            "t_start": t_start,
-            "cfg_scale": cfg_scale,
-            "timings": {},
-        }
-        timings = stats["timings"]
-
-        # ---- prompt encoding and the caption context, once per request ----
-        guidance = cfg_scale - 1.0  # decisions.md: standard scale s; Z-Image's own g = s − 1; off when s ≤ 1
-        use_cfg = guidance > 0
-        t0 = self._sync_time()
-        texts = [prompt] + ([negative_prompt or ""] if use_cfg else [])
-        feats = [f.to(self.dtype) for f in self.encode_prompts(texts, max_len)]
+    # ---- step 2: encode the prompts and the caption contexts, once per request ----------------------------------
+    def _encode(self, a: _Args, loras) -> _Contexts:
+        use_cfg = a.guidance > 0
+        texts = [a.prompt] + ([a.negative_prompt or ""] if use_cfg else [])
+        feats = [f.to(self.dtype) for f in self.encode_prompts(texts, a.max_sequence_length)]
         lora_mod.set_sigma(1.0)
         ctx = self.transformer.encode_context(feats)
-        ctx_pos = ctx.select([0])
-        ctx_neg = ctx.select([1]) if use_cfg else None
-        ctx_low = None
+        low = None
         if _phased_caption_lora(loras):  # the caption branch differs between the high- and low-noise phases
             lora_mod.set_sigma(0.0)
-            low = self.transformer.encode_context(feats)
-            ctx_low = (low.select([0]), low.select([1]) if use_cfg else None)
-        timings["encode_s"] = self._sync_time() - t0
+            low_ctx = self.transformer.encode_context(feats)
+            low = (low_ctx.select([0]), low_ctx.select([1]) if use_cfg else None)
+        return _Contexts(ctx.select([0]), ctx.select([1]) if use_cfg else None, low)
 
-        # ---- per result: initial latents, sampler loop ----
-        t0 = self._sync_time()
+    # ---- step 3: prepare the initial latents of one group of results ---------------------------------------------
+    def _prepare_latents(
+        self, a: _Args, gens: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, noise, x0): the first sampler input, the seeds' noise and the encoded seed image (or None)."""
+        x0 = None
+        if a.work.image is not None:
+            if a.diffusers_compat:
+                x0 = torch.cat([self.encode_image(a.work.image, gi) for gi in gens]).to(self.device)
+            else:
+                x0 = self.encode_image(a.work.image).to(self.device).expand(len(gens), -1, -1, -1)
+        shape = (1, self.transformer.config.in_channels, *a.latent_size)
+        noise = torch.cat([torch.randn(shape, generator=gi, dtype=torch.float32) for gi in gens]).to(self.device)
+        if x0 is None:
+            return noise, noise, None
+        sig = a.sigmas[0].to(self.device, torch.float32)
+        return sig * noise + (1.0 - sig) * x0, noise, x0  # diffusers' scale_noise
+
+    # ---- step 4: sample (per result, or one batch) ----------------------------------------------------------------
+    def _sample(self, a: _Args, contexts: _Contexts, stats: GenerationStats, cache, hooks, progress, step_callback):
         finals = []
-        batched = batch_results and len(seeds) > 1 and not spec.stochastic and cache is None
-        stats["batched"] = batched
         progress_bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            runs = 1 if batched else number_results
-            progress_bar = tqdm(total=stats["steps"] * runs, desc="denoising", unit="step")
-        for group in [seeds] if batched else [[s] for s in seeds]:
+            runs = 1 if stats.batched else len(a.seeds)
+            progress_bar = tqdm(total=stats.steps * runs, desc="denoising", unit="step")
+        mask_lat = None if a.work.mask is None else a.work.mask_latents(self).to(self.device)
+        for group in [a.seeds] if stats.batched else [[s] for s in a.seeds]:
             gens = [torch.Generator("cpu").manual_seed(s) for s in group]
-            g = gens[0]
-            x0 = None
-            if work.image is not None:
-                if diffusers_compat:
-                    x0 = torch.cat([self.encode_image(work.image, gi) for gi in gens]).to(self.device)
-                else:
-                    x0 = self.encode_image(work.image).to(self.device).expand(len(group), -1, -1, -1)
-            shape = (1, self.transformer.config.in_channels, h_lat, w_lat)
-            noise = torch.cat([torch.randn(shape, generator=gi, dtype=torch.float32) for gi in gens]).to(self.device)
-            if x0 is not None:
-                sig = run_sigmas[0].to(self.device, torch.float32)
-                x = sig * noise + (1.0 - sig) * x0  # diffusers' scale_noise
-            else:
-                x = noise
+            x, noise, x0 = self._prepare_latents(a, gens)
             # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
-            cache_state = cache.new_state(num_steps=steps, start_step=t_start) if cache is not None else None
+            cache_state = cache.new_state(num_steps=a.steps, start_step=a.t_start) if cache is not None else None
             rep = [0] * len(group)
-            denoise = self._denoiser(
-                ctx_pos.select(rep),
-                None if ctx_neg is None else ctx_neg.select(rep),
-                guidance,
-                cfg_norm,
-                cfg_trunc,
-                stats,
-                main_layers=None if cache_state is None else cache_state.main_layers,
-                ctx_low=None if ctx_low is None else tuple(c if c is None else c.select(rep) for c in ctx_low),
+            denoise = Denoiser.build(
+                self.transformer,
+                contexts.pos.select(rep),
+                None if contexts.neg is None else contexts.neg.select(rep),
+                guidance=a.guidance,
+                cfg_normalization=a.cfg_normalization,
+                cfg_truncation=a.cfg_truncation,
+                stats=stats,
+                hooks=[*hooks, *([] if cache_state is None else [cache_state])],  # the cache is the innermost hook
+                ctx_low=None
+                if contexts.low is None
+                else tuple(c if c is None else c.select(rep) for c in contexts.low),
             )
             counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
-            mask_lat = None if work.mask is None else work.mask_latents(self).to(self.device)
 
-            def on_step(info, _x0=x0, _noise=noise, _mask=mask_lat, _cache=cache_state):
+            def on_step(info, _x0=x0, _noise=noise, _cache=cache_state):
                 out = None
-                if _mask is not None:  # inpainting: re-impose the known region at the next noise level
+                if mask_lat is not None:  # inpainting: re-impose the known region at the next noise level
                     sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32, device=self.device)
                     proper = _x0 if float(sig_next) == 0 else sig_next * _noise + (1.0 - sig_next) * _x0
-                    out = (1 - _mask) * proper + _mask * info["x"]
+                    out = (1 - mask_lat) * proper + mask_lat * info["x"]
                 if _cache is not None:
                     _cache.end_step(info["i"])
                 if progress_bar is not None:
@@ -547,30 +595,21 @@ class ZImage:
                     step_callback(info)
                 return out
 
-            if len(run_sigmas) > 1:
-                x = spec.sample(counted, x, run_sigmas, generator=g, callback=on_step, x0=x0)
-            stats["nfe_per_result"] = counted.calls
+            if len(a.sigmas) > 1:
+                x = a.spec.sample(counted, x, a.sigmas, generator=gens[0], callback=on_step, x0=x0)
+            stats.nfe_per_result = counted.calls
             if cache_state is not None:
-                stats.setdefault("cache", []).append(cache_state.summary())
+                stats.cache = [*(stats.cache or []), cache_state.summary()]
             finals.append(x)
         if progress_bar is not None:
             progress_bar.close()
         latents = torch.cat(finals).float()
-        timings["denoise_s"] = self._sync_time() - t0
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
                 "generation produced non-finite latents (NaN/inf): the model or its weights are numerically broken "
-                f"for these settings (dtype {self.dtype}, scheduler {scheduler!r}, steps {steps})"
+                f"for these settings (dtype {self.dtype}, scheduler {stats.scheduler!r}, steps {a.steps})"
             )
-
-        images = []
-        if output_type == "pil":
-            t0 = self._sync_time()
-            images = [self.decode(latents[i : i + 1])[0] for i in range(len(seeds))]
-            images = [work.finish(im) for im in images]
-            timings["decode_s"] = self._sync_time() - t0
-        timings["total_s"] = time.perf_counter() - t_total
-        return GenerationResult(images=images, latents=latents.cpu(), seeds=seeds, stats=stats)
+        return latents
 
     def _sync_time(self) -> float:
         if self.device.type == "cuda":
@@ -578,14 +617,24 @@ class ZImage:
         return time.perf_counter()
 
     # ---- the request API ---------------------------------------------------------------------------------------
-    def infer(self, request: dict, config: ServerConfig | None = None) -> list[dict]:
-        """Run one ``imageInference`` task (see ``zimage_core.api``); returns the list of response objects."""
-        from .api import infer
+    def infer(self, request: dict, config=None) -> list[dict]:
+        """Run one ``imageInference`` task through the service layer (``zimage_core.service.infer``; ``config``: a
+        ``ServerConfig``, default one per pipeline); returns the list of response objects. The one place the library
+        reaches the service: a convenience for Python callers, imported only when called."""
+        from .service import infer
 
         return infer(self, request, config)
 
 
 ZImage.generate.__doc__ = ZImage._generate.__doc__ + "\n\n" + (ZImage.generate.__doc__ or "")
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> the VAE's image tensor in [-1, 1] (unscaled and unshifted as diffusers' Z-Image does)."""
+    cfg = vae.config
+    z = latents.to(vae.device, vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+    return vae.decode(z, return_dict=False)[0]
 
 
 def _phased_caption_lora(loras) -> bool:
@@ -604,4 +653,4 @@ def _counting(fn):
     return wrapped
 
 
-__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage"]
+__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "vae_decode"]

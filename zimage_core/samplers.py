@@ -1,6 +1,6 @@
 """Samplers for a flow-matching (rectified-flow) model, in one k-diffusion-like shape.
 
-Reference: ../shared/docs/samplers.md (conventions §1, update rules §3; section numbers below refer to it).
+Conventions and update rules follow k-diffusion in flow-matching form (``docs/schedulers.md`` maps API names here).
 
 Every sampler is ``sample_x(denoise, x, sigmas, *, generator=None, callback=None, **knobs) -> x`` where
 
@@ -35,12 +35,10 @@ import numpy as np
 import torch
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
-Callback = Callable[[dict], "torch.Tensor | None"]
 
 SIGMA_ONE_OFFSET = 1e-4  # σ_0 = 1 is replaced by 1 − this in single-step λ-midpoint methods (ComfyUI)
 
 __all__ = [
-    "SAMPLERS",
     "invert_dpmpp_2m",
     "sample_ddim",
     "sample_ddpm",
@@ -886,30 +884,3 @@ def sample_dpmpp_2m_inverse(
     """
     x_t = invert_dpmpp_2m(denoise, x, sigmas)
     return sample_dpmpp_2m(denoise, x_t, sigmas, lower_order_final=lower_order_final, callback=callback)
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "lcm": sample_lcm,
-    "tcd": sample_tcd,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_3m": sample_dpmpp_3m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2s": sample_dpmpp_2s,
-    "dpmpp_2s_singlestep": sample_dpmpp_2s_singlestep,
-    "unipc": sample_unipc,
-    "deis": sample_deis,
-    "lms": sample_lms,
-    "ipndm": sample_ipndm,
-    "pndm": sample_pndm,
-    "dpmpp_2m_inverse": sample_dpmpp_2m_inverse,
-}
-"""Sampler family name → function (the names used in the scheduler table and its generated doc)."""

@@ -1,8 +1,7 @@
 """Every ``scheduler`` name of the API → (sampler, sigma schedule, knobs): one table that is code and documentation.
 
 The stem of a name picks the sampler, a ``Karras`` / ``Exponential`` / ``Beta`` / ``Uniform`` suffix the schedule
-(decisions.md, ``scheduler`` row; the mapping and its reasons are ../shared/docs/samplers.md §4). ``docs/schedulers.md``
-is generated from this module::
+(the mapping and its reasons: ``docs/schedulers.md``, which is generated from this module)::
 
     python -m zimage_core.scheduler_table            # rewrite docs/schedulers.md
     python -m zimage_core.scheduler_table --check    # exit 1 if it is out of date

@@ -1,4 +1,4 @@
-"""Sigma schedules in flow-matching space (σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·noise); ../shared/docs/samplers.md §2.
+"""Sigma schedules in flow-matching space (σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·noise).
 
 Every schedule is a pure function ``(n, shift) -> sigmas``: a 1-D tensor of ``n`` decreasing values in (0, 1]
 followed by the terminal 0, so ``len(sigmas) == n + 1`` and "n steps" means n intervals σ_i → σ_{i+1}.

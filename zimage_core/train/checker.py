@@ -34,7 +34,7 @@ EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float32)  # [K, 3]
 _GRID = {rc: name for name, rc in POSITIONS.items()}
-ATTRIBUTES = ("color", "shape", "position", "background")  # what "agrees" checks by default (issue #8)
+ATTRIBUTES = ("color", "shape", "position", "background")  # what "agrees" checks by default
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Validation of ``imageInference`` requests (../shared/spec/imageInference-api.md, ../shared/docs/decisions.md).
+"""Validation of ``imageInference`` requests (the request API in README.md).
 
 Every field of the spec is described once in :data:`SCHEMA` (type, range, default, enum); :func:`validate_request`
 checks a request against it, applies the cross-field rules (width/height together, step windows, which options
@@ -14,12 +14,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RequestError
-from .scheduler_table import SCHEDULER_NAMES as SCHEDULERS
+from ..cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig
+from ..config import SEED_MAX
+from ..errors import RequestError
+from ..scheduler_table import SCHEDULER_NAMES as SCHEDULERS
 
 UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.IGNORECASE)
 URI_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
-SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,14 @@ SCHEMA: dict[str, Field] = {
     "numberResults": Field("int", default=1, lo=1, hi=20),
     "acceleratorOptions": Field("object", fields={
         **{f"cache{k}": v for k, v in WINDOW.items()},
-        "cacheMaxConsecutiveSteps": Field("int", default=3, lo=1, hi=5),
+        "cacheMaxConsecutiveSteps": Field("int", default=CacheConfig.max_consecutive, lo=1, hi=5),
         "fbCache": Field("bool", default=False),
-        "fbCacheThreshold": Field("float", default=0.25, lo=0, hi=1),
+        "fbCacheThreshold": Field("float", default=FBCacheConfig.threshold, lo=0, hi=1),
         "teaCache": Field("bool", default=False),
-        "teaCacheDistance": Field("float", default=0.5, lo=0, hi=1),
+        "teaCacheDistance": Field("float", default=TeaCacheConfig.threshold, lo=0, hi=1),
         "dbCache": Field("bool", default=False),
-        "dbCacheThreshold": Field("float", default=0.25, lo=0, hi=1),
-        "dbCacheSkipInterval": Field("int", default=5, lo=1, hi=1000),
+        "dbCacheThreshold": Field("float", default=DBCacheConfig.threshold, lo=0, hi=1),
+        "dbCacheSkipInterval": Field("int", default=DBCacheConfig.skip_interval, lo=1, hi=1000),
     }),
     # inputs
     "inputs": Field("object", fields={"seedImage": Field("str", min_len=1), "maskImage": Field("str", min_len=1)}),
@@ -206,7 +207,7 @@ def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
 
 
 def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int, int] | None:
-    """A half-open [start, end) step window from absolute or percentage bounds (decisions.md), or None if unset."""
+    """A half-open [start, end) step window from absolute or percentage bounds, or None if unset."""
     bounds = {}
     for b in ("Start", "End"):
         a, p = f"{prefix}{b}Step", f"{prefix}{b}StepPercentage"
@@ -227,7 +228,7 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
 
 
 @dataclass
-class ValidRequest:
+class RequestArgs:
     raw: dict  # normalised request (defaults filled)
     steps: int
     cfg_scale: float
@@ -237,7 +238,7 @@ class ValidRequest:
 
 def validate_request(
     request, *, model_defaults, has_checker=False, has_face_detector=False, lora_resolver=None
-) -> ValidRequest:
+) -> RequestArgs:
     """Check a request dict against the spec; returns the normalised request. Raises RequestError."""
     if not isinstance(request, dict):
         raise RequestError("request", f"must be a JSON object, got {type(request).__name__}")
@@ -315,4 +316,4 @@ def validate_request(
             raise RequestError(
                 f"acceleratorOptions.{key}", "has no effect without a step cache (fbCache, teaCache or dbCache: true)"
             )
-    return ValidRequest(r, steps, cfg_scale, cache, window)
+    return RequestArgs(r, steps, cfg_scale, cache, window)

@@ -1,7 +1,7 @@
 """The decision policy: pure functions of (step, window, counters, measured change) → compute or reuse.
 
 No tensors, no state: the wrapper (``state.py``) measures the change and keeps the counters; this module only says
-what to do, so every rule of ../shared/docs/decisions.md ("Accelerator semantics") is testable on plain numbers.
+what to do, so every rule of the step caches (README, "Step caches") is testable on plain numbers.
 
 Order of the rules (the first that applies decides; ``reason`` names it):
 

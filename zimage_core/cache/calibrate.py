@@ -1,4 +1,4 @@
-"""TeaCache calibration: ``python -m kernels.cache.calibrate --model PATH [--preset ID] ...``.
+"""TeaCache calibration: ``python -m zimage_core.cache.calibrate --model PATH [--preset ID] ...``.
 
 Runs *uncached* generations over a prompt set and, at every model evaluation after the first, records
 
@@ -8,7 +8,7 @@ Runs *uncached* generations over a prompt set and, at every model evaluation aft
   TeaCache reuse approximates) against the previous evaluation;
 
 fits ``y ≈ poly(x)`` (``numpy.polyfit``, degree 4 by default, highest power first), reports R² (and the R² of the
-identity map y = x for comparison) and stores the entry in ``kernels/cache/tea_coefficients.json`` under the model's
+identity map y = x for comparison) and stores the entry in ``zimage_core/cache/tea_coefficients.json`` under the model's
 fingerprint and the preset (``--dry-run`` prints only). The run uses the preset's steps/CFG unless overridden,
 because the change per step depends on the number of steps and on CFG.
 """
@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .reference import l1_sums, relative_change
+from kernels.reference import l1_sums
+
+from ..hooks import StackHook
+from .state import relative_change
 
 PROMPTS_PATH = Path(__file__).with_name("prompts.txt")
 
@@ -41,7 +44,7 @@ def load_prompts(spec: str | None = None, n: int | None = None, pipe=None) -> li
     return prompts[:n] if n else prompts
 
 
-class _RecorderState:
+class _RecorderState(StackHook):
     """Runs every main layer (no caching) and records (input change, output change) per evaluation."""
 
     def __init__(self, points: list):
@@ -58,13 +61,12 @@ class _RecorderState:
     def summary(self):
         return {"method": "calibration", "points": len(self.points)}
 
-    def main_layers(self, hidden, inp, layers):
-        layer0 = layers[0]
+    def around_stack(self, inner, hidden, inp, stack):
+        hidden, inp = self.before_stack(hidden, inp)
+        layer0 = stack.layers[0]
         scale_msa = layer0.modulation_terms(inp.adaln_input)[0]
         probe = inp.ops.rms_norm_modulate(hidden, layer0.attention_norm1.weight, scale_msa, layer0.eps)
-        h = hidden
-        for layer in layers:
-            h = layer(h, inp)
+        h = stack.run(hidden, inp)
         if self._prev_in is not None and self._prev_in.shape == probe.shape:
             x = relative_change(l1_sums(probe, self._prev_in))
             y = relative_change(l1_sums(h, self._prev_out))
@@ -156,7 +158,7 @@ def calibrate(pipe, prompts, *, preset=None, steps=None, cfg_scale=None, size=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.cache.calibrate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zimage_core.cache.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="pipeline folder (default: the embedded default model)")
     p.add_argument("--preset", help="model preset id whose steps/CFG are used and under which the entry is stored")
     p.add_argument("--prompts", help="prompt file, one per line (default: the bundled set)")
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = leave torch's default)")
-    p.add_argument("--table", help="coefficient table to update (default: kernels/cache/tea_coefficients.json)")
+    p.add_argument("--table", help="coefficient table to update (default: zimage_core/cache/tea_coefficients.json)")
     p.add_argument("--dry-run", action="store_true", help="print the entry, do not store it")
     args = p.parse_args(argv)
 

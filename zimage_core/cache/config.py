@@ -1,7 +1,7 @@
 """One immutable config per method. A config is shareable (threads, requests); ``new_state()`` makes the
 per-request state that holds every tensor and counter (``state.py``).
 
-Defaults follow ../shared/docs/decisions.md (the request API's defaults): FBCache threshold 0.25, TeaCache distance
+Defaults are the request API's (README, "Step caches"): FBCache threshold 0.25, TeaCache distance
 0.5, DBCache threshold 0.25 with skip interval 5, at most 3 reused steps in a row. DBCache's ``fn``/``bn`` (first
 blocks always computed and measured, last blocks always computed) are library parameters; their defaults were picked
 with ``python -m bench cache --db-split`` (see ``DB_DEFAULT_SPLIT`` below) and differ from FBCache's ``(1, 0)``.
@@ -15,7 +15,8 @@ from typing import ClassVar
 
 from .policy import Rules
 
-# DBCache (Fn, Bn) default: measured with `python -m bench cache --db-split` (kernels/cache/README.md, "DBCache split").
+# DBCache (Fn, Bn) default: measured with `python -m bench cache --db-split` (zimage_core/cache/README.md,
+# "DBCache split").
 DB_DEFAULT_SPLIT = (1, 1)
 
 
@@ -58,9 +59,6 @@ class CacheConfig:
             d["window"] = list(d["window"])
         return d
 
-    def with_(self, **changes) -> CacheConfig:
-        return replace(self, **changes)
-
     # ---- construction --------------------------------------------------------------------------------------------
     @staticmethod
     def for_method(method: str, threshold: float | None = None, *, pipe=None, preset: str | None = None, **kw):
@@ -68,7 +66,7 @@ class CacheConfig:
         keeps the default.
 
         With ``pipe`` (a ``ZImage``), TeaCache takes the calibrated coefficients for that model and ``preset``
-        (``kernels/cache/tea_coefficients.json``); without, or when none are stored, the identity rescaling."""
+        (``zimage_core/cache/tea_coefficients.json``); without, or when none are stored, the identity rescaling."""
         key = str(method).strip().lower()
         key = key[: -len("cache")] if key.endswith("cache") and key != "cache" else key  # "fbCache", "teacache"
         if key not in CONFIGS:
@@ -180,7 +178,7 @@ CONFIGS: dict[str, type[CacheConfig]] = {"fb": FBCacheConfig, "tea": TeaCacheCon
 
 
 def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
-    """The config for a validated request (``zimage_core.request``: ``{"method", "threshold", "max_consecutive",
+    """The config for a validated request (``zimage_core.service.request``: ``{"method", "threshold", "max_consecutive",
     "skip_interval"?}`` and the resolved half-open window). ``steps`` is checked against the window."""
     if window is not None and window[1] > steps:
         raise ValueError(f"cache window {window} ends after the last step ({steps})")

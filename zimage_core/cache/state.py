@@ -1,7 +1,8 @@
-"""Per-request cache state and the wrapper that replaces the transformer's 30 main layers.
+"""Per-request cache state: the innermost hook of the chain around the transformer's main layers.
 
-``CacheState.main_layers(hidden, inputs, layers)`` is what ``ZImageTransformer.forward_with_context`` calls instead
-of running every main layer (the model class knows nothing about caching)::
+``CacheState`` is a :class:`~zimage_core.hooks.StackHook`; its ``around_stack`` decides which ranges of the stack
+run (through ``stack.run(hidden, inp, start, stop)``, so every other hook's ``after_layer`` still runs on the layers
+that are computed). The model class knows nothing about caching::
 
     probe ─ TeaCache: RMSNorm₁(hidden)·(1 + scale_msa) of layer 0 (its timestep-modulated input)
     head  ─ layers[:head] always run        (FBCache 1, DBCache fn, TeaCache 0)
@@ -18,16 +19,50 @@ immutable config and the model's weights. The pipeline tells the state where it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from .ops import cache_ops
+from ..hooks import StackHook
 from .policy import Counters, StepInfo, decide, forced
-from .reference import relative_change
 from .stats import CacheStats
 
 
-class CacheState:
+def relative_change(sums: torch.Tensor) -> float:
+    """Host float ``Σ|a−b| / Σ|b|`` from :func:`l1_sums` (the one device sync per decision).
+
+    0/0 → 0.0 (nothing changed); x/0 with x > 0 → inf (everything changed); NaN stays NaN (never a cache hit).
+    """
+    num, den = (float(v) for v in sums.tolist())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+@runtime_checkable
+class StepCacheState(Protocol):
+    """What ``ZImage.generate`` needs from the per-result state of a step cache (``cache=`` argument): a hook of the
+    chain (``around_stack`` etc., the innermost one), told the σ of each evaluation and the end of each step."""
+
+    def around_stack(self, inner, hidden: torch.Tensor, inp, stack) -> torch.Tensor: ...
+
+    def after_layer(self, index: int, hidden: torch.Tensor, inp) -> torch.Tensor: ...
+
+    def observe(self, denoise: Callable) -> Callable: ...
+
+    def end_step(self, i: int) -> None: ...
+
+    def summary(self) -> dict: ...
+
+
+class StepCache(Protocol):
+    """A step cache's shareable config: a fresh :class:`StepCacheState` per result."""
+
+    def new_state(self, num_steps: int | None = None, start_step: int = 0) -> StepCacheState: ...
+
+
+class CacheState(StackHook):
     def __init__(self, config, num_steps: int | None = None, start_step: int = 0):
         self.config = config
         self.rules = config.rules()
@@ -76,12 +111,15 @@ class CacheState:
         scale_msa = layer0.modulation_terms(inp.adaln_input)[0]
         return inp.ops.rms_norm_modulate(hidden, layer0.attention_norm1.weight, scale_msa, layer0.eps)
 
-    # ---- the wrapper ---------------------------------------------------------------------------------------------
-    def main_layers(self, hidden: torch.Tensor, inp, layers) -> torch.Tensor:
+    # ---- the hook ------------------------------------------------------------------------------------------------
+    def around_stack(self, inner, hidden: torch.Tensor, inp, stack) -> torch.Tensor:
+        """Innermost hook: runs the stack's ranges itself (``inner`` would run every layer) and leaves ``hidden`` /
+        ``inp`` as the outer hooks made them."""
+        hidden, inp = self.before_stack(hidden, inp)
+        layers = stack.layers
         n = len(layers)
         head, tail = self.config.split(n)
-        middle = layers[head : n - tail]
-        cops = cache_ops(inp.ops.name, hidden.device)
+        ops = inp.ops
         self.stats.n_layers = n
 
         key = (tuple(hidden.shape), hidden.dtype, hidden.device)
@@ -98,19 +136,17 @@ class CacheState:
         )
 
         probe = self._modulated_input(hidden, inp, layers[0]) if self._is_tea and n else None
-        h = hidden
-        for layer in layers[:head]:
-            h = layer(h, inp)
+        h = stack.run(hidden, inp, 0, head)
 
         change = None
-        if len(middle) == 0 or (not self._is_tea and head == 0):
+        if n - tail - head <= 0 or (not self._is_tea and head == 0):
             decision_compute, reason, acc = True, "too-few-layers", None
         else:
             if forced(self.rules, info, self.counters) is None:
                 if self._is_tea:
-                    change = relative_change(cops.l1_sums(probe, self._ref))
+                    change = relative_change(ops.l1_sums(probe, self._ref))
                 else:
-                    change = relative_change(cops.l1_sums(h, self._ref, a_sub=hidden))
+                    change = relative_change(ops.l1_sums(h, self._ref, a_sub=hidden))
             rescale = self.config.rescale if self._is_tea else None
             decision, self.counters = decide(self.rules, info, self.counters, change, rescale)
             decision_compute, reason, acc = decision.compute, decision.reason, decision.accumulated
@@ -122,8 +158,7 @@ class CacheState:
             if not self._is_tea:
                 self._ref = h - hidden  # the head's residual at this (computed) step
             h_in = h
-            for layer in middle:
-                h = layer(h, inp)
+            h = stack.run(h, inp, head, n - tail)
             residual = h - h_in
             if self._taylor:
                 if self._residual is not None and self._res_pos is not None and pos != self._res_pos:
@@ -136,10 +171,9 @@ class CacheState:
             delta, coef = None, 0.0
             if self._taylor and self._delta is not None:
                 delta, coef = self._delta, (pos - self._res_pos) / self._spacing
-            h = cops.apply_residual(h, self._residual, delta, coef)
+            h = ops.apply_residual(h, self._residual, delta, coef)
             layers_run = head + tail
-        for layer in layers[n - tail :]:
-            h = layer(h, inp)
+        h = stack.run(h, inp, n - tail, n)
 
         self.stats.record(
             step=self.step,

@@ -1,7 +1,7 @@
 """Triton kernels of the step caches: the decision metric's two L1 sums in one pass, and the residual apply.
 
 Provenance: written for this project; the algorithm is the relative-L1 test of ParaAttention/cache-dit/TeaCache
-(../shared/docs/caching.md §2–4) and the fused residual add of their cache hits. References: ``reference.py``.
+and the fused residual add of their cache hits. References: ``reference.l1_sums`` / ``reference.apply_residual``.
 
 - ``_l1_sums_kernel``: a fixed number of programs (≤ ``MAX_PROGRAMS``) walk the flattened tensors grid-stride, each
   accumulating ``|(a − a_sub) − b|`` and ``|b|`` in fp32 registers, and write one partial pair; the host-side sum of
@@ -79,7 +79,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def l1_sums(a: torch.Tensor, b: torch.Tensor, a_sub: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of :func:`kernels.cache.reference.l1_sums` (fp32 ``[Σ|a−a_sub−b|, Σ|b|]``)."""
+    """Triton version of :func:`kernels.reference.l1_sums` (fp32 ``[Σ|a−a_sub−b|, Σ|b|]``)."""
     if a.shape != b.shape or (a_sub is not None and a_sub.shape != a.shape):
         raise ValueError(f"l1_sums: shapes differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
     n = a.numel()
@@ -97,7 +97,7 @@ def l1_sums(a: torch.Tensor, b: torch.Tensor, a_sub: torch.Tensor | None = None)
 def apply_residual(
     hidden: torch.Tensor, residual: torch.Tensor, delta: torch.Tensor | None = None, coef: float = 0.0
 ) -> torch.Tensor:
-    """Triton version of :func:`kernels.cache.reference.apply_residual`."""
+    """Triton version of :func:`kernels.reference.apply_residual`."""
     if hidden.shape != residual.shape or (delta is not None and delta.shape != hidden.shape):
         raise ValueError(f"apply_residual: shapes differ: {tuple(hidden.shape)} vs {tuple(residual.shape)}")
     out = torch.empty_like(hidden, memory_format=torch.contiguous_format)

@@ -1,0 +1,131 @@
+"""Import layering (README "Layout"): kernels -> zimage_core library -> zimage_core.service -> bench.
+
+Read with ``ast`` from the source tree, every import counts (module level or inside a function):
+- ``kernels`` imports nothing of ``zimage_core`` or ``bench``;
+- the library (``zimage_core`` outside ``service/``) never imports ``zimage_core.service``;
+- nothing outside ``bench`` (and the tests) imports ``bench``;
+- nothing outside ``zimage_core/train`` imports the training code.
+
+Allowed on purpose: ``zimage_core/api.py`` is the service's old module name (a re-export), ``zimage_core/cli.py`` is
+the command-line entry point on top of everything, and ``ZImage.infer`` delegates to the service (imported when
+called).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("kernels", "zimage_core", "bench", "scripts")
+SERVICE_ENTRY = {"zimage_core/api.py", "zimage_core/cli.py"}  # above the service: allowed to import it
+ALLOWED_FUNCTION_IMPORTS = {("zimage_core/pipeline.py", "infer", "zimage_core.service")}
+
+
+def _module_name(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports(root: Path, rel: Path) -> list[tuple[str, str | None]]:
+    """(absolute module imported, name of the enclosing function or None) for every import in a file."""
+    tree = ast.parse((root / rel).read_text(), filename=str(rel))
+    package = _module_name(rel).split(".")
+    if rel.name != "__init__.py":
+        package = package[:-1]
+    found: list[tuple[str, str | None]] = []
+
+    def visit(node: ast.AST, func: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                found.extend((a.name, func) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package[: len(package) - (child.level - 1)]
+                    mod = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    mod = child.module or ""
+                found.append((mod, func))
+                # ``from . import service`` names a submodule: count it as importing that submodule
+                found.extend((f"{mod}.{a.name}", func) for a in child.names)
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def _inside(mod: str, package: str) -> bool:
+    return mod == package or mod.startswith(package + ".")
+
+
+def violations(root: Path) -> list[str]:
+    bad = []
+    for top in PACKAGES:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root)
+            src = rel.as_posix()
+            for mod, func in imports(root, rel):
+                where = f"{src}{f' ({func})' if func else ''} imports {mod}"
+                if top == "kernels" and (_inside(mod, "zimage_core") or _inside(mod, "bench")):
+                    bad.append(f"{where}: kernels imports nothing of zimage_core or bench")
+                if top != "bench" and _inside(mod, "bench"):
+                    bad.append(f"{where}: nothing imports bench")
+                library = top == "zimage_core" and not src.startswith("zimage_core/service/")
+                if (
+                    library
+                    and src not in SERVICE_ENTRY
+                    and _inside(mod, "zimage_core.service")
+                    and (src, func, "zimage_core.service") not in ALLOWED_FUNCTION_IMPORTS
+                ):
+                    bad.append(f"{where}: the library never imports the service")
+                if not src.startswith("zimage_core/train/") and top != "scripts" and _inside(mod, "zimage_core.train"):
+                    bad.append(f"{where}: training code is not imported at run time")
+    return bad
+
+
+def test_the_tree_respects_the_layers():
+    assert violations(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("rel", "source", "rule"),
+    [
+        ("kernels/x.py", "from zimage_core.model import Foo\n", "kernels imports nothing"),
+        ("kernels/sub/x.py", "def f():\n    import bench.common\n", "kernels imports nothing"),
+        ("zimage_core/model2.py", "from .service import infer\n", "never imports the service"),
+        ("zimage_core/cache/x.py", "from ..service.request import SCHEMA\n", "never imports the service"),
+        ("zimage_core/pipeline.py", "def generate():\n    from .service import infer\n", "never imports the service"),
+        ("zimage_core/y.py", "from . import service\n", "never imports the service"),
+        ("zimage_core/service/z.py", "import bench\n", "nothing imports bench"),
+        ("zimage_core/w.py", "from .train import train\n", "training code"),
+    ],
+)
+def test_each_rule_catches_a_bad_import(tmp_path, rel, source, rule):
+    for top in PACKAGES:
+        (tmp_path / top).mkdir()
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+    found = violations(tmp_path)
+    assert any(rule in v for v in found), found
+
+
+def test_allowed_imports_pass(tmp_path):
+    for top in PACKAGES:
+        (tmp_path / top).mkdir()
+    files = {
+        "zimage_core/pipeline.py": "from .model import X\ndef infer():\n    from .service import infer\n",
+        "zimage_core/service/infer.py": "from ..pipeline import ZImage\nfrom .. import images\n",
+        "zimage_core/api.py": "from .service import infer\n",
+        "bench/x.py": "import zimage_core\nimport kernels\nfrom bench import common\n",
+        "kernels/a.py": "from . import reference\nfrom .backend import Ops\n",
+    }
+    for rel, source in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(source)
+    assert violations(tmp_path) == []
