@@ -169,7 +169,12 @@ def prepare_inputs(
     mask = None
     if mask_image is not None:
         mask = load_image(mask_image, "mask_image", None, allow_paths).convert("L")
-        if mask.size != image.size:
+        if mask.size != image.size:  # another size of the same aspect ratio is resized; another aspect is refused
+            (mw, mh), (iw, ih) = mask.size, image.size
+            if abs(mw * ih - mh * iw) > max(mw, mh, iw, ih):  # more than a pixel of rounding apart
+                raise RequestError(
+                    "mask_image", f"the mask ({mw}x{mh}) must have the seed image's aspect ratio ({iw}x{ih})"
+                )
             mask = mask.resize(image.size, Image.NEAREST)
 
     if outpaint is not None:

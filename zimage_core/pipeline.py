@@ -357,6 +357,7 @@ class ZImage:
         loras: Sequence = (),
         hooks: Sequence[StackHook] = (),
         read_paths: bool = False,
+        size_range: tuple[int, int] | None = None,
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -372,6 +373,9 @@ class ZImage:
 
         ``seed_image``/``mask_image``: PIL images, base64 or data URIs; local file paths only with
         ``read_paths=True`` (off by default, so a string passed through from a client never reads a local file).
+        ``size_range=(lo, hi)``: the allowed output width/height in pixels, also when they come from a seed image or
+        an outpainted canvas (default: one size multiple to 4096; the request API passes its 128–2048). Sizes past
+        the model's RoPE position table (2560 px for the embedded default) are refused too.
 
         ``diffusers_compat=True`` consumes the generator exactly like diffusers' img2img/inpaint pipelines (VAE
         posterior sample before the noise) and uses their start step ``int(N − N·strength)``; by default the VAE
@@ -402,6 +406,7 @@ class ZImage:
             output_type=output_type,
             diffusers_compat=diffusers_compat,
             read_paths=read_paths,
+            size_range=size_range,
         )
         stats = GenerationStats(
             scheduler=scheduler, shift=a.shift, t_start=a.t_start, steps=len(a.sigmas) - 1, cfg_scale=a.cfg_scale
@@ -447,6 +452,7 @@ class ZImage:
         output_type,
         diffusers_compat,
         read_paths=False,
+        size_range=None,
     ) -> _Args:
         preset = self.defaults(model)
         if not isinstance(prompt, str) or not prompt:
@@ -460,6 +466,11 @@ class ZImage:
         cfg_norm = _check_float("cfg_normalization", float(cfg_norm), 0, 100)
         cfg_trunc = _check_float("cfg_truncation", preset.cfg_truncation if cfg_truncation is None else cfg_truncation)
         max_len = _check_int("max_sequence_length", max_sequence_length or preset.max_sequence_length, 1, 4096)
+        cap_positions = self.transformer.config.axes_lens[0] - 2  # caption tokens (padded to 32) + the image frame
+        if -(-max_len // 32) * 32 > cap_positions:
+            raise RequestError(
+                "max_sequence_length", f"must be <= {cap_positions // 32 * 32} for this model's RoPE table"
+            )
         if seed is None:
             seed = random.randrange(2**32)
         seed = _check_int("seed", seed, 0, SEED_MAX)
@@ -487,6 +498,7 @@ class ZImage:
             if spec.requires_seed_image:
                 raise RequestError("scheduler", f"{scheduler!r} inverts a seed image to noise: give a seed image")
         m = self.size_multiple
+        self._check_size(work, size_range, outpaint, seed_image, width)
         _check_int("width", work.width, m, 4096, multiple=m)
         _check_int("height", work.height, m, 4096, multiple=m)
         strength = 0.8 if strength is None else _check_float("strength", strength, 0, 1)
@@ -517,6 +529,32 @@ class ZImage:
             output_type=output_type,
             diffusers_compat=diffusers_compat,
         )
+
+    def max_image_size(self) -> tuple[int, int]:
+        """(width, height) in pixels that the transformer's RoPE position table covers."""
+        cfg = self.transformer.config
+        px = self.vae_scale_factor * cfg.all_patch_size[0]
+        return cfg.axes_lens[2] * px, cfg.axes_lens[1] * px
+
+    def _check_size(self, work, size_range, outpaint, seed_image, width) -> None:
+        """The working size against the allowed range and the model's position table; the error names where the size
+        came from (outpaint, the seed image, or width/height)."""
+        lo, hi = size_range or (self.size_multiple, 4096)
+        max_w, max_h = self.max_image_size()
+        origin = (
+            "outpaint" if outpaint is not None else ("seed_image" if width is None and seed_image is not None else None)
+        )
+        for name, v, top in (("width", work.width, max_w), ("height", work.height, max_h)):
+            where = f"the {name} {v} px" + {
+                "outpaint": " of the outpainted canvas",
+                "seed_image": " of the seed image",
+            }.get(origin, "")
+            if not lo <= v <= hi:
+                raise RequestError(origin or name, f"{where} must be in [{lo}, {hi}]")
+            if v > top:
+                raise RequestError(
+                    origin or name, f"{where} exceeds this model's maximum of {top} px (its RoPE position table)"
+                )
 
     # ---- step 2: encode the prompts and the caption contexts, once per request ----------------------------------
     def _encode(self, a: _Args, loras) -> _Contexts:
