@@ -348,3 +348,19 @@ def test_async_tasks_through_infer(pipe):
             break
         time.sleep(0.05)
     assert state["status"] == "success"
+
+
+def test_generate_huge_or_odd_arguments_are_short_request_errors(pipe):
+    cases = [
+        ("cfg_scale", {"cfg_scale": 10**400}),
+        ("steps", {"steps": 10**5000}),
+        ("seed", {"seed": -(10**5000)}),
+        ("scheduler", {"scheduler": "x" * 100_000}),
+        ("model", {"model": "m" * 100_000}),
+        ("shift", {"shift": float("nan")}),
+    ]
+    for field, kw in cases:
+        with pytest.raises(RequestError) as e:
+            pipe.generate("a red circle", width=128, height=128, **kw)
+        assert e.value.field == field and len(str(e.value)) < 400, (field, str(e.value)[:400])
+    assert _refused(pipe, _req(model="m" * 100_000)).field == "model"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MAX_SHOWN = 60  # characters of a bad value echoed in an error message
+
 
 class RequestError(ValueError):
     """A request (or ``generate`` argument) that cannot be run. ``field`` names the offending parameter (dotted
@@ -14,3 +16,18 @@ class RequestError(ValueError):
 
     def to_dict(self) -> dict:
         return {"error": "invalid_request", "field": self.field, "message": self.message}
+
+
+def show(value) -> str:
+    """A bad value for an error message: short (a 5 MB string is not echoed back) and always printable (no
+    int-to-str limit, no lone surrogates)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_SHOWN:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = repr(value) if len(value) <= 4 * MAX_SHOWN else repr(value[: 4 * MAX_SHOWN])  # type: ignore[arg-type]
+    except TypeError:
+        text = repr(value) if not isinstance(value, (dict, list)) else f"{type(value).__name__} of {len(value)}"
+    except ValueError:
+        text = type(value).__name__
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .errors import RequestError
+from .errors import RequestError, show
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 DATA_URI_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
@@ -131,7 +131,7 @@ def _check_outpaint(outpaint) -> tuple[int, int, int, int]:
     for side in ("top", "bottom", "left", "right"):
         v = outpaint.get(side, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 4096:
-            raise RequestError(f"outpaint.{side}", f"must be an integer in [0, 4096], got {v!r}")
+            raise RequestError(f"outpaint.{side}", f"must be an integer in [0, 4096], got {show(v)}")
         vals.append(v)
     return tuple(vals)
 

@@ -31,7 +31,7 @@ from . import lora as lora_mod
 from .components import SchedulerSettings, build_random_pipeline
 from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
-from .errors import RequestError
+from .errors import RequestError, show
 from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
@@ -109,20 +109,26 @@ class _Contexts:
 
 def _check_int(field_name, value, lo=None, hi=None, multiple=None):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(field_name, f"must be an integer, got {type(value).__name__} {value!r}")
+        raise RequestError(field_name, f"must be an integer, got {type(value).__name__} {show(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {value}")
+        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {show(value)}")
     if multiple and value % multiple:
-        raise RequestError(field_name, f"must be a multiple of {multiple}, got {value}")
+        raise RequestError(field_name, f"must be a multiple of {multiple}, got {show(value)}")
     return value
 
 
 def _check_float(field_name, value, lo=None, hi=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(field_name, f"must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(field_name, f"must be a finite number, got {show(value)}")
+    try:
+        value = float(value)  # an integer too large for a float overflows here
+    except OverflowError:
+        raise RequestError(field_name, f"must be a finite number, got {show(value)}") from None
+    if not math.isfinite(value):
+        raise RequestError(field_name, f"must be a finite number, got {show(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {value}")
-    return float(value)
+        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {show(value)}")
+    return value
 
 
 def _load_component(load: Callable, folder: Path):
@@ -253,7 +259,7 @@ class ZImage:
     def defaults(self, model: str | None = None) -> Defaults:
         model = model or self.default_model
         if model not in self.presets:
-            raise RequestError("model", f"unknown model {model!r}; known: {sorted(self.presets)}")
+            raise RequestError("model", f"unknown model {show(model)}; known: {sorted(self.presets)}")
         return self.presets[model]
 
     @property
@@ -475,7 +481,7 @@ class ZImage:
             seed = random.randrange(2**32)
         seed = _check_int("seed", seed, 0, SEED_MAX)
         if output_type not in ("pil", "latent"):
-            raise RequestError("output_type", f"must be 'pil' or 'latent', got {output_type!r}")
+            raise RequestError("output_type", f"must be 'pil' or 'latent', got {show(output_type)}")
         try:
             spec = resolve_scheduler(scheduler)
         except UnknownSchedulerError as e:
@@ -496,7 +502,7 @@ class ZImage:
             if strength is not None:
                 raise RequestError("strength", "only applies with a seed image")
             if spec.requires_seed_image:
-                raise RequestError("scheduler", f"{scheduler!r} inverts a seed image to noise: give a seed image")
+                raise RequestError("scheduler", f"{show(scheduler)} inverts a seed image to noise: give a seed image")
         m = self.size_multiple
         self._check_size(work, size_range, outpaint, seed_image, width)
         _check_int("width", work.width, m, 4096, multiple=m)

@@ -16,29 +16,14 @@ from typing import Any
 
 from ..cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig
 from ..config import SEED_MAX
-from ..errors import RequestError
+from ..errors import RequestError, show
 from ..scheduler_table import SCHEDULER_NAMES as SCHEDULERS
 
 # matched with fullmatch: a trailing newline is not part of a UUID (``$`` would accept one)
 UUID4_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE)
 URI_RE = re.compile(r"https?://[^\s/$.?#][^\s]*", re.IGNORECASE)
-MAX_SHOWN = 60  # characters of a bad value echoed in an error message
+_MAX_NAME = 60  # an unknown field name longer than this is shown shortened
 MAX_TTL_S = 365 * 24 * 3600  # ttl upper bound (the spec gives only the minimum, 60)
-
-
-def show(value) -> str:
-    """A bad value for an error message: short (a 5 MB string is not echoed back) and always printable (no
-    int-to-str limit, no lone surrogates)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_SHOWN:
-        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
-    try:
-        text = repr(value) if len(value) <= 4 * MAX_SHOWN else repr(value[: 4 * MAX_SHOWN])  # type: ignore[arg-type]
-    except TypeError:
-        text = repr(value) if not isinstance(value, (dict, list)) else f"{type(value).__name__} of {len(value)}"
-    except ValueError:
-        text = type(value).__name__
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -228,7 +213,7 @@ def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
         name = unknown[0]
         close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6) if len(name) <= 100 else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        shown = name if len(name) <= MAX_SHOWN and name.isprintable() else show(name)
+        shown = name if len(name) <= _MAX_NAME and name.isprintable() else show(name)
         raise RequestError(prefix + shown, f"unknown field{hint}")
     out = {}
     for name, f in fields.items():
