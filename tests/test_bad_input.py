@@ -364,3 +364,14 @@ def test_generate_huge_or_odd_arguments_are_short_request_errors(pipe):
             pipe.generate("a red circle", width=128, height=128, **kw)
         assert e.value.field == field and len(str(e.value)) < 400, (field, str(e.value)[:400])
     assert _refused(pipe, _req(model="m" * 100_000)).field == "model"
+
+
+def test_deeply_nested_python_values_are_request_errors(pipe):
+    deep: dict = {}
+    node = deep
+    for _ in range(50_000):  # far past the recursion limit if anything recursed into it
+        node["a"] = {}
+        node = node["a"]
+    for patch in ({"width": deep, "height": 128}, {"lora": [deep]}, {"safety": deep}, {"outpaint": {"top": [deep]}}):
+        e = _refused(pipe, _req(**patch))
+        assert e.field.split(".")[0].split("[")[0] in patch and len(str(e)) < 300
