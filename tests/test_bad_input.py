@@ -375,3 +375,11 @@ def test_deeply_nested_python_values_are_request_errors(pipe):
     for patch in ({"width": deep, "height": 128}, {"lora": [deep]}, {"safety": deep}, {"outpaint": {"top": [deep]}}):
         e = _refused(pipe, _req(**patch))
         assert e.field.split(".")[0].split("[")[0] in patch and len(str(e)) < 300
+
+
+def test_huge_step_window_bounds_are_request_errors(pipe):
+    """Found by the fuzz campaign: a window bound of more than 4,300 digits broke the error message itself."""
+    e = _refused(pipe, _req(controlNet=[{"model": "x", "guideImage": SEED_128, "startStep": 10**5000, "endStep": 1}]))
+    assert e.field == "controlNet[0].startStep"
+    e = _refused(pipe, _req(acceleratorOptions={"fbCache": True, "cacheEndStep": 10**5000}))
+    assert e.field == "acceleratorOptions.cacheEndStep"

@@ -243,10 +243,10 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
         return None
     start, end = bounds.get("Start", 0), bounds.get("End", steps)
     if end > steps:
-        raise RequestError(f"{path}{keys['End']}", f"must be <= steps ({steps}), got {end}")
+        raise RequestError(f"{path}{keys['End']}", f"must be <= steps ({steps}), got {show(end)}")
     if start >= end:
         key = keys.get("Start", keys.get("End"))
-        raise RequestError(f"{path}{key}", f"must be < the end step ({end}), got start step {start}")
+        raise RequestError(f"{path}{key}", f"must be < the end step ({show(end)}), got start step {show(start)}")
     return start, end
 
 
