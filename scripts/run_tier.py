@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Run one test tier with pytest: ``cpu`` (unmarked tests), ``interpret`` (Triton on CPU) or ``gpu``.
+"""Run one test tier with pytest: ``cpu`` (unmarked tests), ``interpret`` (Triton on CPU), ``gpu`` or ``fuzz`` (the
+long fuzz campaign, tests/test_fuzz.py).
 
 Exit code 77 means "this tier cannot run on this machine" (the gpu tier without CUDA); CMakeLists.txt maps it to
 a skipped CTest test. Extra arguments go to pytest.
@@ -9,7 +10,7 @@ import os
 import subprocess
 import sys
 
-TIERS = {"cpu": "not interpret and not gpu", "interpret": "interpret", "gpu": "gpu"}
+TIERS = {"cpu": "not interpret and not gpu and not fuzz", "interpret": "interpret", "gpu": "gpu", "fuzz": "fuzz"}
 
 
 def main() -> int:

@@ -263,8 +263,12 @@ def http_server():
 
 
 def test_webhook_and_upload_endpoint(tiny_pipe, http_server):
+    from zimage_core.service.netpolicy import OutboundPolicy
+
+    # outbound calls are off by default and loopback targets are refused: this test server enables both
+    cfg = ServerConfig(outbound=OutboundPolicy(enabled=True, allow_private=True, ports=()))
     out = tiny_pipe.infer(
-        base_request(numberResults=2, webhookURL=http_server + "/hook", uploadEndpoint=http_server + "/up/x.png")
+        base_request(numberResults=2, webhookURL=http_server + "/hook", uploadEndpoint=http_server + "/up/x.png"), cfg
     )
     puts = [r for r in _Recorder.received if r[0] == "PUT"]
     posts = [r for r in _Recorder.received if r[0] == "POST"]

@@ -126,7 +126,9 @@ def test_rejects_bad_shift():
         (100, 0.29, 71),  # 0.29·100 = 28.999999999999996 in floats: still 29 steps
         (100, 0.57, 43),  # 0.57·100 = 56.99999999999999
         (7, 0.99, 1),
-        (1, 0.5, 1),
+        (1, 0.5, 0),  # floor(0.5) = 0, but strength > 0 always runs at least one step
+        (4, 0.1, 3),  # floor(0.4) = 0 -> one step, as diffusers' int(4 - 0.4) = 3
+        (30, 1e-6, 29),
         (1, 1.0, 0),
     ],
 )

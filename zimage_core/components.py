@@ -17,7 +17,7 @@ import torch
 
 from .config import ZImageConfig
 from .model import ZImageTransformer
-from .weights import CheckpointError, save_transformer
+from .weights import CheckpointError, read_json, save_transformer
 
 # A Qwen3-style chat template (the parts Z-Image uses): user turn, then the assistant header; the empty think block
 # is emitted only when enable_thinking is false, exactly like Qwen3's own template.
@@ -44,10 +44,19 @@ class SchedulerSettings:
         path = folder / "scheduler_config.json"
         if not path.exists():
             return None
-        d = json.loads(path.read_text())
+        d = read_json(path, "scheduler config")
         if d.get("time_shift_type", "exponential") != "exponential" and d.get("use_dynamic_shifting"):
             raise CheckpointError(f"{path}: only exponential dynamic shifting is supported")
         keys = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k, v in keys.items():
+            want = bool if k == "use_dynamic_shifting" else (int if "seq_len" in k else (int, float))
+            ok = isinstance(v, want) and (k == "use_dynamic_shifting" or not isinstance(v, bool))
+            if not ok or (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) > 2**53):
+                raise CheckpointError(f"{path}: {k} must be a {getattr(want, '__name__', 'number')}, got {str(v)[:40]}")
+        if keys.get("shift", 1.0) <= 0:
+            raise CheckpointError(f"{path}: shift must be > 0")
+        if keys.get("max_image_seq_len", 4096) == keys.get("base_image_seq_len", 256):
+            raise CheckpointError(f"{path}: max_image_seq_len must differ from base_image_seq_len")
         return cls(**keys)
 
     def shift_for(self, image_seq_len: int) -> float:

@@ -39,6 +39,20 @@ class ZImageConfig:
 
     def __post_init__(self):
         errors = []
+        for name in ("in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads", "cap_feat_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_refiner_layers" else 1):
+                errors.append(f"{name} must be a positive integer, got {str(v)[:40]}")
+        for name in ("norm_eps", "rope_theta", "t_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                errors.append(f"{name} must be a positive finite number, got {str(v)[:40]}")
+        for name in self._TUPLE_FIELDS:
+            v = getattr(self, name)
+            if not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+                errors.append(f"{name} must be a non-empty list of positive integers, got {str(v)[:60]}")
+        if errors:
+            raise ValueError("invalid ZImageConfig: " + "; ".join(errors))
         if self.dim % self.n_heads:
             errors.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         elif sum(self.axes_dims) != self.head_dim:
@@ -73,10 +87,14 @@ class ZImageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ZImageConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a transformer config must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs, extra = {}, {}
         for k, v in d.items():
             if k in names:
+                if k in cls._TUPLE_FIELDS and not isinstance(v, (list, tuple)):
+                    raise ValueError(f"invalid ZImageConfig: {k} must be a list of integers, got {str(v)[:40]}")
                 kwargs[k] = tuple(v) if k in cls._TUPLE_FIELDS else v
             else:
                 extra[k] = v

@@ -13,12 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .errors import RequestError
+from .errors import RequestError, show
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 DATA_URI_RE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
 MAX_INPUT_BYTES = 64 * 2**20  # decoded input image size limit
 MAX_INPUT_PIXELS = 4096 * 4096
+# Decoders that may see client bytes. Every other Pillow plugin (EPS hands the data to Ghostscript, and dozens of
+# rarely used formats) is never tried.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+WHITESPACE_RE = re.compile(r"\s+")
 
 
 def load_image(value, field: str, outputs=None, allow_paths: bool = False) -> Image.Image:
@@ -26,7 +30,12 @@ def load_image(value, field: str, outputs=None, allow_paths: bool = False) -> Im
     anything with ``get(uuid) -> image | None``, the service's output store), or (Python API only) a local path.
     Remote URLs are refused: fetching them from a GPU server is a server-side request forgery hole."""
     if isinstance(value, Image.Image):
-        return value
+        if value.mode in ("RGB", "RGBA", "L"):
+            return value
+        try:
+            return value.convert("RGBA" if "A" in value.mode or "a" in value.mode else "RGB")
+        except (ValueError, OSError) as e:
+            raise RequestError(field, f"image mode {value.mode!r} cannot be converted to RGB ({e})") from None
     if not isinstance(value, str) or not value.strip():
         raise RequestError(field, "must be a base64 image, a data URI or the imageUUID of an earlier output")
     value = value.strip()
@@ -41,9 +50,12 @@ def load_image(value, field: str, outputs=None, allow_paths: bool = False) -> Im
         from pathlib import Path
 
         p = Path(value).expanduser()
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") and p.exists():
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff") and p.is_file():
             return _open(p.read_bytes(), field)
     payload = DATA_URI_RE.sub("", value, count=1)
+    if len(payload) > (MAX_INPUT_BYTES * 4 // 3 + 4) * 77 // 76 + 2:  # MIME base64 adds CRLF every 76 characters
+        raise RequestError(field, f"image is larger than {MAX_INPUT_BYTES // 2**20} MiB")
+    payload = WHITESPACE_RE.sub("", payload)  # MIME-style base64 carries line breaks
     if len(payload) > MAX_INPUT_BYTES * 4 // 3 + 4:
         raise RequestError(field, f"image is larger than {MAX_INPUT_BYTES // 2**20} MiB")
     try:
@@ -54,15 +66,26 @@ def load_image(value, field: str, outputs=None, allow_paths: bool = False) -> Im
 
 
 def _open(raw: bytes, field: str) -> Image.Image:
+    """Decode with the allow-listed decoders only; the result is in mode RGB, RGBA or L, so that every later
+    ``convert`` works. Any decoder failure on corrupted data is a RequestError naming the field."""
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with Image.open(io.BytesIO(raw), formats=INPUT_FORMATS) as im:
             if im.width * im.height > MAX_INPUT_PIXELS:
                 raise RequestError(field, f"image of {im.width}x{im.height} exceeds {MAX_INPUT_PIXELS} pixels")
+            if im.width < 1 or im.height < 1:
+                raise RequestError(field, "image has no pixels")
             im.load()
-            return im.copy()
+            if im.mode in ("RGB", "RGBA", "L"):
+                return im.copy()
+            has_alpha = im.mode in ("LA", "La", "PA", "RGBa") or (im.mode == "P" and "transparency" in im.info)
+            return im.convert("RGBA" if has_alpha else "RGB")
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise RequestError(
+            field, f"could not be decoded as an image (allowed formats: {', '.join(INPUT_FORMATS)})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on corrupted data; none may escape
         raise RequestError(field, f"could not be decoded as an image ({type(e).__name__})") from None
 
 
@@ -108,7 +131,7 @@ def _check_outpaint(outpaint) -> tuple[int, int, int, int]:
     for side in ("top", "bottom", "left", "right"):
         v = outpaint.get(side, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 4096:
-            raise RequestError(f"outpaint.{side}", f"must be an integer in [0, 4096], got {v!r}")
+            raise RequestError(f"outpaint.{side}", f"must be an integer in [0, 4096], got {show(v)}")
         vals.append(v)
     return tuple(vals)
 
@@ -129,7 +152,7 @@ def _expand_box(box, margin, target_aspect, size):
 
 
 def prepare_inputs(
-    pipe, *, seed_image, mask_image, mask_margin, outpaint, width, height, default_size, allow_paths=True
+    pipe, *, seed_image, mask_image, mask_margin, outpaint, width, height, default_size, allow_paths=False
 ) -> Work:
     """Resolve the conditioning images into a :class:`Work` at the working resolution."""
     m = pipe.size_multiple
@@ -146,7 +169,12 @@ def prepare_inputs(
     mask = None
     if mask_image is not None:
         mask = load_image(mask_image, "mask_image", None, allow_paths).convert("L")
-        if mask.size != image.size:
+        if mask.size != image.size:  # another size of the same aspect ratio is resized; another aspect is refused
+            (mw, mh), (iw, ih) = mask.size, image.size
+            if abs(mw * ih - mh * iw) > max(mw, mh, iw, ih):  # more than a pixel of rounding apart
+                raise RequestError(
+                    "mask_image", f"the mask ({mw}x{mh}) must have the seed image's aspect ratio ({iw}x{ih})"
+                )
             mask = mask.resize(image.size, Image.NEAREST)
 
     if outpaint is not None:

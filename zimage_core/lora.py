@@ -18,6 +18,7 @@ throughout; the pipeline's denoiser sets the current σ before each transformer 
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ from safetensors.torch import load_file
 from .errors import RequestError
 
 PHASES = ("high", "low", "both")
+MAX_WEIGHT = (
+    16.0  # |weight| of one adapter (the request API allows [-4, 4]); beyond it the output is numerically broken
+)
 HIGH_NOISE_SIGMA = 0.5
 _local = threading.local()
 
@@ -107,6 +111,8 @@ def lora_from_state_dict(raw: dict[str, torch.Tensor], name: str, source: str = 
             raise ValueError(f"{path}: LoRA module {mod} lacks its {'up' if 'down' in p else 'down'} matrix")
         down, up = p["down"].float(), p["up"].float()
         alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all() and math.isfinite(alpha)):
+            raise ValueError(f"{path}: LoRA module {mod} holds non-finite values (NaN/inf)")
         if mod.endswith(("attention.qkv", "attention_qkv")):  # fused qkv: up stacks the q, k, v row blocks
             stem = mod[: -len("qkv")]
             for proj, u in zip(("to_q", "to_k", "to_v"), up.chunk(3, dim=0)):
@@ -180,6 +186,14 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float, str]
     for i, (lw, weight, phase) in enumerate(loras):
         if phase not in PHASES:
             raise RequestError(f"{field}[{i}].transformer", f"must be one of {PHASES}, got {phase!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise RequestError(f"{field}[{i}].weight", f"must be a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+        try:
+            ok = math.isfinite(float(weight)) and abs(float(weight)) <= MAX_WEIGHT
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise RequestError(f"{field}[{i}].weight", f"must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
         for name, ada in lw.modules.items():
             mod = modules.get(name, flat.get(name))
             if not isinstance(mod, nn.Linear):

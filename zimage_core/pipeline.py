@@ -16,7 +16,6 @@ assembled in one place, :meth:`ZImage._sample`: the caller's ``hooks`` first, a 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -33,12 +32,12 @@ from . import lora as lora_mod
 from .components import SchedulerSettings, build_random_pipeline
 from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
-from .errors import RequestError
+from .errors import RequestError, show
 from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .schedules import img2img_start
-from .weights import CheckpointError, load_transformer
+from .weights import CheckpointError, check_safetensors_component, load_transformer, read_json
 
 
 @dataclass(frozen=True)
@@ -113,20 +112,37 @@ class _Contexts:
 
 def _check_int(field_name, value, lo=None, hi=None, multiple=None):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(field_name, f"must be an integer, got {type(value).__name__} {value!r}")
+        raise RequestError(field_name, f"must be an integer, got {type(value).__name__} {show(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {value}")
+        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {show(value)}")
     if multiple and value % multiple:
-        raise RequestError(field_name, f"must be a multiple of {multiple}, got {value}")
+        raise RequestError(field_name, f"must be a multiple of {multiple}, got {show(value)}")
     return value
 
 
 def _check_float(field_name, value, lo=None, hi=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(field_name, f"must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(field_name, f"must be a finite number, got {show(value)}")
+    try:
+        value = float(value)  # an integer too large for a float overflows here
+    except OverflowError:
+        raise RequestError(field_name, f"must be a finite number, got {show(value)}") from None
+    if not math.isfinite(value):
+        raise RequestError(field_name, f"must be a finite number, got {show(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {value}")
-    return float(value)
+        raise RequestError(field_name, f"must be in [{lo}, {hi}], got {show(value)}")
+    return value
+
+
+def _load_component(load: Callable, folder: Path):
+    """Run a transformers/diffusers loader; its errors on a broken folder (bad JSON, missing files, wrong shapes)
+    become a CheckpointError naming the folder."""
+    try:
+        return load()
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{folder}: cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 class ZImage:
@@ -177,27 +193,41 @@ class ZImage:
         path = Path(path).expanduser()
         if not (path / "model_index.json").exists():
             raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        read_json(path / "model_index.json", "model index")
         for sub in ("transformer", "text_encoder", "tokenizer", "vae"):
             if not (path / sub).is_dir():
                 raise CheckpointError(f"{path}: missing the {sub}/ subfolder")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        scheduler = SchedulerSettings.from_folder(path / "scheduler")
+        meta_path = path / "zimage_fast.json"
+        meta = read_json(meta_path, "zimage_fast.json") if meta_path.exists() else {}
+        if presets is None and "defaults" in meta:
+            try:
+                d = Defaults(**meta["defaults"])
+            except TypeError as e:
+                raise CheckpointError(f"{meta_path}: invalid defaults ({str(e)[:200]})") from None
+            presets = {mid: d for mid in (*MODEL_PRESETS, str(meta.get("model_id", "zimage-fast:default")))}
+        for sub in ("text_encoder", "vae"):  # transformers/diffusers would unpickle a .bin: weights must be safetensors
+            check_safetensors_component(path / sub)
         transformer = load_transformer(path / "transformer", dtype=dtype, device=device, kernel_backend=kernel_backend)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a bar per component is noise; generate() has its own
         try:
-            text_encoder = AutoModel.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()
+            text_encoder = _load_component(
+                lambda: AutoModel.from_pretrained(path / "text_encoder", dtype=dtype, use_safetensors=True),
+                path / "text_encoder",
+            )
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(device).eval()
-        scheduler = SchedulerSettings.from_folder(path / "scheduler")
-        meta_path = path / "zimage_fast.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if presets is None and "defaults" in meta:
-            d = Defaults(**meta["defaults"])
-            presets = {mid: d for mid in (*MODEL_PRESETS, meta.get("model_id", "zimage-fast:default"))}
+        text_encoder = text_encoder.to(device).eval()
+        tokenizer = _load_component(lambda: AutoTokenizer.from_pretrained(path / "tokenizer"), path / "tokenizer")
+        vae = _load_component(
+            lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True),
+            path / "vae",
+        )
+        vae = vae.to(device).eval()
         pipe = cls(transformer, text_encoder, tokenizer, vae, scheduler, presets, name=meta.get("name", path.name))
         pipe.meta = meta
         return pipe
@@ -233,7 +263,7 @@ class ZImage:
     def defaults(self, model: str | None = None) -> Defaults:
         model = model or self.default_model
         if model not in self.presets:
-            raise RequestError("model", f"unknown model {model!r}; known: {sorted(self.presets)}")
+            raise RequestError("model", f"unknown model {show(model)}; known: {sorted(self.presets)}")
         return self.presets[model]
 
     @property
@@ -338,6 +368,8 @@ class ZImage:
         loras: Sequence = (),
         hooks: Sequence[StackHook] = (),
         controlnets: Sequence = (),
+        read_paths: bool = False,
+        size_range: tuple[int, int] | None = None,
     ) -> GenerationResult:
         """Generate ``number_results`` images. Result ``i`` uses seed ``seed + i`` and reproduces alone.
 
@@ -350,6 +382,12 @@ class ZImage:
         diffusers' ``num_images_per_prompt``): each result keeps its own seed's noise, but then matches a solo run
         only up to floating-point rounding. It applies to deterministic samplers without a step cache; stochastic
         samplers and caches always run result by result.
+
+        ``seed_image``/``mask_image``: PIL images, base64 or data URIs; local file paths only with
+        ``read_paths=True`` (off by default, so a string passed through from a client never reads a local file).
+        ``size_range=(lo, hi)``: the allowed output width/height in pixels, also when they come from a seed image or
+        an outpainted canvas (default: one size multiple to 4096; the request API passes its 128–2048). Sizes past
+        the model's RoPE position table (2560 px for the embedded default) are refused too.
 
         ``diffusers_compat=True`` consumes the generator exactly like diffusers' img2img/inpaint pipelines (VAE
         posterior sample before the noise) and uses their start step ``int(N − N·strength)``; by default the VAE
@@ -379,6 +417,8 @@ class ZImage:
             max_sequence_length=max_sequence_length,
             output_type=output_type,
             diffusers_compat=diffusers_compat,
+            read_paths=read_paths,
+            size_range=size_range,
         )
         controls = (
             cn_mod.prepare(self, controlnets, a.work.width, a.work.height, a.steps, a.work) if controlnets else []
@@ -426,6 +466,8 @@ class ZImage:
         max_sequence_length,
         output_type,
         diffusers_compat,
+        read_paths=False,
+        size_range=None,
     ) -> _Args:
         preset = self.defaults(model)
         if not isinstance(prompt, str) or not prompt:
@@ -439,11 +481,16 @@ class ZImage:
         cfg_norm = _check_float("cfg_normalization", float(cfg_norm), 0, 100)
         cfg_trunc = _check_float("cfg_truncation", preset.cfg_truncation if cfg_truncation is None else cfg_truncation)
         max_len = _check_int("max_sequence_length", max_sequence_length or preset.max_sequence_length, 1, 4096)
+        cap_positions = self.transformer.config.axes_lens[0] - 2  # caption tokens (padded to 32) + the image frame
+        if -(-max_len // 32) * 32 > cap_positions:
+            raise RequestError(
+                "max_sequence_length", f"must be <= {cap_positions // 32 * 32} for this model's RoPE table"
+            )
         if seed is None:
             seed = random.randrange(2**32)
         seed = _check_int("seed", seed, 0, SEED_MAX)
         if output_type not in ("pil", "latent"):
-            raise RequestError("output_type", f"must be 'pil' or 'latent', got {output_type!r}")
+            raise RequestError("output_type", f"must be 'pil' or 'latent', got {show(output_type)}")
         try:
             spec = resolve_scheduler(scheduler)
         except UnknownSchedulerError as e:
@@ -458,13 +505,15 @@ class ZImage:
             width=width,
             height=height,
             default_size=(preset.width, preset.height),
+            allow_paths=read_paths,
         )
         if work.image is None:
             if strength is not None:
                 raise RequestError("strength", "only applies with a seed image")
             if spec.requires_seed_image:
-                raise RequestError("scheduler", f"{scheduler!r} inverts a seed image to noise: give a seed image")
+                raise RequestError("scheduler", f"{show(scheduler)} inverts a seed image to noise: give a seed image")
         m = self.size_multiple
+        self._check_size(work, size_range, outpaint, seed_image, width)
         _check_int("width", work.width, m, 4096, multiple=m)
         _check_int("height", work.height, m, 4096, multiple=m)
         strength = DEFAULT_STRENGTH if strength is None else _check_float("strength", strength, 0, 1)
@@ -495,6 +544,32 @@ class ZImage:
             output_type=output_type,
             diffusers_compat=diffusers_compat,
         )
+
+    def max_image_size(self) -> tuple[int, int]:
+        """(width, height) in pixels that the transformer's RoPE position table covers."""
+        cfg = self.transformer.config
+        px = self.vae_scale_factor * cfg.all_patch_size[0]
+        return cfg.axes_lens[2] * px, cfg.axes_lens[1] * px
+
+    def _check_size(self, work, size_range, outpaint, seed_image, width) -> None:
+        """The working size against the allowed range and the model's position table; the error names where the size
+        came from (outpaint, the seed image, or width/height)."""
+        lo, hi = size_range or (self.size_multiple, 4096)
+        max_w, max_h = self.max_image_size()
+        origin = (
+            "outpaint" if outpaint is not None else ("seed_image" if width is None and seed_image is not None else None)
+        )
+        for name, v, top in (("width", work.width, max_w), ("height", work.height, max_h)):
+            where = f"the {name} {v} px" + {
+                "outpaint": " of the outpainted canvas",
+                "seed_image": " of the seed image",
+            }.get(origin, "")
+            if not lo <= v <= hi:
+                raise RequestError(origin or name, f"{where} must be in [{lo}, {hi}]")
+            if v > top:
+                raise RequestError(
+                    origin or name, f"{where} exceeds this model's maximum of {top} px (its RoPE position table)"
+                )
 
     # ---- step 2: encode the prompts and the caption contexts, once per request ----------------------------------
     def _encode(self, a: _Args, loras) -> _Contexts:

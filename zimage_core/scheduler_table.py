@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import samplers as S
+from .errors import show
 from .schedules import SCHEDULES
 
 __all__ = [
@@ -251,12 +252,12 @@ class UnknownSchedulerError(ValueError):
         self.name = name
         self.suggestions = suggestions
         hint = f" Did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-        super().__init__(f"unknown scheduler {name!r}.{hint} Allowed: the {len(SCHEDULER_NAMES)} names of the API.")
+        super().__init__(f"unknown scheduler {show(name)}.{hint} Allowed: the {len(SCHEDULER_NAMES)} names of the API.")
 
 
 def _suggestions(name, n: int = 5, cutoff: float = 0.6) -> list[str]:
     """Close matches: case and spacing ignored; a name the input is a prefix of ranks high (difflib otherwise)."""
-    key = " ".join(str(name).split()).casefold() if isinstance(name, str) else ""
+    key = " ".join(str(name).split()).casefold() if isinstance(name, str) and len(name) <= 100 else ""
     if not key:
         return []
     scored = []

@@ -119,7 +119,9 @@ SCHEDULES = {
 
 
 def img2img_start(n: int, strength: float) -> int:
-    """First step index of image-to-image / inpainting: ``n − floor(strength·n)``.
+    """First step index of image-to-image / inpainting: ``n − floor(strength·n)`` (decisions.md, ``strength`` row),
+    but at least one step runs whenever ``strength > 0`` (as in diffusers, whose ``int(n − n·strength)`` runs one
+    step there): otherwise a small strength would return the seed image through the VAE, ignoring prompt and mask.
 
     The run covers ``sigmas[img2img_start(n, strength):]``. ``strength·n`` is a float product; one within 1e-9 of
     an integer counts as that integer, so ``strength=0.29, n=100`` re-noises 29 steps (the float product is
@@ -129,4 +131,5 @@ def img2img_start(n: int, strength: float) -> int:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps must be a positive integer, got {n!r}")
-    return n - math.floor(strength * n + 1e-9)
+    start = n - math.floor(strength * n + 1e-9)
+    return min(start, n - 1) if strength > 0 else start

@@ -17,7 +17,9 @@ the 6B model never exists twice in host memory.
 from __future__ import annotations
 
 import json
+import math
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,6 +56,46 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+MAX_JSON_BYTES = 16 * 2**20  # config / index / scheduler JSON files are a few KiB; refuse anything absurd
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse anything that is not a regular file (a FIFO would block the process on open, a device never ends)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file")
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; every failure (not a regular file, too large, not UTF-8, malformed JSON, not an
+    object) is a CheckpointError naming the file."""
+    path = Path(path)
+    check_regular_file(path)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {what} is larger than {MAX_JSON_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a valid {what} ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_from_json(path: str | Path) -> ZImageConfig:
+    """A transformer config.json; a malformed or inconsistent one is a CheckpointError naming the file."""
+    data = read_json(path, "transformer config")
+    try:
+        return ZImageConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {str(e)[:500]}") from None
+
+
 def _refuse_pickle(path: Path) -> None:
     raise CheckpointError(
         f"{path}: pickle checkpoints are not supported (loading them can execute arbitrary code); convert it to "
@@ -65,14 +107,20 @@ def _weight_files(folder: Path) -> tuple[list[Path], Path | None]:
     """(safetensors files, config.json or None) of a transformer folder."""
     index = folder / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of file names)")
+        root = folder.resolve()
+        files = []
+        for name in sorted(set(weight_map.values())):
+            shard = (folder / name).resolve()
+            # a shard must be a file name inside this folder: no absolute paths, no ../, no symlink out
+            if Path(name).is_absolute() or ".." in Path(name).parts or shard.parent != root:
+                raise CheckpointError(f"{index}: shard path {name[:200]!r} points outside {folder}")
+            files.append(folder / name)
         missing = [str(f) for f in files if not f.exists()]
         if missing:
-            raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")
+            raise CheckpointError(f"{index} lists shard files that do not exist: {missing[:10]}")
     elif (folder / WEIGHTS_NAME).exists():
         files = [folder / WEIGHTS_NAME]
     else:
@@ -82,8 +130,28 @@ def _weight_files(folder: Path) -> tuple[list[Path], Path | None]:
         if pickles:
             _refuse_pickle(folder / pickles[0])
         raise CheckpointError(f"{folder}: no weights found (expected {WEIGHTS_NAME}, {INDEX_NAME} or *.safetensors)")
+    for f in files:
+        check_regular_file(f)
     config = folder / "config.json"
     return files, config if config.exists() else None
+
+
+def check_safetensors_component(folder: Path) -> None:
+    """A text_encoder/ or vae/ folder must hold its weights as .safetensors (regular files): transformers and
+    diffusers would otherwise unpickle a ``.bin``, which can execute arbitrary code."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    tensors = sorted(folder.glob("*.safetensors"))
+    if not tensors:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            _refuse_pickle(folder / pickles[0])
+        raise CheckpointError(f"{folder}: no .safetensors weights found")
+    for f in tensors:
+        check_regular_file(f)
+    for name in ("config.json", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
+        if (folder / name).exists():
+            read_json(folder / name, name)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[list[Path], Path | None]:
@@ -101,6 +169,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[list[Path], Path | None]:
         _refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors file or a diffusers folder")
+    check_regular_file(path)
     config = path.with_name("config.json")
     return [path], config if config.exists() else None
 
@@ -200,11 +269,14 @@ def infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> ZImageConfig
 def _as_config(config) -> ZImageConfig | None:
     if config is None or isinstance(config, ZImageConfig):
         return config
-    if isinstance(config, dict):
-        return ZImageConfig.from_dict(config)
     if isinstance(config, str) and config in PRESETS:
         return PRESETS[config]
-    return ZImageConfig.from_json(config)
+    if not isinstance(config, dict):
+        return config_from_json(config)
+    try:
+        return ZImageConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config: {str(e)[:500]}") from None
 
 
 def _read_header(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[int, ...]], dict]:
@@ -220,6 +292,37 @@ def _read_header(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[s
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     return where, shapes, meta
+
+
+def expected_parameters(cfg: ZImageConfig) -> int:
+    """The parameter count of a config, without building it: the model is linear in its layer counts, so three
+    meta-device builds of at most two layers give the per-layer and fixed costs."""
+
+    def count(n_layers, n_ref):
+        with torch.device("meta"):
+            m = ZImageTransformer(cfg.replace(n_layers=n_layers, n_refiner_layers=n_ref))
+        return sum(p.numel() for p in m.state_dict().values())
+
+    base = count(1, 1)
+    per_layer = count(2, 1) - base
+    per_refiner = count(1, 2) - base  # noise and context refiners together
+    return base + (cfg.n_layers - 1) * per_layer + (cfg.n_refiner_layers - 1) * per_refiner
+
+
+def check_size(cfg: ZImageConfig, shapes: dict[str, tuple[int, ...]], files: list[Path], where: str) -> None:
+    """Refuse a config whose parameter count the checkpoint cannot hold, before anything of that size is built (a
+    config.json saying ``n_layers: 10000000`` would otherwise allocate until memory runs out)."""
+    stored = sum(math.prod(s) for s in shapes.values())
+    file_bytes = sum(f.stat().st_size for f in files)
+    try:
+        expected = expected_parameters(cfg)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{where}: the config cannot be built ({type(e).__name__}: {str(e)[:200]})") from None
+    if expected > file_bytes:  # every parameter takes at least one byte on disk
+        raise CheckpointError(
+            f"{where}: the config describes {expected:,} parameters but the checkpoint files hold {stored:,} in "
+            f"{file_bytes:,} bytes; the config does not belong to these weights"
+        )
 
 
 def check_state_dict(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
@@ -264,11 +367,15 @@ def load_transformer(
         }
     cfg = _as_config(config)
     if cfg is None and config_json is not None:
-        cfg = ZImageConfig.from_json(config_json)
+        cfg = config_from_json(config_json)
     if cfg is None and CONFIG_KEY in meta:
-        cfg = ZImageConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        try:
+            cfg = ZImageConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        except (TypeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: invalid config in the safetensors metadata ({str(e)[:300]})") from None
     if cfg is None:
         cfg = infer_config(shapes, str(path))
+    check_size(cfg, shapes, files, str(path))
 
     with torch.device("meta"):
         model = ZImageTransformer(cfg, kernel_backend=kernel_backend)

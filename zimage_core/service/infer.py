@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
-import urllib.request
 import uuid
 import warnings
 import weakref
@@ -26,8 +26,11 @@ from .. import controlnet as cn_mod
 from .. import images as imgs
 from ..cache import from_request
 from ..errors import RequestError
+from . import netpolicy
+from .netpolicy import OutboundPolicy
 from .outputs import FORMATS, LocalImageStore, OutputCache, data_uri, encode_image
-from .request import RequestArgs, resolve_window, validate_request
+from .request import SCHEMA, RequestArgs, resolve_window, validate_request
+from .taskregistry import TaskRegistry
 
 log = logging.getLogger("zimage_core.service")
 
@@ -40,8 +43,8 @@ class ServerConfig:
     face_detector: Callable | None = None  # image -> [(x0, y0, x1, y1, confidence)]
     lora_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> LoRA weights
     controlnet_resolver: Callable[[str, str], object] | None = None  # (model id, field) -> ControlNet; None: built-in
-    http_timeout_s: float = 30.0
-    tasks: dict = field(default_factory=dict)  # async tasks by taskUUID
+    outbound: OutboundPolicy = field(default_factory=OutboundPolicy)  # webhookURL / uploadEndpoint: off by default
+    tasks: TaskRegistry = field(default_factory=TaskRegistry)  # async tasks: bounded, evicted, owner-bound
     outputs: OutputCache = field(default_factory=OutputCache)  # earlier outputs by imageUUID (seedImage references)
 
     def price(self) -> float | None:
@@ -64,12 +67,6 @@ def default_config(pipe) -> ServerConfig:
         return _DEFAULT_CONFIGS[pipe]
 
 
-def _http(method: str, url: str, data: bytes, content_type: str, timeout: float) -> None:
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the URL is the caller's own endpoint
-        resp.read()
-
-
 def validate(pipe, request: dict, config: ServerConfig) -> RequestArgs:
     """The one validation of an ``imageInference`` task against this pipeline and configuration."""
     return validate_request(
@@ -82,31 +79,27 @@ def validate(pipe, request: dict, config: ServerConfig) -> RequestArgs:
     )
 
 
-def infer(pipe, request: dict, config: ServerConfig | None = None) -> list[dict]:
-    """Validate and run one imageInference task. Raises RequestError for invalid requests."""
+def infer(pipe, request: dict, config: ServerConfig | None = None, owner=None) -> list[dict]:
+    """Validate and run one imageInference task. Raises RequestError for invalid requests.
+
+    ``owner``: an opaque identity of the caller (e.g. its API key's id); an async task can only be read back by the
+    same owner (:func:`get_response`)."""
     config = config or default_config(pipe)
     v = validate(pipe, request, config)
     r = v.raw
+    for key in ("uploadEndpoint", "webhookURL"):  # refused before any work when the policy does not allow it
+        if key in r:
+            netpolicy.check_target(r[key], key, config.outbound)
     if r["deliveryMethod"] == "async":
         task = r["taskUUID"]
-        config.tasks[task] = {"status": "processing"}
-
-        def run():
-            try:
-                config.tasks[task] = {"status": "success", "data": _run(pipe, v, config)}
-            except Exception as e:  # reported through get_response, not lost in a thread
-                config.tasks[task] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-
-        threading.Thread(target=run, daemon=True).start()
+        config.tasks.submit(task, owner, lambda: _run(pipe, v, config))
         return [{"taskType": "imageInference", "taskUUID": task, "status": "processing"}]
     return _run(pipe, v, config)
 
 
-def get_response(config: ServerConfig, task_uuid: str) -> dict:
-    """Poll an async task: {"status": "processing" | "success" | "error", "data": [...] | "error": str}."""
-    if task_uuid not in config.tasks:
-        raise RequestError("taskUUID", f"no async task {task_uuid}")
-    return config.tasks[task_uuid]
+def get_response(config: ServerConfig, task_uuid: str, owner=None) -> dict:
+    """Poll an async task: {"status": "processing" | "success" | "error", "data": [...] | "error": {...}}."""
+    return config.tasks.get(task_uuid, owner)
 
 
 def _run(pipe, v, config: ServerConfig) -> list[dict]:
@@ -128,6 +121,8 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
     )
     if "width" in r:
         kwargs.update(width=r["width"], height=r["height"])
+    # a size derived from a seed image or an outpainted canvas must also be in the request's width/height range
+    kwargs["size_range"] = (int(SCHEMA["width"].lo), int(SCHEMA["width"].hi))
     if "seedImage" in inputs:
         kwargs.update(
             seed_image=imgs.load_image(inputs["seedImage"], "inputs.seedImage", config.outputs),
@@ -164,6 +159,8 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             stacklevel=2,
         )
     fmt, quality = r["outputFormat"], r["outputQuality"]
+    deadline = config.outbound.deadline()  # one deadline for every outbound call of this request
+    webhook_ok = True
     responses = []
     for image, s in zip(images, result.seeds):
         image_uuid = str(uuid.uuid4())
@@ -182,18 +179,18 @@ def _run(pipe, v, config: ServerConfig) -> list[dict]:
             resp["NSFWContent"] = bool(config.content_checker(image))
         if price is not None:
             resp["cost"] = round(device_seconds / len(images) * price / 3600, 8)
-        if "uploadEndpoint" in r:
-            try:
-                _http("PUT", r["uploadEndpoint"], data, FORMATS[fmt][1], config.http_timeout_s)
-            except Exception as e:
-                raise RequestError("uploadEndpoint", f"upload (HTTP PUT) failed: {e}") from None
+        if "uploadEndpoint" in r:  # the reason of a failure is logged; the client learns only that it failed
+            if not netpolicy.deliver(
+                "PUT", r["uploadEndpoint"], data, FORMATS[fmt][1], "uploadEndpoint", config.outbound, deadline
+            ):
+                raise RequestError("uploadEndpoint", "the upload (HTTP PUT) did not succeed")
         config.outputs.put(image_uuid, image)
         responses.append(resp)
-        if "webhookURL" in r:  # one POST per result, as it becomes available; failures are logged, not fatal
-            try:
-                _http("POST", r["webhookURL"], json.dumps(resp).encode(), "application/json", config.http_timeout_s)
-            except Exception as e:
-                log.warning("webhookURL %s: POST failed: %s", r["webhookURL"], e)
+        if "webhookURL" in r and webhook_ok:  # one POST per result; after a failure no more (logged, not fatal)
+            webhook_ok = netpolicy.deliver(
+                "POST", r["webhookURL"], json.dumps(resp).encode(), "application/json", "webhookURL",
+                config.outbound, deadline,
+            )  # fmt: skip
     return responses
 
 
@@ -212,10 +209,18 @@ def _controlnets(entries, steps: int, resolver, config: ServerConfig) -> list:
 def _refine_faces(pipe, image: Image.Image, r: dict, seed: int, config: ServerConfig) -> Image.Image:
     """ultralytics: detect faces with the configured detector, then inpaint each (box + maskPadding, feathered by
     maskBlur) at the working resolution with the refinement prompt, steps, CFG and strength, and paste it back."""
-    from PIL import ImageDraw, ImageFilter
+    from PIL import ImageChops, ImageDraw, ImageFilter
 
     u = r["ultralytics"]
-    for x0, y0, x1, y1, conf in config.face_detector(image):
+    for det in config.face_detector(image):
+        try:
+            x0, y0, x1, y1, conf = (float(v) for v in det)
+        except (TypeError, ValueError):
+            log.warning("ultralytics: the face detector returned a malformed box %r; ignored", det)
+            continue
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1, conf)):
+            log.warning("ultralytics: the face detector returned a non-finite box; ignored")
+            continue
         if conf < u["confidence"]:
             continue
         pad = u["maskPadding"]
@@ -229,22 +234,29 @@ def _refine_faces(pipe, image: Image.Image, r: dict, seed: int, config: ServerCo
             continue
         mask = Image.new("L", image.size, 0)
         ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
-        if u["maskBlur"]:
-            mask = mask.filter(ImageFilter.GaussianBlur(u["maskBlur"]))
-        image = pipe.generate(
-            u.get("positivePrompt") or r["positivePrompt"],
-            negative_prompt=u.get("negativePrompt") or r.get("negativePrompt"),
-            seed_image=image,
-            mask_image=mask,
-            mask_margin=32,
-            strength=u["strength"],
-            steps=u["steps"],
-            cfg_scale=u["CFGScale"],
-            seed=seed,
-            scheduler=r["scheduler"],
-            model=r["model"],
-        ).images[0]
+        if u["maskBlur"]:  # feather outwards only: the box itself stays fully repainted, however small it is
+            mask = ImageChops.lighter(mask, mask.filter(ImageFilter.GaussianBlur(u["maskBlur"])))
+        try:
+            image = _refine_one(pipe, image, mask, u, r, seed)
+        except RequestError as e:
+            raise RequestError("ultralytics", f"face refinement failed: {e.message}") from None
     return image
+
+
+def _refine_one(pipe, image, mask, u, r, seed):
+    return pipe.generate(
+        u.get("positivePrompt") or r["positivePrompt"],
+        negative_prompt=u.get("negativePrompt") or r.get("negativePrompt"),
+        seed_image=image,
+        mask_image=mask,
+        mask_margin=32,
+        strength=u["strength"],
+        steps=u["steps"],
+        cfg_scale=u["CFGScale"],
+        seed=seed,
+        scheduler=r["scheduler"],
+        model=r["model"],
+    ).images[0]
 
 
 def _step_cache(v, pipe):
@@ -260,4 +272,5 @@ _REQUEST_FIELD = {
     "seed_image": "inputs.seedImage",
     "mask_image": "inputs.maskImage",
     "mask_margin": "maskMargin",
+    "seed": "seed",
 }

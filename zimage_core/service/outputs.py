@@ -67,12 +67,13 @@ class LocalImageStore:
         self._lock = threading.Lock()
 
     def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
+        expires = None if ttl is None else time.time() + float(ttl)  # computed before any file is written
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{image_uuid}.{extension}"
         path.write_bytes(data)
         with self._lock:
-            if ttl is not None:
-                self._expiry[path] = time.time() + ttl
+            if expires is not None:
+                self._expiry[path] = expires
         self.purge()
         return path.resolve().as_uri()
 

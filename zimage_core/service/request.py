@@ -16,11 +16,14 @@ from typing import Any
 
 from ..cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig
 from ..config import SEED_MAX
-from ..errors import RequestError
+from ..errors import RequestError, show
 from ..scheduler_table import SCHEDULER_NAMES as SCHEDULERS
 
-UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.IGNORECASE)
-URI_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
+# matched with fullmatch: a trailing newline is not part of a UUID (``$`` would accept one)
+UUID4_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE)
+URI_RE = re.compile(r"https?://[^\s/$.?#][^\s]*", re.IGNORECASE)
+_MAX_NAME = 60  # an unknown field name longer than this is shown shortened
+MAX_TTL_S = 365 * 24 * 3600  # ttl upper bound (the spec gives only the minimum, 60)
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,16 @@ def _range_text(f: Field) -> str:
     return text + (f" in steps of {f.multiple}" if f.multiple else "")
 
 
-WINDOW = {
+WINDOW = {  # acceleratorOptions prefixes these with "cache" (cacheStartStep); controlNet uses them as startStep, ...
     "StartStep": Field("int", lo=0),
     "EndStep": Field("int", lo=1),
     "StartStepPercentage": Field("int", lo=0, hi=99),
     "EndStepPercentage": Field("int", lo=1, hi=100),
 }
+
+
+def _window_key(prefix: str, name: str) -> str:
+    return prefix + name if prefix else name[0].lower() + name[1:]
 
 
 SCHEMA: dict[str, Field] = {
@@ -71,7 +78,7 @@ SCHEMA: dict[str, Field] = {
         "checkContent": Field("bool", default=False),
         "mode": Field("enum", default="none", choices=("none", "fast")),
     }),
-    "ttl": Field("int", lo=60),
+    "ttl": Field("int", lo=60, hi=MAX_TTL_S),
     "includeCost": Field("bool", default=False),
     "numberResults": Field("int", default=1, lo=1, hi=20),
     "acceleratorOptions": Field("object", fields={
@@ -110,7 +117,7 @@ SCHEMA: dict[str, Field] = {
         "guideImage": Field("str", required=True, min_len=1),
         "weight": Field("float", default=1.0, lo=-4, hi=4),
         "controlMode": Field("enum", default="balanced", choices=("balanced", "controlnet", "prompt")),
-        **{k[0].lower() + k[1:]: v for k, v in WINDOW.items()},  # the spec: controlNet.startStep, ...
+        **{_window_key("", k): v for k, v in WINDOW.items()},
     })),
     "ultralytics": Field("object", fields={
         "CFGScale": Field("float", default=8.0, lo=0, hi=50),
@@ -130,37 +137,46 @@ def _check(value, f: Field, path: str):
     k = f.kind
     if k == "bool":
         if not isinstance(value, bool):
-            raise RequestError(path, f"must be a boolean (true/false), got {value!r}")
+            raise RequestError(path, f"must be a boolean (true/false), got {show(value)}")
         return value
     if k == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
                 value = int(value)  # JSON clients often send 512.0
             else:
-                raise RequestError(path, f"must be an integer {_range_text(f)}, got {value!r}")
+                raise RequestError(path, f"must be an integer {_range_text(f)}, got {show(value)}")
     elif k == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RequestError(path, f"must be a number {_range_text(f)}, got {value!r}")
-        value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(path, f"must be a number {_range_text(f)}, got {show(value)}")
+        try:
+            value = float(value)  # an integer too large for a float (JSON 1e400 written out) overflows here
+        except OverflowError:
+            raise RequestError(path, f"must be a number {_range_text(f)}, got {show(value)}") from None
+        if not math.isfinite(value):
+            raise RequestError(path, f"must be a finite number {_range_text(f)}, got {show(value)}")
     if k in ("int", "float"):
         if (f.lo is not None and value < f.lo) or (f.hi is not None and value > f.hi):
-            raise RequestError(path, f"must be {_range_text(f)}, got {value}")
+            raise RequestError(path, f"must be {_range_text(f)}, got {show(value)}")
         if f.multiple and value % f.multiple:
-            raise RequestError(path, f"must be a multiple of {f.multiple} ({_range_text(f)}), got {value}")
+            raise RequestError(path, f"must be a multiple of {f.multiple} ({_range_text(f)}), got {show(value)}")
         return value
     if k in ("str", "enum", "uuid4", "uri"):
         if not isinstance(value, str):
             raise RequestError(path, f"must be a string, got {type(value).__name__}")
-        if k == "enum" and value not in f.choices:
-            raise RequestError(path, _enum_message(value, f.choices))
-        if k == "uuid4" and not UUID4_RE.match(value):
-            raise RequestError(path, f"must be a UUID v4 (xxxxxxxx-xxxx-4xxx-[89ab]xxx-xxxxxxxxxxxx), got {value!r}")
-        if k == "uri" and not URI_RE.match(value):
-            raise RequestError(path, f"must be an http(s) URI, got {value!r}")
         n = len(value)
         if (f.min_len is not None and n < f.min_len) or (f.max_len is not None and n > f.max_len):
             hi = f.max_len if f.max_len is not None else "inf"
             raise RequestError(path, f"length must be in [{f.min_len or 0}, {hi}] characters, got {n}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON "\ud800": a lone surrogate is not text
+            raise RequestError(path, f"is not valid Unicode text (unpaired surrogate at character {e.start})") from None
+        if k == "enum" and value not in f.choices:
+            raise RequestError(path, _enum_message(value, f.choices))
+        if k == "uuid4" and not UUID4_RE.fullmatch(value):
+            raise RequestError(path, f"must be a UUID v4 (8-4-4-4-12 hex digits, version 4), got {show(value)}")
+        if k == "uri" and not URI_RE.fullmatch(value):
+            raise RequestError(path, f"must be an http(s) URI, got {show(value)}")
         return value
     if k == "object":
         if not isinstance(value, dict):
@@ -178,22 +194,27 @@ def _check(value, f: Field, path: str):
 def _enum_message(value, choices) -> str:
     import difflib
 
-    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(value[:100], choices, n=3, cutoff=0.5) if len(value) <= 100 else []
     if not close:
-        close = [c for c in choices if c.lower() == str(value).lower()]
+        close = [c for c in choices if c.lower() == value.lower()]
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listed = ", ".join(choices) if len(choices) <= 8 else f"{len(choices)} allowed names, see the spec"
-    return f"{value!r} is not allowed ({listed}){hint}"
+    return f"{show(value)} is not allowed ({listed}){hint}"
 
 
 def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
-    unknown = sorted(set(obj) - set(fields))
+    for key in obj:
+        if not isinstance(key, str):  # Python callers: {1: ...}; JSON keys are always strings
+            raise RequestError(prefix.rstrip(".") or "request", f"field names must be strings, got {show(key)}")
+    unknown = sorted(k for k in obj if k not in fields)
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(unknown[0], list(fields), n=1, cutoff=0.6)
+        name = unknown[0]
+        close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6) if len(name) <= 100 else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RequestError(prefix + unknown[0], f"unknown field{hint}")
+        shown = name if len(name) <= _MAX_NAME and name.isprintable() else show(name)
+        raise RequestError(prefix + shown, f"unknown field{hint}")
     out = {}
     for name, f in fields.items():
         if name not in obj or obj[name] is None:
@@ -207,26 +228,25 @@ def _check_object(obj: dict, fields: dict[str, Field], prefix: str) -> dict:
 
 
 def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int, int] | None:
-    """A half-open [start, end) step window from absolute or percentage bounds, or None if unset."""
-    bounds = {}
+    """A half-open [start, end) step window from absolute or percentage bounds, or None if unset. Errors name the
+    key the request actually used (``cacheEndStepPercentage`` when that was given)."""
+    bounds, keys = {}, {}
     for b in ("Start", "End"):
-        word = b if prefix else b.lower()  # cacheStartStep, but controlNet[].startStep
-        a, p = f"{prefix}{word}Step", f"{prefix}{word}StepPercentage"
+        a, p = _window_key(prefix, f"{b}Step"), _window_key(prefix, f"{b}StepPercentage")
         if a in opts and p in opts:
             raise RequestError(f"{path}{a}", f"give either {a} or {p}, not both")
         if a in opts:
-            bounds[b] = opts[a]
+            bounds[b], keys[b] = opts[a], a
         elif p in opts:
-            bounds[b] = math.floor(opts[p] * steps / 100)
+            bounds[b], keys[b] = math.floor(opts[p] * steps / 100), p
     if not bounds:
         return None
     start, end = bounds.get("Start", 0), bounds.get("End", steps)
     if end > steps:
-        raise RequestError(f"{path}{prefix}{'E' if prefix else 'e'}ndStep", f"must be <= steps ({steps}), got {end}")
+        raise RequestError(f"{path}{keys['End']}", f"must be <= steps ({steps}), got {show(end)}")
     if start >= end:
-        raise RequestError(
-            f"{path}{prefix}{'S' if prefix else 's'}tartStep", f"must be < the end step ({end}), got {start}"
-        )
+        key = keys.get("Start", keys.get("End"))
+        raise RequestError(f"{path}{key}", f"must be < the end step ({show(end)}), got start step {show(start)}")
     return start, end
 
 
@@ -276,7 +296,8 @@ def validate_request(
 
     safety = r.get("safety", {})
     if (safety.get("checkContent") or safety.get("mode") == "fast") and not has_checker:
-        raise RequestError("safety.checkContent", "no content checker is configured on this server")
+        key = "checkContent" if safety.get("checkContent") else "mode"
+        raise RequestError(f"safety.{key}", "no content checker is configured on this server")
     if "ultralytics" in r and not has_face_detector:
         raise RequestError("ultralytics", "no face detector is configured on this server")
     for i, lora in enumerate(r.get("lora", [])):
@@ -295,7 +316,12 @@ def validate_request(
         on = [m for m in ("fbCache", "teaCache", "dbCache") if accel.get(m)]
         if len(on) > 1:
             raise RequestError(f"acceleratorOptions.{on[1]}", f"only one step cache at a time (got {', '.join(on)})")
-        given = {k for k in request.get("acceleratorOptions", {}) if request["acceleratorOptions"][k] is not None}
+        # options given with a value; a cache switch set to false (its default) counts as not given
+        given = {
+            k
+            for k, v in request["acceleratorOptions"].items()
+            if v is not None and not (k in ("fbCache", "teaCache", "dbCache") and v is False)
+        }
         owners = {
             "fbCacheThreshold": "fbCache",
             "teaCacheDistance": "teaCache",
