@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.server_helpers import RawClient, ServerThread, health, server_process, task
-from zimage_core.service import outbound
+from zimage_core.service import netpolicy as outbound
 from zimage_core.service.protocol import ApiError, normalize_inference
 from zimage_core.service.tasks import Task, TaskRegistry
 

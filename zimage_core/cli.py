@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args) -> int:
-    from .service.outbound import OutboundPolicy
+    from .service.netpolicy import OutboundPolicy
     from .service.server import Settings, serve
 
     keys = [k.strip() for k in os.environ.get("ZIMAGE_API_KEYS", "").split(",") if k.strip()]

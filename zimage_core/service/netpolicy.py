@@ -1,13 +1,16 @@
-"""Outbound calls of a request (``webhookURL`` POSTs, ``uploadEndpoint`` PUTs): one policy, in one place.
+"""Outbound calls of a request (``webhookURL`` POSTs, ``uploadEndpoint`` PUTs): one policy, in one place, used by the
+library-level service (``infer.py``) and the network server (``server.py``).
 
-- Off by default: a request naming a ``webhookURL`` or ``uploadEndpoint`` is refused (``RequestError`` naming the
-  field) unless the server enabled outbound calls (``OutboundPolicy(enabled=True)``).
-- Resolved-address check: the host name is resolved once, every address must be public (not loopback, private,
-  link-local, multicast, reserved or unspecified) unless ``allow_private``; the connection goes to that checked
-  address (no second lookup that could answer differently), with the original name for Host and TLS.
+- Off by default: a request naming a ``webhookURL`` or ``uploadEndpoint`` is refused unless outbound calls are
+  enabled (``OutboundPolicy(enabled=True)``, server flag ``--allow-outbound``).
+- Resolved-address check: the host name is resolved once and every address must be allowed (``address_allowed``:
+  public, i.e. not loopback, private, link-local, carrier-grade NAT, multicast, reserved, unspecified or cloud
+  metadata, unless ``allow_private`` or an operator-given network in ``allow_networks`` allows it); the connection
+  goes to that checked address (no second lookup that could answer differently), with the original name for Host
+  and TLS.
 - No redirects: only a 2xx status counts as delivered; a 3xx is a failure, its Location is never followed.
-- One total deadline per request (``deadline_s``) for all its outbound calls together, enforced on every socket
-  operation, so neither a trickling endpoint nor ``numberResults`` webhooks can hold a request longer.
+- One total deadline (``deadline_s``) enforced on every socket operation, so neither a trickling endpoint nor
+  ``numberResults`` webhooks can hold a request longer; the response body is read up to ``max_response_bytes``.
 - No remote error text: the client learns only "failed"; the reason (status, timeout, refused) goes to the log.
 """
 
@@ -25,18 +28,42 @@ from ..errors import RequestError
 
 log = logging.getLogger("zimage_core.service.netpolicy")
 
-MAX_RESPONSE_HEADER_BYTES = 16 * 1024  # only the status line matters; the body is never read
+MAX_RESPONSE_HEADER_BYTES = 16 * 1024
+METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
 @dataclass(frozen=True)
 class OutboundPolicy:
     enabled: bool = False  # outbound calls at all
-    allow_private: bool = False  # loopback / private / link-local targets (tests, a trusted LAN)
-    deadline_s: float = 10.0  # total for all outbound calls of one request
+    allow_private: bool = False  # loopback / private / link-local targets (tests, a trusted LAN); never metadata
+    deadline_s: float = 10.0  # total for all outbound calls of one request (or of one ``call``)
     ports: tuple[int, ...] = (80, 443, 8080, 8443)  # allowed destination ports (() = any)
+    allow_networks: tuple = ()  # ip_network objects explicitly allowed (e.g. 10.1.2.0/24)
+    max_response_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_strings(cls, enabled: bool, networks: list[str] | None = None, **kw) -> OutboundPolicy:
+        """The server's CLI form: CIDR strings; any port unless ``ports`` is given."""
+        kw.setdefault("ports", ())
+        return cls(enabled, allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in networks or []), **kw)
 
     def deadline(self) -> Deadline:
         return Deadline(time.monotonic() + self.deadline_s)
+
+    def address_allowed(self, addr: str) -> bool:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.allow_networks if net.version == ip.version):
+            return True
+        if ip in METADATA_ADDRESSES or (ip.version == 4 and ip in CGNAT):
+            return False
+        if self.allow_private:
+            return True
+        return ip.is_global and not (
+            ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback or ip.is_link_local
+        )
 
 
 @dataclass
@@ -55,18 +82,11 @@ class OutboundError(Exception):
         self.reason = reason
 
 
-def _public(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
-
-
 def check_target(url: str, field: str, policy: OutboundPolicy) -> tuple[str, int, str, str]:
     """Validate a URL against the policy before any work is done: (host, port, path, checked address).
 
-    Raises RequestError naming ``field`` when outbound calls are off, the URL is malformed, the port is not allowed,
-    the name does not resolve or any resolved address is not public."""
+    Raises RequestError naming ``field`` when outbound calls are off, the URL is malformed, the name does not resolve,
+    any resolved address is not allowed or the port is not allowed. Address literals are not looked up."""
     if not policy.enabled:
         raise RequestError(field, "outbound calls (webhooks, uploads) are disabled on this server")
     try:
@@ -77,17 +97,21 @@ def check_target(url: str, field: str, policy: OutboundPolicy) -> tuple[str, int
     host = parts.hostname
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise RequestError(field, "must be an http(s) URL without credentials")
-    if policy.ports and port not in policy.ports:
-        raise RequestError(field, f"port {port} is not allowed (allowed: {', '.join(map(str, policy.ports))})")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise RequestError(field, "host name does not resolve") from None
-    addrs = sorted({info[4][0] for info in infos})
+    try:  # an address literal needs no lookup
+        addrs = [str(ipaddress.ip_address(host.split("%", 1)[0]))]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            raise RequestError(field, "host name does not resolve") from None
+        addrs = sorted({info[4][0] for info in infos})
     if not addrs:
         raise RequestError(field, "host name does not resolve")
-    if not policy.allow_private and not all(_public(a) for a in addrs):
-        raise RequestError(field, "host resolves to a non-public address (loopback, private or reserved)")
+    denied = [a for a in addrs if not policy.address_allowed(a)]
+    if denied:
+        raise RequestError(field, f"host resolves to a non-public, denied address {denied[0]}")
+    if policy.ports and port not in policy.ports:  # after the address check: a denied address is the reason given
+        raise RequestError(field, f"port {port} is not allowed (allowed: {', '.join(map(str, policy.ports))})")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -129,7 +153,7 @@ def send(
             sock.settimeout(budget())
             sent += sock.send(data[sent : sent + 65536])
         received = b""
-        while b"\r\n" not in received:
+        while b"\r\n\r\n" not in received:
             sock.settimeout(budget())
             chunk = sock.recv(4096)
             if not chunk:
@@ -137,12 +161,35 @@ def send(
             received += chunk
             if len(received) > MAX_RESPONSE_HEADER_BYTES:
                 raise OutboundError("response header too long")
-        status_line = received.split(b"\r\n", 1)[0].split()
+        header, _, rest = received.partition(b"\r\n\r\n")
+        lines = header.split(b"\r\n")
+        status_line = lines[0].split()
         if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
             raise OutboundError("not an HTTP response")
         status = int(status_line[1])
-        if not 200 <= status < 300:  # redirects included: never followed
+        if 300 <= status < 400:
+            raise OutboundError(f"HTTP {status}: redirects are not followed")
+        if not 200 <= status < 300:
             raise OutboundError(f"HTTP {status}")
+        length = None
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        too_big = f"response larger than {policy.max_response_bytes} bytes"
+        if length is not None and length > policy.max_response_bytes:
+            raise OutboundError(too_big)
+        read = len(rest)
+        while length is None or read < length:  # Connection: close, so EOF ends a body without a length
+            if read > policy.max_response_bytes:
+                raise OutboundError(too_big)
+            sock.settimeout(budget())
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            read += len(chunk)
+        if read > policy.max_response_bytes:
+            raise OutboundError(too_big)
         return status
     except OutboundError:
         raise
@@ -171,3 +218,11 @@ def deliver(
     except OutboundError as e:
         log.warning("%s %s: %s", field, method, e.reason)
         return False
+
+
+def call(policy: OutboundPolicy, method: str, url: str, body: bytes, content_type: str, field: str = "url") -> int:
+    """The server's form: one ``send`` with its own deadline; a refused target is an OutboundError too."""
+    try:
+        return send(method, url, body, content_type, field, policy, policy.deadline())
+    except RequestError as e:
+        raise OutboundError(f"{field}: {e.message}") from None

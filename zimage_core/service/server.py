@@ -39,7 +39,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ..errors import RequestError
-from . import engine, outbound, playground, progress
+from . import engine, netpolicy, playground, progress
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .protocol import ApiError, clip, normalize_inference, parse_frame
@@ -69,7 +69,7 @@ class Settings:
     public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
     max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
     shutdown_grace_s: float = 30.0  # on SIGTERM the running task gets this long to finish
-    outbound: outbound.OutboundPolicy = field(default_factory=outbound.OutboundPolicy)
+    outbound: netpolicy.OutboundPolicy = field(default_factory=netpolicy.OutboundPolicy)
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -459,16 +459,30 @@ class Service:
                 data, ctype = self._image_bytes(it, fmt)
                 try:
                     await loop.run_in_executor(
-                        self._outbound, outbound.call, policy, "PUT", hooks["uploadEndpoint"], data, ctype
+                        self._outbound,
+                        netpolicy.call,
+                        policy,
+                        "PUT",
+                        hooks["uploadEndpoint"],
+                        data,
+                        ctype,
+                        "uploadEndpoint",
                     )
-                except outbound.OutboundError as e:
+                except netpolicy.OutboundError as e:
                     log.warning("uploadEndpoint refused or failed: %s", e.reason)
                     raise ApiError("outboundFailed", parameter="uploadEndpoint") from None
         if "webhookURL" in hooks:
             for it in items:
                 body = json.dumps(it).encode()
                 fut = loop.run_in_executor(
-                    self._outbound, outbound.call, policy, "POST", hooks["webhookURL"], body, "application/json"
+                    self._outbound,
+                    netpolicy.call,
+                    policy,
+                    "POST",
+                    hooks["webhookURL"],
+                    body,
+                    "application/json",
+                    "webhookURL",
                 )
                 fut.add_done_callback(_log_webhook)
         return items
@@ -497,7 +511,7 @@ class Service:
 
 def _log_webhook(fut) -> None:
     exc = fut.exception()
-    if isinstance(exc, outbound.OutboundError):
+    if isinstance(exc, netpolicy.OutboundError):
         log.warning("webhookURL refused or failed: %s", exc.reason)
     elif exc is not None:
         log.warning("webhookURL failed: %s", type(exc).__name__)
