@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from .config import ZImageConfig
-from .errors import RequestError
+from .errors import RequestError, show
 from .hooks import StackHook
 from .model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
 from .weights import CheckpointError
@@ -489,14 +489,14 @@ def prepare(
         if not isinstance(cn.model, ZImageControlNet):
             raise RequestError(f"{name}.model", "must be a loaded ZImageControlNet (zimage_core.controlnet)")
         if cn.mode not in MODES:
-            raise RequestError(f"{name}.mode", f"must be one of {', '.join(MODES)}, got {cn.mode!r}")
+            raise RequestError(f"{name}.mode", f"must be one of {', '.join(MODES)}, got {show(cn.mode)}")
         if isinstance(cn.weight, bool) or not isinstance(cn.weight, (int, float)) or not -4 <= cn.weight <= 4:
-            raise RequestError(f"{name}.weight", f"must be a number in [-4, 4], got {cn.weight!r}")
+            raise RequestError(f"{name}.weight", f"must be a number in [-4, 4], got {show(cn.weight)}")
         start = 0 if cn.start is None else cn.start
         end = steps if cn.end is None else cn.end
         for label, v in (("start", start), ("end", end)):
             if isinstance(v, bool) or not isinstance(v, int):
-                raise RequestError(f"{name}.{label}", f"must be an integer step, got {v!r}")
+                raise RequestError(f"{name}.{label}", f"must be an integer step, got {show(v)}")
         if not 0 <= start < end <= steps:
             raise RequestError(
                 f"{name}.start", f"the window must satisfy 0 <= start < end <= steps ({steps}), got [{start}, {end})"
@@ -743,7 +743,7 @@ class ControlNetStore:
             return self._loaded[model_id]
         if model_id not in self.paths:
             known = ", ".join(sorted(self.paths)) or "none"
-            raise RequestError(field_name, f"unknown ControlNet model {model_id!r} (known: {known})")
+            raise RequestError(field_name, f"unknown ControlNet model {show(model_id)} (known: {known})")
         src = self.paths[model_id]
         model = src if isinstance(src, ZImageControlNet) else load_controlnet(src, self.pipe.transformer)
         self._loaded[model_id] = model
@@ -764,7 +764,7 @@ def resolve_local(pipe, model: str, field_name: str) -> ZImageControlNet:
     if model not in store.paths:
         if not Path(model).expanduser().exists():
             known = ", ".join(sorted(store.paths)) or "none"
-            raise RequestError(field_name, f"{model!r} is neither a known ControlNet id ({known}) nor a path")
+            raise RequestError(field_name, f"{show(model)} is neither a known ControlNet id ({known}) nor a path")
         store.add(model, Path(model).expanduser())
     return store(model, field_name)
 
