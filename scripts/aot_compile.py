@@ -7,7 +7,8 @@ Triton lowers to PTX and its bundled ``ptxas`` assembles a cubin without a devic
 cannot: that the kernels compile for sm_90a (TMA descriptors, wgmma, warp specialization). Each op's own launcher is
 called at Z-Image's shapes with shape-only tensors and its launch is compiled through Triton's JIT binder, so the
 binaries carry the same specialization (divisibility-by-16 hints on pointers, strides and sizes) as the ones the JIT
-builds at run time (``kernels/compiled.py``). It does not run anything: compiling is not a correctness or speed result.
+builds at run time (``zimage_kernels/compiled.py``). It does not run anything: compiling is not a correctness or speed
+result.
 
 Reported per (kernel, config): registers, spills, shared memory and SASS facts (global access widths, HGMMA,
 setmaxnreg, MUFU, SHFL). Exit status 1 if a config fails to compile or breaks a guarantee of ``compiled.check``:
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from kernels import compiled  # noqa: E402
+from zimage_kernels import compiled  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -7,16 +7,16 @@ next one):
 1. ``env``        device, driver, CUDA, torch / triton / diffusers versions, git sha          -> env.json
 2. ``gpu-tests``  the GPU test tier (bf16 kernels at Z-Image shapes against fp64, torch.compile and CUDA-graph
                   capture of a forward and of a sampling step, determinism)                    -> gpu_tests.log, .xml
-3. ``kernels``    ``python -m bench kernels`` at Z-Image's shapes: ours against torch SDPA's flash / cuDNN /
+3. ``kernels``    ``python -m zimage_bench kernels`` at Z-Image's shapes: ours against torch SDPA's flash / cuDNN /
                   efficient backends (and FlashAttention when importable), elementwise ops in GB/s -> kernels.jsonl
-3b. ``fa3``       the opt-in FA3-structured Gluon attention (kernels/attention_fa3.py) against the default TMA
+3b. ``fa3``       the opt-in FA3-structured Gluon attention (zimage_kernels/attention_fa3.py) against the default TMA
                   kernel at the same shapes, appended to kernels.jsonl
-4. ``throughput`` ``python -m bench throughput`` at the real transformer dims with random weights, 1024², CFG:
+4. ``throughput`` ``python -m zimage_bench throughput`` at the real transformer dims with random weights, 1024², CFG:
                   ms per step and per image, ours against diffusers' pipeline, peak memory  -> throughput.jsonl/.md
 5. ``summary.md`` one table of the steps (status, seconds, exit code) and the tail of every log.
 
 At most 8 files are written (the GPU machine returns no more): into ``$OUT`` when that is set, else into
-``bench/results/<UTC date>-<device>/`` ready to commit. Nothing is installed from the network; a missing Python
+``zimage_bench/results/<UTC date>-<device>/`` ready to commit. Nothing is installed from the network; a missing Python
 package (diffusers on a bare CUDA image) is installed from local wheels in ``.whl/`` when that folder exists (see
 README "GPU check").
 
@@ -126,7 +126,7 @@ def run_step(name: str, cmd: list[str], budget: float, log, env: dict, ok_codes=
 
 def default_out(env: dict) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", str(env.get("device", "unknown")).lower()).strip("-")[:40]
-    return REPO / "bench" / "results" / f"{env['timestamp'][:10]}-{slug}"
+    return REPO / "zimage_bench" / "results" / f"{env['timestamp'][:10]}-{slug}"
 
 
 def ensure_wheels(py: str, log) -> str | None:
@@ -151,22 +151,32 @@ def steps(py: str, out: Path, dry: bool, steps_per_image: int) -> list[tuple[str
     tier += [f"--junitxml={out / 'gpu_tests.xml'}"]
     tier_log = {"log_file": "gpu_tests.log", "skip_codes": (77,)}
     if dry:
-        kernels = [py, "-m", "bench", "kernels", "--cases", "small", "--ops", "gated_residual", "qk_norm_rope"]
+        kernels = [py, "-m", "zimage_bench", "kernels", "--cases", "small", "--ops", "gated_residual", "qk_norm_rope"]
         kernels += ["--providers", "eager", "--quick", "--out", str(out / "kernels.jsonl")]
         shape, model, configs = "64x64/b1/base2", "synthetic-tiny", "diffusers-eager,ours-torch"
         thr_extra = ["--repeats", "1", "--vae", "small", "--threads", "1"]
     else:
-        kernels = [py, "-m", "bench", "kernels", "--cases", "zimage", "--dtype", "bf16", "--quick"]
+        kernels = [py, "-m", "zimage_bench", "kernels", "--cases", "zimage", "--dtype", "bf16", "--quick"]
         kernels += ["--out", str(out / "kernels.jsonl")]
         shape, model, configs = f"1024x1024/b1/base{steps_per_image}", "synthetic", "diffusers-eager,ours-triton"
         thr_extra = ["--repeats", "2"]
     # The opt-in FA3 Gluon kernel in a step of its own (a hang or failure there costs only its budget), its rows
     # appended to kernels.jsonl next to the default TMA kernel's.
-    fa3 = [py, "-m", "bench", "kernels", "--cases", "small" if dry else "zimage", "--ops", "attention", "--quick"]
+    fa3 = [
+        py,
+        "-m",
+        "zimage_bench",
+        "kernels",
+        "--cases",
+        "small" if dry else "zimage",
+        "--ops",
+        "attention",
+        "--quick",
+    ]
     fa3 += ["--dtype", "fp32" if dry else "bf16", "--providers", "eager" if dry else "triton-fa3", "triton-tma"]
     fa3 += ["--append", "--out", str(out / "kernels.jsonl")]
     thr_dir = out / "_throughput"
-    throughput = [py, "-m", "bench", "throughput", "--model", model, "--shapes", shape, "--configs", configs]
+    throughput = [py, "-m", "zimage_bench", "throughput", "--model", model, "--shapes", shape, "--configs", configs]
     throughput += [*thr_extra, "--no-plots", "--out", str(thr_dir)]
     return [
         ("gpu-tests", tier, tier_log),
@@ -179,7 +189,9 @@ def steps(py: str, out: Path, dry: bool, steps_per_image: int) -> list[tuple[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny shapes (CI)")
-    ap.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/results/<date>-<device>/)")
+    ap.add_argument(
+        "--out", default=None, help="output folder (default: $OUT, else zimage_bench/results/<date>-<device>/)"
+    )
     ap.add_argument("--python", default=None, help="interpreter for the steps (default: this one)")
     ap.add_argument("--steps", type=int, default=8, help="sampling steps of the 1024² CFG throughput shape")
     ap.add_argument("--only", nargs="+", choices=tuple(BUDGETS), default=None, help="run only these steps")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call that checks everything the project claims about a GPU, in under 10 minutes on an H100/H200:
-# the GPU test tier, `python -m bench kernels` at Z-Image's shapes and `python -m bench throughput` at the real
-# transformer dims (random weights, 1024², CFG). At most 8 files, into $OUT when set, else bench/results/<date>-<device>/.
+# the GPU test tier, `python -m zimage_bench kernels` at Z-Image's shapes and `python -m zimage_bench throughput` at the real
+# transformer dims (random weights, 1024², CFG). At most 8 files, into $OUT when set, else zimage_bench/results/<date>-<device>/.
 #
 #   scripts/gpu_check.sh            on the GPU machine
 #   scripts/gpu_check.sh --dry-run  the same control flow on CPU at tiny shapes (run by the CPU test tier)

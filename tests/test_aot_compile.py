@@ -1,7 +1,8 @@
 """Compiled-code guarantees for sm_90a, checked on this CPU-only host with Triton's bundled ptxas / cuobjdump.
 
 scripts/aot_compile.py --quick compiles every op at Z-Image's shapes with the specialization the JIT applies at run
-time (kernels/compiled.py records each launcher's real arguments and passes them through Triton's JIT binder). This
+time (zimage_kernels/compiled.py records each launcher's real arguments and passes them through Triton's JIT binder).
+This
 is the only check CI has of the code the interpreter does not run (TMA descriptors, wgmma, warp specialization,
 libdevice calls, the no-FMA-contraction option of the bit-faithful kernels). It compiles; it does not execute.
 """
@@ -80,7 +81,8 @@ def test_hopper_attention_uses_wgmma_tma_and_warp_specialization(rows):
 
 
 def test_fa3_gluon_attention_compiles_to_async_wgmma_tma_and_a_register_split(rows):
-    """kernels/attention_fa3.py: two consumer warpgroups + a load warp (padded to a warpgroup): 384 threads, async
+    """zimage_kernels/attention_fa3.py: two consumer warpgroups + a load warp (padded to a warpgroup): 384 threads,
+    async
     wgmma (HGMMA in SASS, wgmma.wait_group in PTX), TMA loads and stores, setmaxnreg for the partitions."""
     _, rows = rows
     (r,) = [r for r in rows if r["kernel"] == "_attn_fa3_kernel"]
@@ -91,7 +93,7 @@ def test_fa3_gluon_attention_compiles_to_async_wgmma_tma_and_a_register_split(ro
 
 
 def test_sass_parser_on_a_hand_written_listing():
-    from kernels.compiled import sass_facts
+    from zimage_kernels.compiled import sass_facts
 
     sass = """
         /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;              /* 0x000000040204781 */

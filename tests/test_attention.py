@@ -10,9 +10,9 @@ import pytest
 import torch
 import triton
 
-from kernels import attention as attn
-from kernels import reference
 from tests.tolerance import assert_close_to_ref, exact
+from zimage_kernels import attention as attn
+from zimage_kernels import reference
 
 DTYPES = [torch.float32, torch.float16]
 PATHS = ["plain", "tma"]

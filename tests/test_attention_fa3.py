@@ -1,4 +1,4 @@
-"""The opt-in FA3-structured Gluon attention (kernels/attention_fa3.py).
+"""The opt-in FA3-structured Gluon attention (zimage_kernels/attention_fa3.py).
 
 Gluon kernels do not run under TRITON_INTERPRET (the dialect has explicit layouts, shared memory, mbarriers and
 warp-specialized partitions the interpreter does not model), so correctness is checked on the GPU tier against the
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import attention as attn
-from kernels import reference
+from zimage_kernels import attention as attn
+from zimage_kernels import reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_fa3_is_opt_in_and_falls_back_off_hopper(monkeypatch):
 
 
 def test_fa3_supports_only_what_it_implements():
-    from kernels import attention_fa3
+    from zimage_kernels import attention_fa3
 
     meta = dict(dtype=torch.bfloat16, device="meta")
     q = torch.empty(2, 64, 4, 3 * 64, **meta)[..., :64]  # head stride != D: not a [B, N, H·D] row view
@@ -60,7 +60,7 @@ def test_fa3_supports_only_what_it_implements():
 _CHILD = textwrap.dedent(
     """
     import torch
-    from kernels import attention as attn, attention_fa3, reference
+    from zimage_kernels import attention as attn, attention_fa3, reference
     from tests.test_kernels_gpu import _attention_inputs, _attention64, H, D
     from tests.tolerance import assert_close_to_ref
 

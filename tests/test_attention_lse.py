@@ -8,8 +8,8 @@ attentions over disjoint key halves, combined with their LSEs, must equal attent
 import pytest
 import torch
 
-from kernels import attention as attn
-from kernels import reference
+from zimage_kernels import attention as attn
+from zimage_kernels import reference
 
 PATHS = ["plain", "tma"]
 

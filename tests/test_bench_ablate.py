@@ -1,8 +1,8 @@
-"""``python -m bench ablate`` runs every row it promises on CPU (smoke: the eager compile backend, tiny size)."""
+"""``python -m zimage_bench ablate`` runs every row it promises on CPU (smoke: the eager compile backend, tiny size)."""
 
 import json
 
-from bench import ablate
+from zimage_bench import ablate
 
 
 def test_ablate_rows_and_labels(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""``python -m bench parity`` and ``throughput`` end to end on CPU at tiny shapes, including deliberate numeric faults
+"""``python -m zimage_bench parity`` and ``throughput`` end to end on CPU at tiny shapes, including deliberate numeric
+faults
 that must make them exit non-zero."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import types
 import pytest
 import torch
 
-from bench import parity, report, throughput
-from bench.__main__ import main as bench_main
+from zimage_bench import parity, report, throughput
+from zimage_bench.__main__ import main as bench_main
 from zimage_core.components import build_random_pipeline
 from zimage_core.hooks import StackHook
 from zimage_core.model import ZImageTransformer
@@ -86,7 +87,7 @@ def test_throughput_times_only_configs_that_passed(folder, tmp_path, capsys):
         assert r["forward_ms"]["n"] >= 2 and r["step_ms"]["median"] > 0 and r["images_per_s"] > 0
         assert r["first_call_s"] > 0 and r["telemetry"]["rss_mb_max"] > 0
         assert r["env"]["git_sha"] is None or len(r["env"]["git_sha"]) == 40
-        assert r["repro"].startswith("python -m bench throughput")
+        assert r["repro"].startswith("python -m zimage_bench throughput")
     ours = next(r for r in ok if r["config"] == "ours-torch" and r["batch"] == 2)
     assert ours["forward_batch"] == 2 and ours["forwards_per_request"] == 2 * 2  # 2 results × 2 steps, CFG batched
     batched = next(r for r in ok if r["config"] == "ours-batched" and r["batch"] == 2)

@@ -11,9 +11,9 @@ import types
 import pytest
 import torch
 
-from bench import metrics, report, shapes, telemetry, timing
-from bench.env import environment, git_info
-from bench.pipelines import REAL_VAE, Recorder, cache_configs, parse_cache_spec
+from zimage_bench import metrics, report, shapes, telemetry, timing
+from zimage_bench.env import environment, git_info
+from zimage_bench.pipelines import REAL_VAE, Recorder, cache_configs, parse_cache_spec
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------

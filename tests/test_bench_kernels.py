@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bench import kernels as bk
+from zimage_bench import kernels as bk
 
 
 def test_attention_flops_formula():

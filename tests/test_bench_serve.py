@@ -1,4 +1,4 @@
-"""``python -m bench serve``: its percentiles against numpy's, and one small end-to-end run against one server
+"""``python -m zimage_bench serve``: its percentiles against numpy's, and one small end-to-end run against one server
 process (``--replicas 0``: the Ray target is covered by tests/test_ray_serve.py) writing rows, table and plot."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bench import serve
+from zimage_bench import serve
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 17])

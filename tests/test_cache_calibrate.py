@@ -1,4 +1,5 @@
-"""TeaCache calibration (zimage_core.cache.calibrate) and the cache benchmark's metrics and smoke run (bench.cache)."""
+"""TeaCache calibration (zimage_core.cache.calibrate) and the cache benchmark's metrics and smoke run
+(zimage_bench.cache)."""
 
 import json
 
@@ -77,7 +78,7 @@ def test_calibration_command_records_fits_and_stores_an_entry(pipe_folder, tmp_p
 
 
 def test_psnr_is_computed_in_float_not_wrapped_uint8():
-    from bench.cache import psnr, ssim
+    from zimage_bench.cache import psnr, ssim
 
     a = np.array([[[10, 200, 50]]], dtype=np.uint8)
     b = np.array([[[12, 100, 50]]], dtype=np.uint8)
@@ -92,7 +93,7 @@ def test_psnr_is_computed_in_float_not_wrapped_uint8():
 
 @pytest.mark.slow
 def test_bench_cache_smoke(pipe_folder, tmp_path, capsys):
-    from bench.cache import main
+    from zimage_bench.cache import main
 
     out = tmp_path / "out"
     argv = ["--model", str(pipe_folder), "-n", "1", "--steps", "5", "--size", "64", "--cfg-scale", "3"]

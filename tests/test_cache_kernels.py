@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import get_ops as cache_ops  # the step-cache ops are ops of the one switch
-from kernels import reference as ref
 from zimage_core.cache.state import relative_change
+from zimage_kernels import get_ops as cache_ops  # the step-cache ops are ops of the one switch
+from zimage_kernels import reference as ref
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -78,7 +78,7 @@ def test_op_switch_is_torch_on_cpu():
 
 
 def _triton():
-    from kernels import step_cache as triton_kernels
+    from zimage_kernels import step_cache as triton_kernels
 
     return triton_kernels
 

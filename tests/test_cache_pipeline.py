@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kernels import TORCH_OPS
 from tests.helpers import image_request
 from zimage_core.cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig, from_request
 from zimage_core.cache.teacache import lookup, model_fingerprint, save_entry
 from zimage_core.hooks import run_stack
+from zimage_kernels import TORCH_OPS
 
 STEPS = 8
 BIG = 1e9  # a threshold nothing reaches: every step that may reuse does

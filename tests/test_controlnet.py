@@ -449,8 +449,8 @@ def test_request_controlnet_errors_name_the_field(ours, cn_pipe):
 
 @pytest.mark.interpret
 def test_control_blocks_run_the_fused_kernels_within_tolerance(tiny, monkeypatch):
-    from kernels import attention
     from tests.tolerance import assert_close_to_ref
+    from zimage_kernels import attention
 
     tr, _ = tiny
     x, caps, ctl = model_inputs(33)

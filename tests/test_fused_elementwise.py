@@ -7,12 +7,12 @@ make it pass; ``test_public_functions_dispatch_to_the_kernel`` checks the public
 import pytest
 import torch
 
-from kernels import gated_residual as gr
-from kernels import layer_norm_modulate as lnm
-from kernels import reference
-from kernels import rms_norm_modulate as rnm
-from kernels import swiglu as sw
 from tests.tolerance import assert_close_to_ref, exact
+from zimage_kernels import gated_residual as gr
+from zimage_kernels import layer_norm_modulate as lnm
+from zimage_kernels import reference
+from zimage_kernels import rms_norm_modulate as rnm
+from zimage_kernels import swiglu as sw
 
 DTYPES = [torch.float32, torch.float16]
 # (B, N, C): odd row count and width; Z-Image's real width 3840 (not a power of two: masked lanes); B = 1.
@@ -165,10 +165,10 @@ def test_public_functions_dispatch_to_the_kernel(monkeypatch):
     lnm.layer_norm_modulate(x, s, 1e-6)
     sw.swiglu(x, y)
     assert calls == [
-        "kernels.rms_norm_modulate",
-        "kernels.gated_residual",
-        "kernels.layer_norm_modulate",
-        "kernels.swiglu",
+        "zimage_kernels.rms_norm_modulate",
+        "zimage_kernels.gated_residual",
+        "zimage_kernels.layer_norm_modulate",
+        "zimage_kernels.swiglu",
     ]
 
 
@@ -206,8 +206,8 @@ def test_swiglu_support_predicate():
 
 def test_bf16_on_the_interpreter_runs_the_reference():
     """The interpreter's bf16 is wrong, so on CPU every op hands bf16 to the torch reference (same result)."""
-    from kernels import attention, qk_norm_rope
-    from kernels.triton_ops import TRITON_OPS
+    from zimage_kernels import attention, qk_norm_rope
+    from zimage_kernels.triton_ops import TRITON_OPS
 
     x, y = torch.randn(2, 5, 32).bfloat16(), torch.randn(2, 5, 32).bfloat16()
     w, s = torch.ones(32, dtype=torch.bfloat16), torch.randn(2, 1, 32).bfloat16()

@@ -95,9 +95,9 @@ def test_missing_packages_come_from_local_wheels_only(tmp_path, monkeypatch):
 
 def test_the_gpu_commands_are_valid_for_the_bench_parsers(tmp_path):
     """The real (non-dry) run cannot be executed here; its commands must at least be what the benches accept."""
-    from bench import kernels as bench_kernels
-    from bench.pipelines import ALL_CONFIGS
-    from bench.shapes import resolve
+    from zimage_bench import kernels as bench_kernels
+    from zimage_bench.pipelines import ALL_CONFIGS
+    from zimage_bench.shapes import resolve
 
     steps = {name: cmd for name, cmd, _ in gpu_check.steps("python3", tmp_path, False, 8)}
     assert steps["gpu-tests"][1:4] == ["scripts/run_tier.py", "gpu", "-q"]

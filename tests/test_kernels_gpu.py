@@ -15,11 +15,11 @@ problems; the assertions state what should hold:
 import pytest
 import torch
 
-from kernels import attention as attn
-from kernels import reference
-from kernels.triton_ops import TRITON_OPS
 from tests.test_fused_elementwise import assert_follows_eager
 from tests.tolerance import assert_close_to_ref, exact
+from zimage_kernels import attention as attn
+from zimage_kernels import reference
+from zimage_kernels.triton_ops import TRITON_OPS
 
 pytestmark = pytest.mark.gpu
 
@@ -181,7 +181,7 @@ def test_determinism():
 
 
 def test_auto_backend_picks_triton_on_cuda():
-    from kernels import get_ops
+    from zimage_kernels import get_ops
 
     assert get_ops(None, DEV).name == "triton"
     assert get_ops("torch", DEV).name == "torch"

@@ -1,4 +1,4 @@
-"""Import layering (README "Layout"): kernels -> zimage_core library -> zimage_core.service -> bench.
+"""Import layering (README "Layout"): zimage_kernels -> zimage_core library -> zimage_core.service -> zimage_bench.
 
 Read with ``ast`` from the source tree, every import counts (module level or inside a function):
 - ``kernels`` imports nothing of ``zimage_core`` or ``bench``;
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "zimage_core", "bench", "scripts")
+PACKAGES = ("zimage_kernels", "zimage_core", "zimage_bench", "scripts")
 SERVICE_ENTRY = {"zimage_core/api.py", "zimage_core/cli.py"}  # above the service: allowed to import it
 ALLOWED_FUNCTION_IMPORTS = {("zimage_core/pipeline.py", "infer", "zimage_core.service")}
 
@@ -71,10 +71,12 @@ def violations(root: Path) -> list[str]:
             src = rel.as_posix()
             for mod, func in imports(root, rel):
                 where = f"{src}{f' ({func})' if func else ''} imports {mod}"
-                if top == "kernels" and (_inside(mod, "zimage_core") or _inside(mod, "bench")):
+                if top == "zimage_kernels" and (_inside(mod, "zimage_core") or _inside(mod, "zimage_bench")):
                     bad.append(f"{where}: kernels imports nothing of zimage_core or bench")
-                if top != "bench" and _inside(mod, "bench"):
+                if top != "zimage_bench" and _inside(mod, "zimage_bench"):
                     bad.append(f"{where}: nothing imports bench")
+                if _inside(mod, "kernels") or _inside(mod, "bench"):
+                    bad.append(f"{where}: old import name (kernels/bench collide with published packages)")
                 library = top == "zimage_core" and not src.startswith("zimage_core/service/")
                 if (
                     library
@@ -95,14 +97,16 @@ def test_the_tree_respects_the_layers():
 @pytest.mark.parametrize(
     ("rel", "source", "rule"),
     [
-        ("kernels/x.py", "from zimage_core.model import Foo\n", "kernels imports nothing"),
-        ("kernels/sub/x.py", "def f():\n    import bench.common\n", "kernels imports nothing"),
+        ("zimage_kernels/x.py", "from zimage_core.model import Foo\n", "kernels imports nothing"),
+        ("zimage_kernels/sub/x.py", "def f():\n    import zimage_bench.common\n", "kernels imports nothing"),
         ("zimage_core/model2.py", "from .service import infer\n", "never imports the service"),
         ("zimage_core/cache/x.py", "from ..service.request import SCHEMA\n", "never imports the service"),
         ("zimage_core/pipeline.py", "def generate():\n    from .service import infer\n", "never imports the service"),
         ("zimage_core/y.py", "from . import service\n", "never imports the service"),
-        ("zimage_core/service/z.py", "import bench\n", "nothing imports bench"),
+        ("zimage_core/service/z.py", "import zimage_bench\n", "nothing imports bench"),
         ("zimage_core/w.py", "from .train import train\n", "training code"),
+        ("zimage_core/v.py", "import kernels\n", "old import name"),
+        ("zimage_bench/u.py", "from bench.common import x\n", "old import name"),
     ],
 )
 def test_each_rule_catches_a_bad_import(tmp_path, rel, source, rule):
@@ -122,8 +126,8 @@ def test_allowed_imports_pass(tmp_path):
         "zimage_core/pipeline.py": "from .model import X\ndef infer():\n    from .service import infer\n",
         "zimage_core/service/infer.py": "from ..pipeline import ZImage\nfrom .. import images\n",
         "zimage_core/api.py": "from .service import infer\n",
-        "bench/x.py": "import zimage_core\nimport kernels\nfrom bench import common\n",
-        "kernels/a.py": "from . import reference\nfrom .backend import Ops\n",
+        "zimage_bench/x.py": "import zimage_core\nimport zimage_kernels\nfrom zimage_bench import common\n",
+        "zimage_kernels/a.py": "from . import reference\nfrom .backend import Ops\n",
     }
     for rel, source in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

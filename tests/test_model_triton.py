@@ -7,10 +7,10 @@ forward in float64 and out_torch the torch-op forward in the test dtype (tests/t
 import pytest
 import torch
 
-from kernels import attention, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu
 from tests.helpers import SMALL_CONFIGS, diffusers_transformer, flat, inputs
 from tests.tolerance import assert_close_to_ref
 from zimage_core import ZImageTransformer
+from zimage_kernels import attention, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu
 
 KERNEL_MODULES = (attention, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm_modulate, swiglu)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import kernels.triton_ops  # noqa: F401  (registers torch.ops.zimage.*)
-from kernels import reference
-from kernels.triton_ops import TRITON_OPS
+import zimage_kernels.triton_ops  # noqa: F401  (registers torch.ops.zimage.*)
+from zimage_kernels import reference
+from zimage_kernels.triton_ops import TRITON_OPS
 
 OPS = ("attention", "qk_norm_rope", "rms_norm_modulate", "gated_residual", "swiglu", "layer_norm_modulate")
 

@@ -4,15 +4,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_kernels_package_is_ours():
-    """Hugging Face publishes an unrelated package imported as `kernels`; the one we import must be this repo's."""
-    import kernels
+    """Our kernels import as `zimage_kernels` (Hugging Face's hub-kernels library owns the name `kernels`)."""
+    import zimage_kernels
 
-    assert Path(kernels.__file__).resolve().is_relative_to(REPO), kernels.__file__
-    assert hasattr(kernels, "get_ops") and hasattr(kernels.reference, "attention")
+    assert Path(zimage_kernels.__file__).resolve().is_relative_to(REPO), zimage_kernels.__file__
+    assert hasattr(zimage_kernels, "get_ops") and hasattr(zimage_kernels.reference, "attention")
 
 
 def test_top_level_layout():
-    top = ("pyproject.toml", "CMakeLists.txt", "README.md", ".ci/run", "kernels", "zimage_core", "bench", "tests")
+    top = (
+        "pyproject.toml",
+        "CMakeLists.txt",
+        "README.md",
+        ".ci/run",
+        "zimage_kernels",
+        "zimage_core",
+        "zimage_bench",
+        "tests",
+    )
     for name in top:
         assert (REPO / name).exists(), name
 

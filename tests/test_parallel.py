@@ -393,7 +393,7 @@ def test_cli_parallel_bad_spec_and_bad_input_fail_cleanly(tmp_path, monkeypatch,
 
 # ---- the benchmark -------------------------------------------------------------------------------------------------
 def test_bench_parallel_model_matches_hand_computed_zimage_sizes():
-    from bench.parallel import Shape, step_model
+    from zimage_bench.parallel import Shape, step_model
 
     # Z-Image at 1024²: 4096 image + 128 caption tokens, CFG batch of 2, dim 3840 = 30 heads x 128, 30 layers
     shape = Shape(3840, 30, 10240, 30, 4224, 2, 16 * 128 * 128)
@@ -415,7 +415,7 @@ def test_bench_parallel_model_matches_hand_computed_zimage_sizes():
 
 
 def test_bench_parallel_measures_and_counts_what_the_model_says(tmp_path, capsys):
-    from bench import parallel
+    from zimage_bench import parallel
 
     args = ["--heads", "6", "--layers", "1", "--latent", "8", "--caption", "8", "--reps", "1", "--out", str(tmp_path)]
     assert parallel.main(args) == 0  # non-zero when counted collective elements differ from the model

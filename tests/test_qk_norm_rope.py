@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from kernels import qk_norm_rope as qnr
-from kernels import reference
 from tests.test_fused_elementwise import assert_follows_eager
 from tests.tolerance import assert_close_to_ref, exact
 from zimage_core.model import RopeTables, coordinate_grid
+from zimage_kernels import qk_norm_rope as qnr
+from zimage_kernels import reference
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels import reference
 from tests.tolerance import assert_close_to_ref, compare, exact
+from zimage_kernels import reference
 
 
 def test_rule_accepts_twice_and_rejects_three_times_the_torch_error():
@@ -35,7 +35,7 @@ def test_non_finite_outputs_fail():
 
 
 def test_exact_oracles_agree_with_the_reference_semantics():
-    """The float64 re-statements compute the same functions as kernels.reference (which in float64 keeps an fp32
+    """The float64 re-statements compute the same functions as zimage_kernels.reference (which in float64 keeps an fp32
     variance and complex64 RoPE): agreement to ~1e-7 relative, far below any fp16/bf16 error."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 5, 3, 16, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, 16, generator=g).double()

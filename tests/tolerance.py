@@ -6,12 +6,12 @@ result as torch's own same-dtype computation, plus a noise floor::
     max|out - ref64| <= 2 * max|pt - ref64| + floor,   floor = 2 * max|(r + 0.3 - 0.3) - r|, r = ref64 in out's dtype
 
 ``ref64`` is the op's mathematics evaluated in float64 on the same inputs (``exact``), ``pt`` the torch reference
-(``kernels.reference``) run in the kernel's dtype. The floor is the rounding noise of one add at the output's
+(``zimage_kernels.reference``) run in the kernel's dtype. The floor is the rounding noise of one add at the output's
 magnitude in the output dtype: it keeps the rule meaningful where torch happens to be exact.
 
-``kernels.reference`` run in float64 is not exact for two ops: its RMSNorm computes the variance in fp32 and its
+``zimage_kernels.reference`` run in float64 is not exact for two ops: its RMSNorm computes the variance in fp32 and its
 RoPE multiplies in complex64. ``exact`` therefore re-states those two in float64/complex128 (same formula, no
-intermediate casts); the other ops use the reference itself on float64 inputs. ``bench/kernels.py`` uses this
+intermediate casts); the other ops use the reference itself on float64 inputs. ``zimage_bench/kernels.py`` uses this
 module too, so benchmarks and tests apply one rule.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
+from zimage_kernels import reference
 
 RTOL = 2.0
 
@@ -47,7 +47,7 @@ def _rope64(x, freqs_cis):
 
 
 def exact(op: str, *args, **kwargs):
-    """The exact (float64 / complex128) value of ``kernels.reference.<op>(*args, **kwargs)``."""
+    """The exact (float64 / complex128) value of ``zimage_kernels.reference.<op>(*args, **kwargs)``."""
     if op == "rms_norm_modulate":
         x, weight, scale, eps = args
         y = _rms_norm64(x, weight, eps)

@@ -5,7 +5,8 @@ blocks), each with ``nn.Module.compile`` (diffusers' ``compile_repeated_blocks``
 one code object, so Dynamo traces it once per input signature and every layer reuses the graph; the glue around
 them (patchify, RoPE lookup, the hook chain) stays eager, so step caches, ControlNet hints and sequence parallelism
 (the hooks around the main layers) work unchanged. Inside a compiled block our Triton kernels are called through
-their ``torch.library`` custom ops (``kernels._triton.use_custom_op``), which Inductor treats as opaque; the matmuls,
+their ``torch.library`` custom ops (``zimage_kernels._triton.use_custom_op``), which Inductor treats as opaque; the
+matmuls,
 the adaLN projections and whatever torch ops remain are Inductor's to fuse.
 
 Shapes: ``dynamic=False``: one graph per (batch, tokens) shape, so a new resolution or caption bucket compiles
@@ -13,7 +14,8 @@ again (tens of seconds on a GPU for the block); ``torch._dynamo.config.recompile
 server's traffic do not fall back to eager silently.
 
 On by default on CUDA for the command line (``zimage generate``; ``--no-compile`` turns it off) and in
-``ZImage.optimize()``; ``ZIMAGE_COMPILE=0`` turns the default off everywhere. ``python -m bench ablate`` measures it
+``ZImage.optimize()``; ``ZIMAGE_COMPILE=0`` turns the default off everywhere. ``python -m zimage_bench ablate``
+measures it
 against eager in one run.
 """
 

@@ -3,7 +3,7 @@
 The state dict uses exactly diffusers' keys, so checkpoints load unchanged (``zimage_core.weights``). The forward
 pass follows diffusers 0.42.1's ``ZImageTransformer2DModel`` step by step; the fused ops (attention, QK-norm + RoPE,
 RMSNorm·(1+scale), x + tanh(g)·RMSNorm(y), SwiGLU, final LayerNorm·(1+scale)) go through one switch
-(``kernels.get_ops``) whose torch backend is the reference and whose Triton backend is the fast path.
+(``zimage_kernels.get_ops``) whose torch backend is the reference and whose Triton backend is the fast path.
 
 Data flow of one forward (basic text-to-image mode)::
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pad_sequence
 
-from kernels import Ops, get_ops, reference
-from kernels.backend import validate_backend
+from zimage_kernels import Ops, get_ops, reference
+from zimage_kernels.backend import validate_backend
 
 from . import nosync
 from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
@@ -42,7 +42,7 @@ FINAL_NORM_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
-    """Holds an RMSNorm weight; the math lives in ``kernels.reference.rms_norm`` / the op switch."""
+    """Holds an RMSNorm weight; the math lives in ``zimage_kernels.reference.rms_norm`` / the op switch."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -1,4 +1,5 @@
-"""The throughput cases of ``python -m bench throughput`` under pytest-benchmark, so runs can be saved and compared
+"""The throughput cases of ``python -m zimage_bench throughput`` under pytest-benchmark, so runs can be saved and
+compared
 across commits::
 
     pytest tests/benchmarks --benchmark-only --benchmark-autosave            # saves .benchmarks/<machine>/NNNN_*.json
@@ -20,9 +21,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench import common, report, shapes  # noqa: E402
-from bench.env import environment  # noqa: E402
-from bench.pipelines import DEFAULT_PROMPT, REFERENCE, decode_float, load_pair, make_configs, run  # noqa: E402
+from zimage_bench import common, report, shapes  # noqa: E402
+from zimage_bench.env import environment  # noqa: E402
+from zimage_bench.pipelines import DEFAULT_PROMPT, REFERENCE, decode_float, load_pair, make_configs, run  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = shapes.resolve(os.environ.get("ZIMAGE_BENCH_SHAPES"), DEVICE.type)

@@ -9,7 +9,8 @@ Parts, each readable alone:
                   or middle, tail), the :class:`StepCache` / :class:`StepCacheState` contract ``generate`` relies on.
 - ``stats.py``    per-evaluation records and the ``stats["cache"]`` summary.
 - the metric (Σ|a−b|, Σ|b| in one pass) and the residual apply are ops of the one op switch
-  (``kernels.Ops.l1_sums`` / ``apply_residual``: ``kernels/reference.py`` and ``kernels/step_cache.py``).
+  (``zimage_kernels.Ops.l1_sums`` / ``apply_residual``: ``zimage_kernels/reference.py`` and
+  ``zimage_kernels/step_cache.py``).
 - ``teacache.py`` / ``calibrate.py`` / ``tea_coefficients.json``  TeaCache's per-model coefficients and the tool that
                   fits them.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.reference import l1_sums
+from zimage_kernels.reference import l1_sums
 
 from ..hooks import StackHook
 from .state import relative_change

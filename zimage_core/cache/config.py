@@ -4,7 +4,7 @@ per-request state that holds every tensor and counter (``state.py``).
 Defaults are the request API's (README, "Step caches"): FBCache threshold 0.25, TeaCache distance
 0.5, DBCache threshold 0.25 with skip interval 5, at most 3 reused steps in a row. DBCache's ``fn``/``bn`` (first
 blocks always computed and measured, last blocks always computed) are library parameters; their defaults were picked
-with ``python -m bench cache --db-split`` (see ``DB_DEFAULT_SPLIT`` below) and differ from FBCache's ``(1, 0)``.
+with ``python -m zimage_bench cache --db-split`` (see ``DB_DEFAULT_SPLIT`` below) and differ from FBCache's ``(1, 0)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from .policy import Rules
 
-# DBCache (Fn, Bn) default: measured with `python -m bench cache --db-split` (zimage_core/cache/README.md,
+# DBCache (Fn, Bn) default: measured with `python -m zimage_bench cache --db-split` (zimage_core/cache/README.md,
 # "DBCache split").
 DB_DEFAULT_SPLIT = (1, 1)
 

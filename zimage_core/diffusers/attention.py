@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import get_ops, reference
+from zimage_kernels import get_ops, reference
 
 
 class ZImageAttnProcessor:

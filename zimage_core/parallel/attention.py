@@ -1,4 +1,4 @@
-"""Sequence-parallel attention ops with the signature of ``kernels.reference.attention``.
+"""Sequence-parallel attention ops with the signature of ``zimage_kernels.reference.attention``.
 
 Each rank holds a contiguous shard ``[B, n, H, D]`` of the (padded) unified sequence, ``N = P·n`` tokens in all.
 ``kv_lens`` are the global valid key lengths (keys ``j >= kv_lens[b]`` are ignored), exactly as in one process.

@@ -1,6 +1,6 @@
 """Fused pre-norm with adaLN scale: ``RMSNorm(x)·w·(1 + scale)`` in one pass over ``x``.
 
-Reference: ``kernels.reference.rms_norm_modulate`` (diffusers 0.42.1 ``RMSNorm`` followed by Z-Image's
+Reference: ``zimage_kernels.reference.rms_norm_modulate`` (diffusers 0.42.1 ``RMSNorm`` followed by Z-Image's
 ``* (1 + scale_msa)``). Eager torch runs it as about eight kernels; this is one read of ``x`` and one write.
 
 Numerics (bit-faithful to eager torch's CUDA trajectory by construction, see ../shared/docs/kernels.md §3.3):
@@ -109,7 +109,7 @@ def _(x, weight, scale, eps):
 def rms_norm_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``RMSNorm(x)·weight·(1 + scale)``; x ``[B, N, C]``, weight ``[C]``, scale raw ``[B, 1, C]`` or None.
 
-    Same result as ``kernels.reference.rms_norm_modulate`` (see the module docstring for the cast points).
+    Same result as ``zimage_kernels.reference.rms_norm_modulate`` (see the module docstring for the cast points).
     """
     if not supports(x, weight, scale):
         return reference.rms_norm_modulate(x, weight, scale, eps)

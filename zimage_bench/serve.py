@@ -1,4 +1,4 @@
-"""``python -m bench serve``: the network server under N concurrent clients, against calling ``infer`` directly.
+"""``python -m zimage_bench serve``: the network server under N concurrent clients, against calling ``infer`` directly.
 
 Targets, measured in one run:
 - ``direct``: ``ZImage.infer(request)`` in this process, one request after another (no network, no queue);
@@ -226,7 +226,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zimage_bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="1,2,4", help="comma-separated client counts (default 1,2,4)")
     p.add_argument("--requests", type=int, default=12, help="tasks per target and level (default 12)")
     p.add_argument("--warmup", type=int, default=2, help="untimed tasks per server before its first level")
@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas for the ray target (0: skip it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process and in each server/replica")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load")
-    p.add_argument("--out", default=None, help="output folder (default bench/out/serve/)")
+    p.add_argument("--out", default=None, help="output folder (default zimage_bench/out/serve/)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -298,8 +298,10 @@ def main(argv: list[str]) -> int:
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     if not args.no_plots:
-        title = (f"python -m bench serve: {args.size}² {args.steps} steps, {model_kind} model\n{base['device']}, "
-                 f"{args.threads} torch thread(s) per process")  # fmt: skip
+        title = (
+            f"python -m zimage_bench serve: {args.size}² {args.steps} steps, {model_kind} model\n"
+            f"{base['device']}, {args.threads} torch thread(s) per process"
+        )
         path = plot(
             [r for r in rows if r["target"] != "direct"] + _direct_rows(rows),
             args.out / "latency_vs_concurrency.png",

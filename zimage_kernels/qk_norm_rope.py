@@ -1,6 +1,6 @@
 """Fused per-head RMSNorm of q and k with Z-Image's interleaved-pair RoPE, both tensors in one launch.
 
-Reference: ``kernels.reference.qk_norm_rope`` (diffusers' ``norm_q``/``norm_k`` = ``RMSNorm(head_dim)``, then
+Reference: ``zimage_kernels.reference.qk_norm_rope`` (diffusers' ``norm_q``/``norm_k`` = ``RMSNorm(head_dim)``, then
 ``apply_rotary_emb`` as complex multiplication on adjacent pairs ``(x[2i], x[2i+1])`` in fp32/complex64). Z-Image's
 3-axis RoPE (axes_dims 32/48/48) is already folded into ``freqs_cis`` (one complex factor per pair), so the kernel
 does not care about the axes. vllm-omni PR #7597 and sglang PR #21440 ship the same fusion (one launch for q and k);
@@ -196,7 +196,7 @@ def qk_norm_rope(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k (weights ``[D]``) then interleaved RoPE; q, k ``[B, N, H, D]``,
-    freqs_cis complex64 ``[B, N, D/2]`` or None. Same result as ``kernels.reference.qk_norm_rope``."""
+    freqs_cis complex64 ``[B, N, D/2]`` or None. Same result as ``zimage_kernels.reference.qk_norm_rope``."""
     if not supports(q, k, q_weight, k_weight, freqs_cis):
         return reference.qk_norm_rope(q, k, q_weight, k_weight, freqs_cis, eps)
     if use_custom_op():

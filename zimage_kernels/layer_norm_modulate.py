@@ -1,6 +1,6 @@
 """Final layer's ``LayerNorm(x)·(1 + scale)`` (no affine, eps 1e-6 in Z-Image), one pass over ``x``.
 
-Reference: ``kernels.reference.layer_norm_modulate`` (``F.layer_norm(x, (C,), eps=eps) * (1 + scale)``).
+Reference: ``zimage_kernels.reference.layer_norm_modulate`` (``F.layer_norm(x, (C,), eps=eps) * (1 + scale)``).
 
 Numerics: mean and variance in fp32 (two passes over the row held in registers: ``mean``, then the mean of squared
 deviations), ``(x - mean)·rsqrt(var + eps)`` in fp32 rounded to the activation dtype, ``1 + scale`` rounded, the

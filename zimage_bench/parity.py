@@ -1,8 +1,9 @@
-"""``python -m bench parity``: our pipeline against diffusers' ``ZImagePipeline`` on identical components and seeds.
+"""``python -m zimage_bench parity``: our pipeline against diffusers' ``ZImagePipeline`` on identical components and
+seeds.
 
 For every shape and configuration: the latents after every step (relative L2 and max |Δ| against diffusers at the
 same step), the final latents (max |Δ|, relative L2, cosine) and the PSNR of the float images the shared VAE decodes
-from both. Exit status 1 when any configuration fails its rule (see ``bench.common.check_parity``), 0 otherwise.
+from both. Exit status 1 when any configuration fails its rule (see ``zimage_bench.common.check_parity``), 0 otherwise.
 """
 
 from __future__ import annotations

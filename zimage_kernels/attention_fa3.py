@@ -1,11 +1,11 @@
 """FA3-structured attention for Hopper (sm_90a) in Triton's Gluon dialect: opt-in, not the default.
 
-Same contract as ``kernels.attention`` (non-causal, ``[B, N, H, D]``, per-sample ``kv_lens``, optional fp32 LSE),
+Same contract as ``zimage_kernels.attention`` (non-causal, ``[B, N, H, D]``, per-sample ``kv_lens``, optional fp32 LSE),
 restricted to what the structure needs: fp16/bf16, D in {64, 128}, q/k/v (and the output) laid out as
 ``[B, N, H·D]`` rows (``.unflatten`` views of a Linear output: unit D stride, head stride D, batch stride N·row),
-16-byte aligned. Everything else goes to ``kernels.attention``'s kernels. Selected only by
-``kernels.attention.attention(..., impl="fa3")`` or ``$ZIMAGE_ATTENTION_IMPL=fa3`` (eager calls only; see
-``kernels/README.md``). It has not run on a GPU yet.
+16-byte aligned. Everything else goes to ``zimage_kernels.attention``'s kernels. Selected only by
+``zimage_kernels.attention.attention(..., impl="fa3")`` or ``$ZIMAGE_ATTENTION_IMPL=fa3`` (eager calls only; see
+``zimage_kernels/README.md``). It has not run on a GPU yet.
 
 Structure (after Shah et al., "FlashAttention-3", arXiv 2407.08608, and Triton's Gluon tutorials):
 
@@ -293,7 +293,7 @@ def _rows_view_ok(t: torch.Tensor) -> bool:
 
 
 def supports(q, k, v, kv_lens=None, scale=None) -> bool:
-    """Whether the FA3 kernel takes these inputs (the caller falls back to ``kernels.attention`` otherwise)."""
+    """Whether the FA3 kernel takes these inputs (the caller falls back to ``zimage_kernels.attention`` otherwise)."""
     if not (q.dim() == k.dim() == v.dim() == 4) or q.device.type != "cuda":
         return False
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):

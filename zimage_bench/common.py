@@ -24,7 +24,7 @@ DEFAULT_MIN_PSNR = 20.0  # lossy configurations (step caches) must keep decoded-
 
 
 def parser(command: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m bench {command}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m zimage_bench {command}", description=description)
     p.add_argument(
         "--model",
         default=None,
@@ -45,7 +45,7 @@ def parser(command: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=42, help="result i uses seed + i in both pipelines")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--out", default=None, help=f"output folder (default bench/out/{command}/)")
+    p.add_argument("--out", default=None, help=f"output folder (default zimage_bench/out/{command}/)")
     p.add_argument(
         "--threads",
         type=int,
@@ -112,7 +112,7 @@ def check_parity(latents, ref_latents, images, ref_images, *, lossy: bool, tol: 
 
 
 def repro(command: str, args, shape_name: str, config: str) -> str:
-    parts = ["python", "-m", "bench", command, "--model", str(args.model), "--device", args.device.type]
+    parts = ["python", "-m", "zimage_bench", command, "--model", str(args.model), "--device", args.device.type]
     parts += ["--dtype", {v: k for k, v in DTYPES.items()}[args.torch_dtype], "--shapes", shape_name]
     parts += ["--configs", config, "--seed", str(args.seed)]
     if args.prompt != DEFAULT_PROMPT:

@@ -1,4 +1,4 @@
-"""``python -m bench ablate``: each optimisation on and off, measured side by side in one run (gpt-fast style).
+"""``python -m zimage_bench ablate``: each optimisation on and off, measured side by side in one run (gpt-fast style).
 
 Rows: ``all on`` (every optimisation available on this device), then ``- <name>`` (all on except that one), then
 ``all off``. Each row reports the median denoising time per step and per image over ``--repeats`` runs, the runs
@@ -72,7 +72,7 @@ def run_once(pipe, on: set[str], args) -> float:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench ablate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m zimage_bench ablate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="diffusers-format folder (default: the embedded small model)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--size", type=int, default=None, help="image width = height (default 1024 cuda, 128 cpu)")

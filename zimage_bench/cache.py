@@ -1,4 +1,4 @@
-"""``python -m bench cache``: step-cache threshold sweeps against the uncached images and a fewer-steps baseline.
+"""``python -m zimage_bench cache``: step-cache threshold sweeps against the uncached images and a fewer-steps baseline.
 
 For each step count (default 30 and 50, CFG on), each prompt (seed = ``--seed`` + prompt index) is generated
 uncached (the reference), then with every cache setting (FBCache / TeaCache / DBCache × thresholds, optional DBCache
@@ -44,7 +44,7 @@ DEFAULT_THRESHOLDS = {
 
 
 def psnr(a, b, data_range: float = 255.0) -> float:
-    """``bench.metrics.psnr`` on the 0..255 scale, capped at ``PSNR_CAP`` (identical images)."""
+    """``zimage_bench.metrics.psnr`` on the 0..255 scale, capped at ``PSNR_CAP`` (identical images)."""
     return metrics.psnr(np.asarray(a), np.asarray(b), data_range, cap=PSNR_CAP)
 
 
@@ -73,7 +73,7 @@ def ssim(a, b, data_range: float = 255.0, sigma: float = 1.5) -> float:
 
 
 def environment(device) -> dict:
-    """The harness's common environment dict (``bench.env``) plus a short device label."""
+    """The harness's common environment dict (``zimage_bench.env``) plus a short device label."""
     from .env import device_label
     from .env import environment as bench_environment
 
@@ -111,7 +111,7 @@ def _splits(s: str) -> list[tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench cache", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zimage_bench cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="pipeline folder (default: the embedded default model)")
     p.add_argument(
         "--random-layers",
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads (default 1: on a shared CPU, 2+ threads oversubscribe and run ~50x slower); 0 = leave",
     )
-    p.add_argument("--out", default="bench/out/cache", help="results folder (rows.jsonl, pareto.png)")
+    p.add_argument("--out", default="zimage_bench/out/cache", help="results folder (rows.jsonl, pareto.png)")
     p.add_argument("--no-plot", action="store_true")
     return p
 

@@ -1,6 +1,7 @@
 """Fused post-norm gated residual: ``x + tanh(gate)·RMSNorm(y)·w`` in one pass over ``x`` and ``y``.
 
-Reference: ``kernels.reference.gated_residual`` (Z-Image's sandwich norm: ``x + tanh(gate_msa) * attention_norm2(a)``,
+Reference: ``zimage_kernels.reference.gated_residual`` (Z-Image's sandwich norm: ``x + tanh(gate_msa) *
+attention_norm2(a)``,
 the same with the FFN, and ``x + norm(y)`` in the unmodulated context refiner). sglang's CuTeDSL
 ``fused_norm_tanh_mul_add`` and bf16-native ``zimage_rmsnorm_tanh_residual`` (PRs #18762, #29742) fuse the same
 expression; this kernel is written from the reference, not from their code.
@@ -86,7 +87,8 @@ def _launch(x, y, weight, gate, eps):
     weight = weight.contiguous()
     if gate is not None:
         # tanh once per call on [B, 1, C] (eager torch's own tanh: same rounding as the reference), not once per row
-        # of the [B, N, C] tile: per row it cost 34 MUFU and ~40 more instructions per element (kernels/compiled.py)
+        # of the [B, N, C] tile: per row it cost 34 MUFU and ~40 more instructions per element
+        # (zimage_kernels/compiled.py)
         gate = torch.tanh(gate)
     block_c = next_pow2(C)
     block_r, warps = row_block(B * N, block_c)
@@ -119,7 +121,7 @@ def gated_residual(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """``x + tanh(gate)·RMSNorm(y)·weight`` (``x + RMSNorm(y)·weight`` when gate is None); ``[B, N, C]`` tensors,
-    weight ``[C]``, gate raw ``[B, 1, C]``. Same result as ``kernels.reference.gated_residual``."""
+    weight ``[C]``, gate raw ``[B, 1, C]``. Same result as ``zimage_kernels.reference.gated_residual``."""
     if not supports(x, y, weight, gate):
         return reference.gated_residual(x, y, weight, gate, eps)
     if use_custom_op():

@@ -1,4 +1,4 @@
-"""``python -m bench kernels``: per-op microbenchmarks of the Triton kernels against torch.
+"""``python -m zimage_bench kernels``: per-op microbenchmarks of the Triton kernels against torch.
 
 For every (op, case) the harness first checks each provider's result against the exact float64 value with the
 project's tolerance rule (tests/tolerance.py: at most 2x torch's own same-dtype error plus a noise floor) and only
@@ -8,18 +8,19 @@ bandwidth as the roofline (``pct_of_copy``).
 
 Providers: ``triton`` (the op switch's Triton function; for attention also ``triton-tma`` / ``triton-plain`` forcing
 one kernel, and ``triton-fa3``, the opt-in Gluon kernel, only when named in ``--providers``), ``eager``
-(``kernels.reference``), for attention every torch SDPA backend (``sdpa-flash``,
+(``zimage_kernels.reference``), for attention every torch SDPA backend (``sdpa-flash``,
 ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``; ragged batches pass SDPA a boolean key mask, as diffusers does, which
 some backends reject), and with ``--compile`` the reference under ``torch.compile``.
 
 Timing: on CUDA ``triton.testing.do_bench`` (L2 flushed before every run, median and 20/80% quantiles). On CPU
 ``time.perf_counter`` around synchronous calls, rows labelled ``device: cpu``; Triton runs on CPU only under the
 interpreter (TRITON_INTERPRET=1), which is checked for correctness and never timed. Output: one JSON line per row (the
-environment in each), a printed table, and with ``--save`` a file under ``bench/results/`` named after the device.
+environment in each), a printed table, and with ``--save`` a file under ``zimage_bench/results/`` named after the
+device.
 
 Example (the issue's target shape)::
 
-    python -m bench kernels --cases zimage --dtype bf16 --save
+    python -m zimage_bench kernels --cases zimage --dtype bf16 --save
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from pathlib import Path
 
 import torch
 
-from kernels import reference
+from zimage_kernels import reference
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "zimage_bench" / "results"
 OPT_IN_PROVIDERS = ("triton-fa3",)  # run only when --providers names them (scripts/gpu_check.py runs them apart)
 OPS = ("attention", "qk_norm_rope", "rms_norm_modulate", "gated_residual", "swiglu", "layer_norm_modulate")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -220,11 +221,11 @@ def _flash_attn(module: str):
 def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: bool) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     if triton_ok:
-        from kernels.triton_ops import TRITON_OPS
+        from zimage_kernels.triton_ops import TRITON_OPS
 
         out["triton"] = getattr(TRITON_OPS, op)
         if op == "attention" and device.type == "cuda":
-            from kernels import attention as attn
+            from zimage_kernels import attention as attn
 
             def forced(path):
                 def run(q, k, v, kv_lens=None):
@@ -238,7 +239,7 @@ def providers(op: str, device: torch.device, triton_ok: bool, compile_eager: boo
             out["triton-plain"] = forced("plain")
 
             def fa3(q, k, v, kv_lens=None):
-                from kernels import attention_fa3
+                from zimage_kernels import attention_fa3
 
                 if not attention_fa3.supports(q, k, v, kv_lens):
                     raise Unsupported("the FA3 Gluon kernel needs sm_90, fp16/bf16, D 64/128, [B, N, H·D] row views")
@@ -379,7 +380,7 @@ def run_case(case: Case, device, dtype, provs: dict, env: dict, copy_gbps: float
     eager = getattr(reference, case.op)(*args, **kwargs)
     kind, work = case.work(torch.empty((), dtype=dtype).element_size())
     dname = {v: k for k, v in DTYPES.items()}[dtype]
-    repro = f"python -m bench kernels --ops {case.op} --cases {args_ns.cases} --dtype {dname}"
+    repro = f"python -m zimage_bench kernels --ops {case.op} --cases {args_ns.cases} --dtype {dname}"
     rows, eager_ms = [], None
     for name, fn in provs.items():
         base = dict(op=case.op, case=case.tag, provider=name, device=env["device"], dtype=dname,
@@ -458,7 +459,7 @@ def results_path(env: dict) -> Path:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m zimage_bench kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--cases", choices=("zimage", "small", "all"), default=None,
                     help="default: zimage on CUDA, small on CPU")  # fmt: skip
@@ -468,7 +469,9 @@ def parse_args(argv):
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(reference) for elementwise ops")
     ap.add_argument("--quick", action="store_true", help="shorter timing (smoke runs)")
     ap.add_argument("--out", help="write the JSON lines here")
-    ap.add_argument("--save", action="store_true", help="write the JSON lines to bench/results/kernels-<device>-<day>")
+    ap.add_argument(
+        "--save", action="store_true", help="write the JSON lines to zimage_bench/results/kernels-<device>-<day>"
+    )
     ap.add_argument("--compiled", action="store_true",
                     help="instead of timing: compile every kernel for sm_90a at Z-Image's shapes (no GPU needed) and "
                     "print registers / spills / shared memory / SASS facts (scripts/aot_compile.py)")  # fmt: skip

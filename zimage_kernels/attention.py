@@ -1,6 +1,7 @@
 """Fused non-causal attention on ``[B, N, H, D]`` tensors with per-sample key lengths (FlashAttention-2 algorithm).
 
-Reference: ``kernels.reference.attention`` (``F.scaled_dot_product_attention`` with a boolean key-padding mask when
+Reference: ``zimage_kernels.reference.attention`` (``F.scaled_dot_product_attention`` with a boolean key-padding mask
+when
 the batch is ragged). Algorithm: Dao, "FlashAttention-2" (arXiv 2307.08691), laid out after Triton's tutorial
 ``python/tutorials/06-fused-attention.py`` (triton-lang/triton@003da47): Q tile resident, K/V streamed, online
 softmax with fp32 ``m_i``/``l_i``/accumulator, the softmax scale folded into ``exp2`` (``qk_scale = scale·log2 e``).
@@ -56,7 +57,7 @@ from ._triton import (
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x·scale) = exp2(x·scale·log2 e)
 PATH_ENV = "ZIMAGE_ATTENTION_PATH"
-IMPL_ENV = "ZIMAGE_ATTENTION_IMPL"  # "default" | "fa3" (opt-in Gluon kernel, kernels/attention_fa3.py)
+IMPL_ENV = "ZIMAGE_ATTENTION_IMPL"  # "default" | "fa3" (opt-in Gluon kernel, zimage_kernels/attention_fa3.py)
 TMA_HEAD_DIMS = (32, 64, 128)
 MAX_HEAD_DIM = 256
 
@@ -543,14 +544,15 @@ def attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal softmax attention; q ``[B, N_q, H, D]``, k/v ``[B, N_kv, H, D]``; keys ``j >= kv_lens[b]``
     ignored; ``scale`` defaults to ``1/sqrt(D)``. Returns a new contiguous ``[B, N_q, H, D]`` tensor in q's dtype.
-    Same result as ``kernels.reference.attention`` (fp32 accumulation).
+    Same result as ``zimage_kernels.reference.attention`` (fp32 accumulation).
 
     ``return_lse``: return ``(out, lse)`` with ``lse`` the fp32 ``[B, H, N_q]`` natural log-sum-exp of each query
     row's scaled scores over its valid keys (``-inf`` when it has none), what ring attention needs to merge partial
-    results (``kernels.reference.attention_lse``).
+    results (``zimage_kernels.reference.attention_lse``).
 
     ``impl``: ``"default"`` (the kernels above) or ``"fa3"`` (the FA3-structured Gluon kernel of
-    ``kernels/attention_fa3.py``, eager calls on sm_90 only; inputs it does not take, and calls under torch.compile,
+    ``zimage_kernels/attention_fa3.py``, eager calls on sm_90 only; inputs it does not take, and calls under
+    torch.compile,
     use the default path); ``None`` reads ``$ZIMAGE_ATTENTION_IMPL`` (default ``default``)."""
     if _impl_setting(impl) == "fa3" and not use_custom_op() and q.device.type == "cuda":
         from . import attention_fa3

@@ -1,6 +1,7 @@
 """SwiGLU gate of Z-Image's feed-forward: ``silu(a)·b`` with ``a = w1 x`` and ``b = w3 x`` (hidden size 10240).
 
-Reference: ``kernels.reference.swiglu`` (``F.silu(a) * b``). Eager torch runs two kernels and writes ``silu(a)`` to
+Reference: ``zimage_kernels.reference.swiglu`` (``F.silu(a) * b``). Eager torch runs two kernels and writes ``silu(a)``
+to
 memory in between; this is one read of ``a`` and ``b`` and one write.
 
 Numerics, as eager CUDA computes them: ``silu`` in fp32 as ``a / (1 + expf(-a))`` with an IEEE division
@@ -87,7 +88,7 @@ def _(a, b):
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``silu(a)·b`` elementwise (same result as ``kernels.reference.swiglu``)."""
+    """``silu(a)·b`` elementwise (same result as ``zimage_kernels.reference.swiglu``)."""
     if not supports(a, b):
         return reference.swiglu(a, b)
     if use_custom_op():

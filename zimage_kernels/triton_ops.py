@@ -1,4 +1,4 @@
-"""The Triton implementation of the op switch: every op of ``kernels.Ops`` backed by its Triton kernel.
+"""The Triton implementation of the op switch: every op of ``zimage_kernels.Ops`` backed by its Triton kernel.
 
 Each public function checks whether its kernel supports the given tensors (device, dtypes, shapes; see each file's
 docstring) and otherwise runs the torch reference, so the model never fails on an unsupported case:
@@ -8,7 +8,7 @@ docstring) and otherwise runs the torch reference, so the model never fails on a
 - qk_norm_rope: mixed dtypes (q/k vs weights), odd head dims, freqs_cis not complex64 ``[B or 1, N, D/2]``;
 - rms_norm_modulate / gated_residual / layer_norm_modulate: inputs that are not ``[B, N, C]`` with unit stride along
   C, or whose weight / scale / gate dtype differs from the activation dtype (the reference then promotes);
-- l1_sums / apply_residual (step caches, ``kernels/step_cache.py``): always the kernel (bf16, fp16, fp32);
+- l1_sums / apply_residual (step caches, ``zimage_kernels/step_cache.py``): always the kernel (bf16, fp16, fp32);
 - swiglu: different shapes or dtypes of ``a`` and ``b``, or views that cannot be seen as ``[rows, F]`` rows.
 """
 

@@ -1,6 +1,6 @@
-"""``python -m bench <command> [options]``: the benchmark harness.
+"""``python -m zimage_bench <command> [options]``: the benchmark harness.
 
-Each command lives in its own module ``bench/<command>.py`` exposing ``main(argv: list[str]) -> int``.
+Each command lives in its own module ``zimage_bench/<command>.py`` exposing ``main(argv: list[str]) -> int``.
 """
 
 import importlib
@@ -21,14 +21,14 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m bench <command> [options]\n\ncommands:")
+        print("usage: python -m zimage_bench <command> [options]\n\ncommands:")
         for name, text in COMMANDS.items():
             print(f"  {name:<11} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
-        module = importlib.import_module(f"bench.{argv[0]}")
+        module = importlib.import_module(f"zimage_bench.{argv[0]}")
     except ModuleNotFoundError as e:
-        if e.name == f"bench.{argv[0]}":
+        if e.name == f"zimage_bench.{argv[0]}":
             print(f"bench {argv[0]}: not implemented yet", file=sys.stderr)
             return 2
         raise

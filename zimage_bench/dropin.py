@@ -1,4 +1,4 @@
-"""``python -m bench dropin``: the diffusers drop-in side by side with diffusers' own ``ZImagePipeline``.
+"""``python -m zimage_bench dropin``: the diffusers drop-in side by side with diffusers' own ``ZImagePipeline``.
 
 Configurations, timed round-robin in one process on the same components and the same generators:
 
@@ -41,7 +41,7 @@ def _load(name: str, folder: Path, dtype: torch.dtype, device: torch.device):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench dropin", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zimage_bench dropin", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="diffusers-format folder (default: the embedded default model)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)

@@ -1,4 +1,4 @@
-"""``python -m bench parallel``: per-step time and communication per world size and mode, next to a model.
+"""``python -m zimage_bench parallel``: per-step time and communication per world size and mode, next to a model.
 
 Measured (this machine): one denoising step's transformer forward on a CFG batch ``[pos ‖ neg]`` through
 ``ParallelContext.forward``, for each parallel mode and world size, ranks started by ``zimage_core.parallel.launch``
@@ -311,7 +311,7 @@ def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench parallel", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zimage_bench parallel", description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", type=int, default=30, help="heads of the measured toy model (head_dim 8)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
@@ -319,7 +319,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per launched run")
     p.add_argument("--model-only", action="store_true", help="print the NVLink model, measure nothing")
-    p.add_argument("--out", default="bench/out/parallel", help="folder for rows.json and table.md")
+    p.add_argument("--out", default="zimage_bench/out/parallel", help="folder for rows.json and table.md")
     args = p.parse_args(argv)
 
     hw = Hardware()

@@ -79,7 +79,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def l1_sums(a: torch.Tensor, b: torch.Tensor, a_sub: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of :func:`kernels.reference.l1_sums` (fp32 ``[Σ|a−a_sub−b|, Σ|b|]``)."""
+    """Triton version of :func:`zimage_kernels.reference.l1_sums` (fp32 ``[Σ|a−a_sub−b|, Σ|b|]``)."""
     if a.shape != b.shape or (a_sub is not None and a_sub.shape != a.shape):
         raise ValueError(f"l1_sums: shapes differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
     n = a.numel()
@@ -97,7 +97,7 @@ def l1_sums(a: torch.Tensor, b: torch.Tensor, a_sub: torch.Tensor | None = None)
 def apply_residual(
     hidden: torch.Tensor, residual: torch.Tensor, delta: torch.Tensor | None = None, coef: float = 0.0
 ) -> torch.Tensor:
-    """Triton version of :func:`kernels.reference.apply_residual`."""
+    """Triton version of :func:`zimage_kernels.reference.apply_residual`."""
     if hidden.shape != residual.shape or (delta is not None and delta.shape != hidden.shape):
         raise ValueError(f"apply_residual: shapes differ: {tuple(hidden.shape)} vs {tuple(residual.shape)}")
     out = torch.empty_like(hidden, memory_format=torch.contiguous_format)

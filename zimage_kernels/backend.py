@@ -22,7 +22,7 @@ ENV_VAR = "ZIMAGE_KERNELS"
 
 @dataclass(frozen=True)
 class Ops:
-    """One implementation of every switchable op (signatures as in ``kernels.reference``)."""
+    """One implementation of every switchable op (signatures as in ``zimage_kernels.reference``)."""
 
     name: str
     attention: Callable

@@ -1,4 +1,5 @@
-"""``python -m bench throughput``: speed of every configuration, each next to its parity result from the same run.
+"""``python -m zimage_bench throughput``: speed of every configuration, each next to its parity result from the same
+run.
 
 Per shape: the reference (diffusers eager) runs once; every other configuration's first run is its warm-up *and* its
 parity check against that reference (compile happens here and is reported apart, as the first-call time). Only the

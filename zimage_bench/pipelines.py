@@ -240,7 +240,7 @@ class Config:
 
 
 def _triton_config(pair: Pair) -> Config:
-    from kernels.backend import TORCH_OPS, triton_available
+    from zimage_kernels.backend import TORCH_OPS, triton_available
 
     cfg = Config("ours-triton", "ours", backend="triton")
     if pair.device.type != "cuda":
@@ -248,7 +248,7 @@ def _triton_config(pair: Pair) -> Config:
     elif not triton_available():
         cfg.skip_reason = "triton is not importable"
     else:
-        from kernels.triton_ops import TRITON_OPS
+        from zimage_kernels.triton_ops import TRITON_OPS
 
         ops = [f.name for f in dataclasses.fields(TORCH_OPS) if f.name != "name"]
         native = [op for op in ops if getattr(TRITON_OPS, op) is not getattr(TORCH_OPS, op)]

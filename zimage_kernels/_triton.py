@@ -45,7 +45,8 @@ def _bench_or_skip(kernel_call, quantiles):
     """Autotune timing that turns a config which fails to compile or launch into +inf instead of an exception.
 
     Triton's autotuner only skips out-of-resources / ptxas failures; a crash in a compiler pass (e.g. triton 3.8's
-    warp-specialization pass on some loop shapes, see kernels/attention.py) would otherwise abort the first call of
+    warp-specialization pass on some loop shapes, see zimage_kernels/attention.py) would otherwise abort the first call
+    of
     the op. If every config fails, the launch after autotuning raises the real error.
     """
     import triton.testing
