@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment and install the package into it.
 #
-#   scripts/bootstrap.sh          runtime install (what `zimage generate` needs)
+#   scripts/bootstrap.sh          runtime install with the [serve] extra (`zimage generate` and `zimage serve`)
 #   scripts/bootstrap.sh --dev    plus the test/bench tools (pytest, hypothesis, ruff, cmake, ...)
+#   scripts/bootstrap.sh --lib    the library alone (no server libraries: `zimage generate` only)
 #
 # Environment: ZIMAGE_VENV (default .venv), PYTHON (default python3).
 #
@@ -15,8 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ZIMAGE_VENV:-.venv}
 PY=${PYTHON:-python3}
-EXTRAS=""
+EXTRAS="[serve]"
 [[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
+[[ "${1:-}" == "--lib" ]] && EXTRAS=""
 LOCK=requirements/lock-cpu.txt
 
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then

@@ -18,7 +18,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(pipe, **settings):
     """Yields ``(base_url, service)``; the server stops (drains, then exits) when the block ends."""
-    from zimage_core.service.server import Settings, make_server
+    from zimage_core.server.app import Settings, make_server
 
     port = free_port()
     server, service = make_server(Settings(host="127.0.0.1", port=port, **settings), pipe)

@@ -44,7 +44,7 @@ class ServerThread:
     """The server in a thread of this process, on the given pipeline; ``service`` is inspectable."""
 
     def __init__(self, pipe, **settings):
-        from zimage_core.service.server import Settings, make_server
+        from zimage_core.server.app import Settings, make_server
 
         self.port = free_port()
         settings.setdefault("shutdown_grace_s", 1.0)  # tests do not wait for a slow task at teardown

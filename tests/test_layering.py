@@ -1,9 +1,12 @@
-"""Import layering (README "Layout"): zimage_kernels -> zimage_core library -> zimage_core.service -> zimage_bench.
+"""Import layering (README "Layout"): zimage_kernels -> zimage_core library -> zimage_core.service (the request API)
+-> zimage_core.server (the network server) -> zimage_bench.
 
 Read with ``ast`` from the source tree, every import counts (module level or inside a function):
 - ``kernels`` imports nothing of ``zimage_core`` or ``bench``;
 - the library (``zimage_core`` outside ``service/``) never imports ``zimage_core.service``;
 - nothing outside ``bench`` (and the tests) imports ``bench``;
+- nothing below the server (the library, the service) imports ``zimage_core.server``;
+- the server reaches ``zimage_core`` only through ``zimage_core.service.engine`` (its one door);
 - nothing outside ``zimage_core/train`` imports the training code.
 
 Allowed on purpose: ``zimage_core/api.py`` is the service's old module name (a re-export), ``zimage_core/cli.py`` is
@@ -21,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("zimage_kernels", "zimage_core", "zimage_bench", "scripts")
 SERVICE_ENTRY = {"zimage_core/api.py", "zimage_core/cli.py"}  # above the service: allowed to import it
+SERVER_ENTRY = {"zimage_core/cli.py"}  # above the server: allowed to import it
+SERVER_DOOR = "zimage_core.service.engine"
 ALLOWED_FUNCTION_IMPORTS = {("zimage_core/pipeline.py", "infer", "zimage_core.service")}
 
 
@@ -77,7 +82,7 @@ def violations(root: Path) -> list[str]:
                     bad.append(f"{where}: nothing imports bench")
                 if _inside(mod, "kernels") or _inside(mod, "bench"):
                     bad.append(f"{where}: old import name (kernels/bench collide with published packages)")
-                library = top == "zimage_core" and not src.startswith("zimage_core/service/")
+                library = top == "zimage_core" and not src.startswith(("zimage_core/service/", "zimage_core/server/"))
                 if (
                     library
                     and src not in SERVICE_ENTRY
@@ -85,6 +90,22 @@ def violations(root: Path) -> list[str]:
                     and (src, func, "zimage_core.service") not in ALLOWED_FUNCTION_IMPORTS
                 ):
                     bad.append(f"{where}: the library never imports the service")
+                server = src.startswith("zimage_core/server/")
+                if (
+                    top == "zimage_core"
+                    and not server
+                    and src not in SERVER_ENTRY
+                    and _inside(mod, "zimage_core.server")
+                ):
+                    bad.append(f"{where}: nothing below the server imports it")
+                if (
+                    server
+                    and _inside(mod, "zimage_core")
+                    and not _inside(mod, "zimage_core.server")
+                    and mod != "zimage_core.service"  # ``from ..service import X``: X is checked as its own entry
+                    and not _inside(mod, SERVER_DOOR)
+                ):
+                    bad.append(f"{where}: the server reaches the library only through {SERVER_DOOR}")
                 if not src.startswith("zimage_core/train/") and top != "scripts" and _inside(mod, "zimage_core.train"):
                     bad.append(f"{where}: training code is not imported at run time")
     return bad
@@ -107,6 +128,13 @@ def test_the_tree_respects_the_layers():
         ("zimage_core/w.py", "from .train import train\n", "training code"),
         ("zimage_core/v.py", "import kernels\n", "old import name"),
         ("zimage_bench/u.py", "from bench.common import x\n", "old import name"),
+        ("zimage_core/service/infer.py", "from ..server.protocol import ApiError\n", "nothing below the server"),
+        ("zimage_core/pipeline.py", "def serve():\n    from .server import app\n", "nothing below the server"),
+        ("zimage_core/server/app.py", "from ..errors import RequestError\n", "only through"),
+        ("zimage_core/server/progress.py", "def f():\n    from ..pipeline import X\n", "only through"),
+        ("zimage_core/server/app.py", "from ..service import infer\n", "only through"),
+        ("zimage_core/server/app.py", "from ..service.netpolicy import call\n", "only through"),
+        ("zimage_core/server/app.py", "from .. import images\n", "only through"),
     ],
 )
 def test_each_rule_catches_a_bad_import(tmp_path, rel, source, rule):
@@ -126,6 +154,9 @@ def test_allowed_imports_pass(tmp_path):
         "zimage_core/pipeline.py": "from .model import X\ndef infer():\n    from .service import infer\n",
         "zimage_core/service/infer.py": "from ..pipeline import ZImage\nfrom .. import images\n",
         "zimage_core/api.py": "from .service import infer\n",
+        "zimage_core/cli.py": "def serve():\n    from .server.app import serve\n",
+        "zimage_core/server/app.py": "from ..service import engine\nfrom ..service.engine import RequestError\n"
+        "from .protocol import ApiError\n",
         "zimage_bench/x.py": "import zimage_core\nimport zimage_kernels\nfrom zimage_bench import common\n",
         "zimage_kernels/a.py": "from . import reference\nfrom .backend import Ops\n",
     }

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from zimage_core.service.metrics import Metrics, merge_exposition  # noqa: E402
+from zimage_core.server.metrics import Metrics, merge_exposition  # noqa: E402
 
 
 def samples(text: bytes | str) -> dict[tuple[str, tuple], float]:
@@ -108,7 +108,7 @@ def test_merge_replicas_into_one_exposition():
 def test_ray_hub_result_store_without_ray(monkeypatch):
     """The shared store behind cross-replica getResponse (a plain class; Ray only hosts it): pending, then the
     items; keyed by owner and case-insensitive taskUUID; bounded; finished entries expire."""
-    from zimage_core.service import ray_app
+    from zimage_core.server import ray_app
 
     clock = [1000.0]
     monkeypatch.setattr(ray_app.time, "monotonic", lambda: clock[0])

@@ -105,8 +105,8 @@ def test_two_replicas_on_ray_serve_official_client():
     _require_ray()
     import ray
 
-    from zimage_core.service import ray_app
-    from zimage_core.service.server import Settings
+    from zimage_core.server import ray_app
+    from zimage_core.server.app import Settings
 
     t0 = time.monotonic()
     port = free_port()

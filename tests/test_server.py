@@ -376,7 +376,7 @@ def test_api_keys_and_per_key_visibility(tiny_pipe):
 
 
 def test_no_keys_means_loopback_only():
-    from zimage_core.service.server import Settings
+    from zimage_core.server.app import Settings
 
     Settings(host="127.0.0.1").check()
     Settings(host="0.0.0.0", api_keys=["k"]).check()
@@ -388,7 +388,7 @@ def test_cli_serve_options(monkeypatch):
     from zimage_core import cli
 
     seen = {}
-    monkeypatch.setattr("zimage_core.service.server.serve", lambda settings: seen.setdefault("s", settings) and 0)
+    monkeypatch.setattr("zimage_core.server.app.serve", lambda settings: seen.setdefault("s", settings) and 0)
     monkeypatch.setenv("ZIMAGE_API_KEYS", "a, b")
     assert (
         cli.main(["serve", "--port", "9", "--queue", "3", "--allow-outbound", "--outbound-allow-net", "10.0.0.0/8"])

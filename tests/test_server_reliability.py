@@ -14,9 +14,9 @@ import uuid
 import pytest
 
 from tests.server_helpers import RawClient, ServerThread, health, server_process, task
+from zimage_core.server.protocol import ApiError, normalize_inference
+from zimage_core.server.tasks import Task, TaskTable
 from zimage_core.service import netpolicy as outbound
-from zimage_core.service.protocol import ApiError, normalize_inference
-from zimage_core.service.tasks import Task, TaskRegistry
 
 
 def run(coro):
@@ -288,7 +288,7 @@ def test_webhook_and_upload_through_the_server(tiny_pipe):
 # ---- registry and aliases ------------------------------------------------------------------------------------------
 def test_registry_is_bounded_and_ttl_evicted():
     async def go():
-        reg = TaskRegistry(capacity=3, ttl_s=10.0)
+        reg = TaskTable(capacity=3, ttl_s=10.0)
         tasks = [Task("k", str(uuid.uuid4()), "fp") for _ in range(3)]
         for t in tasks:
             reg.add(t)
@@ -362,7 +362,7 @@ def test_sigterm_under_load_answers_every_task_and_exits_cleanly():
 
 
 def test_image_store_is_bounded_in_count_and_bytes(tmp_path):
-    from zimage_core.service.server import ImageStore
+    from zimage_core.service import ImageStore
 
     store = ImageStore(str(tmp_path), "http://h", default_ttl=3600, max_items=3, max_bytes=250)
     names = [store.put(str(uuid.uuid4()), b"x" * 100, "png").rsplit("/", 1)[1] for _ in range(2)]

@@ -208,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args) -> int:
     from .service.netpolicy import OutboundPolicy
-    from .service.server import Settings, serve
+
+    try:
+        from .server.app import Settings, serve
+    except ImportError as e:
+        msg = f"zimage serve: needs the [serve] extra ({e.name} is missing): pip install 'zimage-fast[serve]'"
+        raise SystemExit(msg) from None
 
     keys = [k.strip() for k in os.environ.get("ZIMAGE_API_KEYS", "").split(",") if k.strip()]
     if args.api_keys:
@@ -234,7 +239,7 @@ def _serve(args) -> int:
         kernels=args.kernels,
     )
     if args.ray:
-        from .service import ray_app
+        from .server import ray_app
 
         if args.replicas < 1:
             raise SystemExit("zimage serve: --replicas must be >= 1")

@@ -1,7 +1,9 @@
 """The server's one door into the library: load a model, validate a task, run it, remember an uploaded image.
 
-Everything the server needs from ``zimage_core`` goes through these few functions, so the server does not depend on
-how the library arranges its request API internally.
+Everything the network server (``zimage_core/server/``) needs from ``zimage_core`` goes through this module (the
+layering test enforces it), so the server does not depend on how the library arranges its request API internally:
+the error type, the outbound-call policy, the image caps, the playground's model list and the progress arithmetic
+are re-exported or computed here.
 """
 
 from __future__ import annotations
@@ -10,9 +12,30 @@ from collections.abc import Callable
 
 from PIL import Image
 
+from ..errors import RequestError
 from ..images import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, UUID_RE
+from .netpolicy import OutboundError, OutboundPolicy, check_target
+from .netpolicy import call as outbound_call
+from .outputs import ImageStore
 
-__all__ = ["MAX_INPUT_BYTES", "MAX_INPUT_PIXELS", "is_image_uuid", "load", "validate", "fields", "run"]
+__all__ = [
+    "MAX_INPUT_BYTES",
+    "MAX_INPUT_PIXELS",
+    "ImageStore",
+    "OutboundError",
+    "OutboundPolicy",
+    "RequestError",
+    "check_target",
+    "fields",
+    "is_image_uuid",
+    "load",
+    "model_menu",
+    "outbound_call",
+    "remember_image",
+    "run",
+    "run_steps",
+    "validate",
+]
 
 
 def is_image_uuid(value: str) -> bool:
@@ -49,11 +72,11 @@ def run(pipe, valid, image_store, step_callback: Callable | None = None) -> list
     ``outputType: URL`` images; ``step_callback(info)`` is called after each sampler step (it may raise to abort)."""
     from dataclasses import replace
 
-    from .infer import _run, default_config
+    from .infer import default_config, run_validated
 
     config = replace(default_config(pipe), image_store=image_store)
     target = _StepHook(pipe, step_callback) if step_callback is not None else pipe
-    return _run(target, valid, config)
+    return run_validated(target, valid, config)
 
 
 def remember_image(pipe, image_uuid: str, image: Image.Image) -> None:
@@ -61,6 +84,36 @@ def remember_image(pipe, image_uuid: str, image: Image.Image) -> None:
     from .infer import default_config
 
     default_config(pipe).outputs.put(image_uuid, image)
+
+
+def run_steps(fields: dict, steps: int) -> int:
+    """Steps a validated task's run executes: all of them, or the image-to-image tail
+    ``steps - img2img_start(steps, strength)``."""
+    from ..pipeline import DEFAULT_STRENGTH
+    from ..schedules import img2img_start
+
+    if "seedImage" not in fields.get("inputs", {}):
+        return steps
+    return steps - img2img_start(steps, fields.get("strength", DEFAULT_STRENGTH))
+
+
+def model_menu(pipe=None) -> dict:
+    """What a client may pick: ``schedulers`` (the API's names), ``models`` (id -> steps, CFGScale, width, height),
+    ``defaultModel`` and ``examplePrompts`` (at most 8). ``pipe=None`` (still loading): the built-in presets."""
+    from ..pipeline import MODEL_PRESETS
+    from ..scheduler_table import SCHEDULER_NAMES
+
+    presets = MODEL_PRESETS if pipe is None else pipe.presets
+    models = {
+        model_id: {"steps": d.steps, "CFGScale": d.cfg_scale, "width": d.width, "height": d.height}
+        for model_id, d in presets.items()
+    }
+    return {
+        "schedulers": list(SCHEDULER_NAMES),
+        "models": models,
+        "defaultModel": next(iter(presets)) if pipe is None else pipe.default_model,
+        "examplePrompts": [] if pipe is None else list(getattr(pipe, "meta", {}).get("prompts", []))[:8],
+    }
 
 
 class _StepHook:

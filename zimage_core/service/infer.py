@@ -102,6 +102,12 @@ def get_response(config: ServerConfig, task_uuid: str, owner=None) -> dict:
     return config.tasks.get(task_uuid, owner)
 
 
+def run_validated(pipe, v: RequestArgs, config: ServerConfig) -> list[dict]:
+    """Run a task that :func:`validate` accepted and build its response items (no async or outbound delivery: the
+    caller, e.g. the network server, does its own)."""
+    return _run(pipe, v, config)
+
+
 def _run(pipe, v, config: ServerConfig) -> list[dict]:
     r = v.raw
     inputs = r.get("inputs", {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -52,36 +53,84 @@ def data_uri(data: bytes, fmt: str) -> str:
     return f"data:{FORMATS[fmt][1]};base64,{base64.b64encode(data).decode()}"
 
 
-class LocalImageStore:
-    """Default store for ``outputType: URL``: files in a local folder, returned as ``file://`` URLs.
+class ImageStore:
+    """``outputType: URL`` images (and the network server's uploads) as files in one folder, until they expire.
 
-    ``ttl`` (seconds) marks an output for removal; expired files are deleted on the next ``put`` or ``purge``.
-    Folder: ``$ZIMAGE_OUTPUT_DIR``, else ``<cache>/zimage-fast/outputs``.
+    The one image store of the package. ``base_url=None`` (the library): URLs are ``file://`` URIs, the folder is
+    ``folder``, else ``$ZIMAGE_OUTPUT_DIR``, else ``<cache>/zimage-fast/outputs``. With ``base_url`` (the network
+    server): URLs are ``<base_url>/image/<uuid>.<ext>``, read back with :meth:`get`. ``ttl`` (seconds; else
+    ``default_ttl``; ``None``: kept) marks a file for removal; expired files are deleted on the next ``put`` or
+    ``purge``; past ``max_items`` files or ``max_bytes`` bytes the oldest go first, whatever their ttl.
     """
 
-    def __init__(self, folder: str | Path | None = None):
-        from ..default_model import cache_dir
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        base_url: str | None = None,
+        default_ttl: float | None = None,
+        max_items: int | None = None,
+        max_bytes: int | None = None,
+        owned: bool = False,
+    ):
+        if folder is None:
+            from ..default_model import cache_dir
 
-        self.folder = Path(folder or os.environ.get("ZIMAGE_OUTPUT_DIR") or cache_dir() / "outputs").expanduser()
-        self._expiry: dict[Path, float] = {}
+            folder = os.environ.get("ZIMAGE_OUTPUT_DIR") or cache_dir() / "outputs"
+        self.folder = Path(folder).expanduser()
+        self.base_url = None if base_url is None else base_url.rstrip("/")
+        self.default_ttl = default_ttl
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._own = owned  # close() removes the folder
+        self._items: OrderedDict[str, float] = OrderedDict()  # file name -> expiry (time.time(); inf: kept)
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
-        expires = None if ttl is None else time.time() + float(ttl)  # computed before any file is written
+        ttl = ttl or self.default_ttl
+        expires = float("inf") if ttl is None else time.time() + float(ttl)  # computed before any file is written
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{image_uuid}.{extension}"
-        path.write_bytes(data)
+        name = f"{image_uuid.lower()}.{extension}"
+        (self.folder / name).write_bytes(data)
         with self._lock:
-            if expires is not None:
-                self._expiry[path] = expires
+            self._items[name] = expires
+            self._items.move_to_end(name)
+            self._sizes[name] = len(data)
+            while (self.max_items is not None and len(self._items) > self.max_items) or (
+                self.max_bytes is not None and sum(self._sizes.values()) > self.max_bytes
+            ):
+                old, _ = self._items.popitem(last=False)  # the oldest goes first, whatever its ttl
+                self._sizes.pop(old, None)
+                (self.folder / old).unlink(missing_ok=True)
         self.purge()
-        return path.resolve().as_uri()
+        if self.base_url is None:
+            return (self.folder / name).resolve().as_uri()
+        return f"{self.base_url}/image/{name}"
+
+    def get(self, name: str) -> bytes | None:
+        with self._lock:
+            expiry = self._items.get(name)
+        if expiry is None or expiry <= time.time():
+            return None
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def purge(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         with self._lock:
-            expired = [p for p, t in self._expiry.items() if t <= now]
-            for p in expired:
-                p.unlink(missing_ok=True)
-                del self._expiry[p]
-        return len(expired)
+            old = [n for n, t in self._items.items() if t <= now]
+            for n in old:
+                del self._items[n]
+                self._sizes.pop(n, None)
+        for n in old:
+            (self.folder / n).unlink(missing_ok=True)
+        return len(old)
+
+    def close(self) -> None:
+        if self._own:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+LocalImageStore = ImageStore  # the library's earlier name for the same store

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from ..errors import RequestError
+from ..service.engine import RequestError
 
 # code -> (HTTP status on REST, meaning). The one table of error codes; README "Serving" lists it.
 ERROR_CODES: dict[str, tuple[int, str]] = {

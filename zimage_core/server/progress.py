@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..errors import RequestError
+from ..service.engine import RequestError
 
 FIELD = "includeProgress"
 
@@ -29,16 +29,6 @@ def wanted(task: dict) -> bool:
     if not isinstance(value, bool):
         raise RequestError(FIELD, f"must be true or false, got {type(value).__name__}")
     return value
-
-
-def run_steps(fields: dict, steps: int) -> int:
-    """Steps the run executes: all of them, or the image-to-image tail ``steps - img2img_start(steps, strength)``."""
-    from ..pipeline import DEFAULT_STRENGTH
-    from ..schedules import img2img_start
-
-    if "seedImage" not in fields.get("inputs", {}):
-        return steps
-    return steps - img2img_start(steps, fields.get("strength", DEFAULT_STRENGTH))
 
 
 def callback(send: Callable[[dict], None], task_uuid: str, steps: int, results: int) -> Callable[[dict], None]:

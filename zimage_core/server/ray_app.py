@@ -1,7 +1,7 @@
 """The same server as N replicas on Ray Serve (optional extra: ``pip install '.[ray]'``).
 
     zimage serve --ray --replicas 2 [--port 8000] [other serve options]           # starts a local Ray
-    serve run zimage_core.service.ray_app:app replicas=2 port=8000                  # Ray's own CLI, same app
+    serve run zimage_core.server.ray_app:app replicas=2 port=8000                  # Ray's own CLI, same app
 
 Each replica is one Ray actor that runs the unchanged ASGI app (``server.build_app``) with its own model, queue and
 task registry, on one device (``num_gpus=1`` per replica when the replicas run on CUDA; Ray sets each replica's
@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 
-log = logging.getLogger("zimage_core.service")
+log = logging.getLogger("zimage_core.server")
 
 HUB_NAME, HUB_NAMESPACE = "zimage_serve_hub", "zimage"
 PUSH_INTERVAL_S = 1.0
@@ -146,7 +146,7 @@ class RayLink:
 
 def _shared_store(store):
     """The replica's image store made readable by every replica: same folder, expiry in a sidecar file."""
-    from .server import ImageStore
+    from ..service.engine import ImageStore
 
     class SharedImageStore(ImageStore):
         def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
@@ -174,8 +174,8 @@ class ZImageReplica:
     """One replica: the server's Service and its ASGI app, built inside the replica process."""
 
     def __init__(self, settings_kwargs: dict):
+        from .app import Service, Settings
         from .metrics import Metrics
-        from .server import Service, Settings
 
         settings = Settings(**settings_kwargs)
         self.service = Service(settings)
@@ -185,7 +185,7 @@ class ZImageReplica:
         self.service.metrics = Metrics(replica=self.service.ray.replica)
 
     def __serve_build_asgi_app__(self):
-        from .server import build_app
+        from .app import build_app
 
         return build_app(self.service)
 
@@ -302,11 +302,11 @@ def shutdown() -> None:
 
 
 def app(args: dict):
-    """Builder for ``serve run zimage_core.service.ray_app:app replicas=2 model=PATH ...``: the keys are the
+    """Builder for ``serve run zimage_core.server.ray_app:app replicas=2 model=PATH ...``: the keys are the
     server's Settings fields (``queue``, ``model``, ``device``, ...) plus ``replicas`` and ``autoscale``. Give
     ``output_dir=FOLDER`` for the replicas' shared ``outputType: URL`` images; otherwise a temporary folder is created
     and left in place when ``serve run`` stops."""
-    from .server import Settings
+    from .app import Settings
 
     args = dict(args)
     replicas = int(args.pop("replicas", 2))

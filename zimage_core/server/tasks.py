@@ -1,4 +1,8 @@
-"""The task registry (bounded, TTL-evicted, per-key) and the bounded work queue in front of the one model.
+"""The server's task table (bounded, TTL-evicted, per-key) and the bounded work queue in front of the one model.
+
+The table records every task the server accepted (sync and async), so resends and ``getResponse`` are answered
+from it; it is not the request API's async :class:`~zimage_core.service.TaskRegistry`, which runs async tasks of
+the library path on its own pool (the server runs its tasks on the work queue below).
 
 Both live on the server's event loop; only the model call runs in a worker thread. A task is keyed by (owner,
 taskUUID), where the owner is a digest of the API key that submitted it, so one key never sees another's tasks.
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .protocol import ApiError
 
-log = logging.getLogger("zimage_core.service")
+log = logging.getLogger("zimage_core.server")
 
 PENDING, RUNNING, SUCCESS, ERROR = "pending", "running", "success", "error"
 
@@ -45,8 +49,8 @@ class Task:
         self.done.set()
 
 
-class TaskRegistry:
-    """Tasks by (owner, taskUUID): at most ``capacity`` entries; finished ones expire ``ttl_s`` after finishing."""
+class TaskTable:
+    """The server's tasks by (owner, taskUUID): at most ``capacity``; finished ones expire ``ttl_s`` after finishing."""
 
     def __init__(self, capacity: int = 10000, ttl_s: float = 3600.0):
         self.capacity = capacity
@@ -177,7 +181,7 @@ class WorkQueue:
             except ApiError as e:
                 task.finish(error=e)
             except Exception as e:  # noqa: BLE001 - reported to the client as internalError, logged here
-                from ..errors import RequestError
+                from ..service.engine import RequestError
 
                 if isinstance(e, RequestError):
                     task.finish(error=ApiError.from_request_error(e))

@@ -21,16 +21,12 @@ import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,14 +34,15 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ..errors import RequestError
-from . import engine, netpolicy, playground, progress
+from ..service import engine
+from ..service.engine import RequestError
+from . import playground, progress
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .protocol import ApiError, clip, normalize_inference, parse_frame
-from .tasks import PENDING, Job, Task, TaskRegistry, WorkQueue
+from .tasks import PENDING, Job, Task, TaskTable, WorkQueue
 
-log = logging.getLogger("zimage_core.service")
+log = logging.getLogger("zimage_core.server")
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # decoded at the edge; anything else is refused
 CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -69,7 +66,7 @@ class Settings:
     public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
     max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
     shutdown_grace_s: float = 30.0  # on SIGTERM the running task gets this long to finish
-    outbound: netpolicy.OutboundPolicy = field(default_factory=netpolicy.OutboundPolicy)
+    outbound: engine.OutboundPolicy = field(default_factory=engine.OutboundPolicy)
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -91,60 +88,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class ImageStore:
-    """``outputType: URL`` images (and uploads) on local disk, served at ``/image/<uuid>.<ext>`` until they expire."""
-
-    def __init__(self, folder: str | None, base_url: str, default_ttl: int, max_items: int, max_bytes: int = 2**31):
-        self._own = folder is None
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="zimage-serve-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.base_url = base_url.rstrip("/")
-        self.default_ttl = default_ttl
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, float] = OrderedDict()  # file name -> expiry (time.time())
-        self._sizes: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def put(self, image_uuid: str, data: bytes, extension: str, ttl: int | None = None) -> str:
-        name = f"{image_uuid.lower()}.{extension}"
-        (self.folder / name).write_bytes(data)
-        with self._lock:
-            self._items[name] = time.time() + (ttl or self.default_ttl)
-            self._items.move_to_end(name)
-            self._sizes[name] = len(data)
-            while len(self._items) > self.max_items or sum(self._sizes.values()) > self.max_bytes:
-                old, _ = self._items.popitem(last=False)  # the oldest goes first, whatever its ttl
-                self._sizes.pop(old, None)
-                (self.folder / old).unlink(missing_ok=True)
-        self.purge()
-        return f"{self.base_url}/image/{name}"
-
-    def get(self, name: str) -> bytes | None:
-        with self._lock:
-            expiry = self._items.get(name)
-        if expiry is None or expiry <= time.time():
-            return None
-        try:
-            return (self.folder / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def purge(self) -> None:
-        now = time.time()
-        with self._lock:
-            old = [n for n, t in self._items.items() if t <= now]
-            for n in old:
-                del self._items[n]
-                self._sizes.pop(n, None)
-        for n in old:
-            (self.folder / n).unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self._own:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def decode_image(value, field_name: str):
@@ -228,10 +171,16 @@ class Service:
             host = socket.gethostname()
             log.warning("imageURL base is http://%s:%d; set --public-url if clients use another", host, settings.port)
         base = settings.public_url or f"http://{host}:{settings.port}"
-        self.store = ImageStore(
-            settings.output_dir, base, settings.output_ttl_s, settings.output_items, settings.output_bytes
+        folder = settings.output_dir or tempfile.mkdtemp(prefix="zimage-serve-")
+        self.store = engine.ImageStore(
+            folder,
+            base,
+            settings.output_ttl_s,
+            settings.output_items,
+            settings.output_bytes,
+            settings.output_dir is None,
         )
-        self.registry = TaskRegistry(settings.registry_size, settings.registry_ttl_s)
+        self.registry = TaskTable(settings.registry_size, settings.registry_ttl_s)
         self.queue: WorkQueue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -374,7 +323,7 @@ class Service:
             job.post = lambda items: self._outbound_calls(items, hooks, fields_["outputFormat"])
         if want_progress and conn is not None:
             loop = asyncio.get_running_loop()
-            steps = progress.run_steps(fields_, valid.steps)
+            steps = engine.run_steps(fields_, valid.steps)
             send = lambda frame: loop.call_soon_threadsafe(lambda: conn.spawn(conn.send(frame)))  # noqa: E731
             job.on_step = progress.callback(send, task_uuid, steps, fields_["numberResults"])
         try:
@@ -460,7 +409,7 @@ class Service:
                 try:
                     await loop.run_in_executor(
                         self._outbound,
-                        netpolicy.call,
+                        engine.outbound_call,
                         policy,
                         "PUT",
                         hooks["uploadEndpoint"],
@@ -468,7 +417,7 @@ class Service:
                         ctype,
                         "uploadEndpoint",
                     )
-                except netpolicy.OutboundError as e:
+                except engine.OutboundError as e:
                     log.warning("uploadEndpoint refused or failed: %s", e.reason)
                     raise ApiError("outboundFailed", parameter="uploadEndpoint") from None
         if "webhookURL" in hooks:
@@ -476,7 +425,7 @@ class Service:
                 body = json.dumps(it).encode()
                 fut = loop.run_in_executor(
                     self._outbound,
-                    netpolicy.call,
+                    engine.outbound_call,
                     policy,
                     "POST",
                     hooks["webhookURL"],
@@ -511,7 +460,7 @@ class Service:
 
 def _log_webhook(fut) -> None:
     exc = fut.exception()
-    if isinstance(exc, netpolicy.OutboundError):
+    if isinstance(exc, engine.OutboundError):
         log.warning("webhookURL refused or failed: %s", exc.reason)
     elif exc is not None:
         log.warning("webhookURL failed: %s", type(exc).__name__)

@@ -14,18 +14,9 @@ _CONFIG_OPEN = '<script id="zimage-config" type="application/json">'
 
 def page_config(pipe=None, ws_path: str = "/v1") -> dict:
     """What the page's form offers: the pipeline's model ids with their defaults, the API's scheduler names."""
-    from ..scheduler_table import SCHEDULER_NAMES
+    from ..service.engine import model_menu
 
-    cfg: dict = {"wsPath": ws_path, "schedulers": list(SCHEDULER_NAMES), "models": {}, "examplePrompts": []}
-    from ..pipeline import MODEL_PRESETS
-
-    presets = MODEL_PRESETS if pipe is None else pipe.presets  # None: the model is still loading
-    for model_id, d in presets.items():
-        cfg["models"][model_id] = {"steps": d.steps, "CFGScale": d.cfg_scale, "width": d.width, "height": d.height}
-    cfg["defaultModel"] = next(iter(presets)) if pipe is None else pipe.default_model
-    if pipe is not None:
-        cfg["examplePrompts"] = list(getattr(pipe, "meta", {}).get("prompts", []))[:8]
-    return cfg
+    return {"wsPath": ws_path, **model_menu(pipe)}  # pipe None: the model is still loading
 
 
 def render(pipe=None, ws_path: str = "/v1") -> str:
