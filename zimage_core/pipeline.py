@@ -34,10 +34,10 @@ from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
 from .errors import RequestError, show
 from .hooks import StackHook
-from .model import CaptionContext, ZImageTransformer
+from .model import CaptionContext, ZImageTransformer, load_transformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .schedules import img2img_start
-from .weights import CheckpointError, check_safetensors_component, load_transformer, read_json
+from .weights import CheckpointError, check_safetensors_component, read_json
 
 
 @dataclass(frozen=True)

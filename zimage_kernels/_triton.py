@@ -31,6 +31,7 @@ import triton.language as tl
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before triton is imported (tests/conftest.py does).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x·scale) = exp2(x·scale·log2 e)
 AUTOTUNE_ENV = "ZIMAGE_AUTOTUNE"  # "full": search the whole config space on a GPU; anything else: curated list
 
 if not INTERPRET:

@@ -46,6 +46,7 @@ from . import reference
 from ._triton import (
     FLOAT_DTYPES,
     INTERPRET,
+    LOG2E,
     autotune,
     cuda_capability,
     ensure_allocator,
@@ -55,7 +56,6 @@ from ._triton import (
     use_custom_op,
 )
 
-LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x·scale) = exp2(x·scale·log2 e)
 PATH_ENV = "ZIMAGE_ATTENTION_PATH"
 IMPL_ENV = "ZIMAGE_ATTENTION_IMPL"  # "default" | "fa3" (opt-in Gluon kernel, zimage_kernels/attention_fa3.py)
 TMA_HEAD_DIMS = (32, 64, 128)
