@@ -2,7 +2,7 @@
 
 zimage generate "a large red circle in the top left on a blue background" -o out.png
 zimage infer request.json            # prints the imageInference response JSON
-zimage serve --port 8000             # the hosted API's WebSocket + REST protocol on /v1 (README "Serving")
+zimage serve --port 8000             # the hosted API's WebSocket + REST protocol on /v1 (docs/serving.md)
 """
 
 from __future__ import annotations

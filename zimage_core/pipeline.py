@@ -234,7 +234,7 @@ class ZImage:
 
     @classmethod
     def default(cls, device=None, dtype=None, kernel_backend=None) -> ZImage:
-        """The embedded default model (see README: what it is and what it draws); fully offline."""
+        """The embedded default model (docs/default-model.md: what it is and what it draws); fully offline."""
         from .default_model import default_model_path
 
         return cls.from_pretrained(default_model_path(), device=device, dtype=dtype, kernel_backend=kernel_backend)
