@@ -421,7 +421,7 @@ def generate_parallel(args) -> int:
     backend = "gloo" if str(args.device or "").startswith("cpu") else None  # None: NCCL when there are enough GPUs
     try:
         codes = launch(
-            _importable(rank_generate),
+            rank_generate,
             config.world_size,
             (config, args),
             backend=backend,
@@ -432,16 +432,6 @@ def generate_parallel(args) -> int:
         _error(str(e))
         return 1
     return max(codes)
-
-
-def _importable(fn):
-    """``fn`` under its package name: run as ``python -m zimage_core.cli`` this module is ``__main__``, which the
-    spawned ranks would not import as such."""
-    if fn.__module__ != "__main__":
-        return fn
-    import importlib
-
-    return getattr(importlib.import_module(__spec__.name if __spec__ else "zimage_core.cli"), fn.__name__)
 
 
 def rank_generate(rank: int, config, args) -> int:
