@@ -1,4 +1,4 @@
-"""Loading and saving Z-Image transformer checkpoints (safetensors only).
+"""Reading, checking and saving Z-Image transformer checkpoints (safetensors only).
 
 Reading and checking checkpoint files; building the model from them is ``zimage_core.model.load_transformer``
 (this module does not import the model, so the model's ``from_pretrained`` can use it). Accepted inputs:
