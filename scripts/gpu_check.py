@@ -18,7 +18,7 @@ next one):
 At most 8 files are written (the GPU machine returns no more): into ``$OUT`` when that is set, else into
 ``zimage_bench/results/<UTC date>-<device>/`` ready to commit. Nothing is installed from the network; a missing Python
 package (diffusers on a bare CUDA image) is installed from local wheels in ``.whl/`` when that folder exists (see
-README "GPU check").
+docs/kernels.md, "GPU check").
 
 ``--dry-run`` runs the same steps on CPU at tiny shapes (the test tier is asked for and answers "no CUDA", the
 kernels bench runs the small cases with the eager providers, the throughput bench the tiny synthetic model), so the

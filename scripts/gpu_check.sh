@@ -7,7 +7,7 @@
 #   scripts/gpu_check.sh --dry-run  the same control flow on CPU at tiny shapes (run by the CPU test tier)
 #
 # Interpreter: $PYTHON, else the project's .venv if it exists, else python3. Installs nothing from the network
-# (missing packages come from local wheels in .whl/, see README "GPU check"). Details: scripts/gpu_check.py.
+# (missing packages come from local wheels in .whl/, see docs/kernels.md, "GPU check"). Details: scripts/gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}

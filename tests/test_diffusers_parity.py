@@ -307,7 +307,7 @@ def test_prompt_list_is_not_modified(folder):
     first = _run(ours, "t2i", dict(prompt=prompts, negative_prompt=negatives))
     assert prompts == ["a red circle"] and negatives == ["blurry"]
     assert rel(_run(ours, "t2i", dict(prompt=prompts, negative_prompt=negatives)), first) == 0
-    # diffusers' own pipeline writes the chat template into the caller's lists (README: intentional differences)
+    # diffusers' own pipeline writes the chat template into the caller's lists (docs/dropin.md: intentional differences)
     _run(ref, "t2i", dict(prompt=prompts, negative_prompt=negatives))
     assert prompts[0].startswith("<|im_start|>user") and negatives[0].startswith("<|im_start|>user")
 

@@ -58,7 +58,7 @@ GEN = dict(  # the negative prompt pads to 32 tokens: ragged captions inside the
 )
 # Cache runs: a negative prompt of the same padded caption length (64). One process computes the cache metric over
 # the whole CFG batch, batch-padding rows of the shorter caption included; a CFG-parallel rank holds one half and
-# has no such rows, so with ragged captions the two metrics differ slightly (README: "Multi-GPU").
+# has no such rows, so with ragged captions the two metrics differ slightly (docs/parallel.md, "Step caches").
 GEN_CACHE = dict(GEN, negative_prompt="a small blue square in the bottom right on a red background")
 
 

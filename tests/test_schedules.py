@@ -72,7 +72,7 @@ def test_base_model_last_sigma():
 
 
 def test_turbo_timesteps_n9():
-    want = [1000, 960, 913.04, 857.14, 789.47, 705.88, 600, 461.54, 272.73]  # zimage-reference.md §2.4
+    want = [1000, 960, 913.04, 857.14, 789.47, 705.88, 600, 461.54, 272.73]  # diffusers ZImagePipeline, Turbo, 9
     assert torch.allclose(default_sigmas(9, 3.0)[:-1].double() * 1000, torch.tensor(want).double(), atol=6e-3)
 
 

@@ -166,8 +166,7 @@ def test_single_file_with_bad_metadata_config(tmp_path):
 
 
 def test_expected_parameter_count_matches_a_built_model():
-    from zimage_core.model import count_parameters
-    from zimage_core.weights import expected_parameters
+    from zimage_core.model import count_parameters, expected_parameters
 
     for cfg in (PRESETS["tiny"], RANDOM_TRANSFORMER, PRESETS["tiny"].replace(n_layers=5, n_refiner_layers=0)):
         assert expected_parameters(cfg) == count_parameters(ZImageTransformer(cfg))

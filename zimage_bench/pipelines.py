@@ -48,7 +48,7 @@ ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-batch
 # the request API's defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
 CACHE_DEFAULTS = {f"{m}cache": cfg.threshold for m, cfg in CONFIGS.items()}  # fbcache 0.25, teacache 0.5, ...
 
-# The real VAE (FLUX AE) config, zimage-reference.md §2.3.
+# The real VAE (FLUX AE) config: the vae/config.json of Tongyi-MAI/Z-Image (diffusers' AutoencoderKL).
 REAL_VAE = dict(
     in_channels=3,
     out_channels=3,

@@ -9,8 +9,8 @@ from .config import PRESETS, ZImageConfig
 from .denoiser import GenerationStats
 from .errors import RequestError
 from .hooks import StackHook
-from .model import CaptionContext, ZImageTransformer, count_parameters
-from .weights import CheckpointError, load_transformer
+from .model import CaptionContext, ZImageTransformer, count_parameters, load_transformer
+from .weights import CheckpointError
 
 
 def __getattr__(name):  # ZImage pulls in transformers/diffusers: import it lazily

@@ -25,15 +25,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import BlockInputs
+from zimage_kernels import Ops
 
-Inner = Callable[[torch.Tensor, "BlockInputs"], torch.Tensor]
+
+@dataclass
+class BlockInputs:
+    """Everything a transformer block needs besides the hidden states; shared by all blocks of one stage."""
+
+    ops: Ops
+    kv_lens: torch.Tensor | None  # [B] int32 valid key lengths, or None when the batch is not ragged
+    freqs_cis: torch.Tensor  # complex64 [B, N, head_dim/2]
+    adaln_input: torch.Tensor | None  # [B, adaln_dim] timestep embedding (None for unmodulated blocks)
+
+
+Inner = Callable[[torch.Tensor, BlockInputs], torch.Tensor]
 
 
 class StackHook:
@@ -85,4 +94,4 @@ def run_stack(
     return call(0, hidden, inp)
 
 
-__all__ = ["Stack", "StackHook", "run_stack"]
+__all__ = ["BlockInputs", "Stack", "StackHook", "run_stack"]

@@ -18,12 +18,15 @@ The caption branch does not depend on ``t``: :meth:`ZImageTransformer.encode_con
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from torch.nn.utils.rnn import pad_sequence
 
 from zimage_kernels import Ops, get_ops, reference
@@ -31,7 +34,20 @@ from zimage_kernels.backend import validate_backend
 
 from . import nosync
 from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
-from .hooks import StackHook, run_stack
+from .hooks import BlockInputs, StackHook, run_stack
+from .weights import (
+    CONFIG_KEY,
+    CheckpointError,
+    as_config,
+    check_size,
+    check_state_dict,
+    comfy_to_diffusers,
+    config_from_json,
+    infer_config,
+    is_comfy_layout,
+    read_header,
+    resolve_checkpoint,
+)
 
 FINAL_NORM_EPS = 1e-6
 
@@ -51,16 +67,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reference.rms_norm(x, self.weight, self.eps)
-
-
-@dataclass
-class BlockInputs:
-    """Everything a transformer block needs besides the hidden states; shared by all blocks of one stage."""
-
-    ops: Ops
-    kv_lens: torch.Tensor | None  # [B] int32 valid key lengths, or None when the batch is not ragged
-    freqs_cis: torch.Tensor  # complex64 [B, N, head_dim/2]
-    adaln_input: torch.Tensor | None  # [B, adaln_dim] timestep embedding (None for unmodulated blocks)
 
 
 class Attention(nn.Module):
@@ -289,15 +295,11 @@ class ZImageTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> ZImageTransformer:
         """Load a diffusers folder, a diffusers-layout or ComfyUI-layout .safetensors file (see zimage_core.weights)."""
-        from .weights import load_transformer
-
         return load_transformer(path, **kwargs)
 
     @classmethod
     def from_diffusers(cls, module: nn.Module, kernel_backend: str | None = None) -> ZImageTransformer:
         """Convert a live diffusers ``ZImageTransformer2DModel`` (same weights, same dtype and device)."""
-        from .weights import from_diffusers
-
         return from_diffusers(module, kernel_backend=kernel_backend)
 
     # ---- caption branch (timestep independent) ------------------------------------------------------------------
@@ -442,8 +444,104 @@ class TransformerOutput:
     sample: list[torch.Tensor]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Building from checkpoints (the files are read and checked by zimage_core.weights)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def expected_parameters(cfg: ZImageConfig) -> int:
+    """The parameter count of a config, without building it: the model is linear in its layer counts, so three
+    meta-device builds of at most two layers give the per-layer and fixed costs."""
+
+    def count(n_layers, n_ref):
+        with torch.device("meta"):
+            m = ZImageTransformer(cfg.replace(n_layers=n_layers, n_refiner_layers=n_ref))
+        return sum(p.numel() for p in m.state_dict().values())
+
+    base = count(1, 1)
+    per_layer = count(2, 1) - base
+    per_refiner = count(1, 2) - base  # noise and context refiners together
+    return base + (cfg.n_layers - 1) * per_layer + (cfg.n_refiner_layers - 1) * per_refiner
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    config=None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    kernel_backend: str | None = None,
+) -> ZImageTransformer:
+    """Load a transformer checkpoint (see module docstring). ``config``: ZImageConfig, preset name, dict or json path.
+
+    ``dtype``: convert every floating tensor to it (default: keep the stored dtype).
+    """
+    files, config_json = resolve_checkpoint(path)
+    where, shapes, meta = read_header(files)
+    comfy = is_comfy_layout(where)
+    if comfy:
+        # Shapes after the key conversion (fused qkv splits into three equal parts).
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in comfy_to_diffusers({k: torch.empty(s, device="meta") for k, s in shapes.items()}).items()
+        }
+    cfg = as_config(config)
+    if cfg is None and config_json is not None:
+        cfg = config_from_json(config_json)
+    if cfg is None and CONFIG_KEY in meta:
+        try:
+            cfg = ZImageConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        except (TypeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: invalid config in the safetensors metadata ({str(e)[:300]})") from None
+    if cfg is None:
+        cfg = infer_config(shapes, str(path))
+    check_size(cfg, shapes, files, str(path), expected_parameters)
+
+    with torch.device("meta"):
+        model = ZImageTransformer(cfg, kernel_backend=kernel_backend)
+    check_state_dict(model, shapes, str(path))
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+    sd: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for f, stored in where.values():
+        by_file.setdefault(f, []).append(stored)
+    for f, keys in by_file.items():
+        with safe_open(f, framework="pt") as h:
+            for k in keys:
+                sd[k] = h.get_tensor(k)
+    if comfy:
+        sd = comfy_to_diffusers(sd)
+    sd = {k: convert(v) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+def from_diffusers(module: torch.nn.Module, kernel_backend: str | None = None) -> ZImageTransformer:
+    """Our model sharing the parameters of a live diffusers ``ZImageTransformer2DModel`` (no copy)."""
+    cfg = ZImageConfig.from_dict(dict(module.config))
+    with torch.device("meta"):
+        model = ZImageTransformer(cfg, kernel_backend=kernel_backend)
+    sd = module.state_dict()
+    check_state_dict(model, {k: tuple(v.shape) for k, v in sd.items()}, type(module).__name__)
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["BlockInputs", "CaptionContext", "ZImageTransformer", "count_parameters"]
+__all__ = [
+    "BlockInputs",
+    "CaptionContext",
+    "ZImageTransformer",
+    "count_parameters",
+    "expected_parameters",
+    "from_diffusers",
+    "load_transformer",
+]

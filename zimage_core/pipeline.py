@@ -34,10 +34,10 @@ from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
 from .errors import RequestError, show
 from .hooks import StackHook
-from .model import CaptionContext, ZImageTransformer
+from .model import CaptionContext, ZImageTransformer, load_transformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .schedules import img2img_start
-from .weights import CheckpointError, check_safetensors_component, load_transformer, read_json
+from .weights import CheckpointError, check_safetensors_component, read_json
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class ZImage:
 
     @classmethod
     def default(cls, device=None, dtype=None, kernel_backend=None) -> ZImage:
-        """The embedded default model (see README: what it is and what it draws); fully offline."""
+        """The embedded default model (docs/default-model.md: what it is and what it draws); fully offline."""
         from .default_model import default_model_path
 
         return cls.from_pretrained(default_model_path(), device=device, dtype=dtype, kernel_backend=kernel_backend)

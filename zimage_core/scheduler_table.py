@@ -211,7 +211,7 @@ class SchedulerSpec:
 
     @property
     def description(self) -> str:
-        text = f"{self.family.label} on the {self.schedule_name} schedule (samplers.md §{self.family.section})"
+        text = f"{self.family.label} on the {self.schedule_name} schedule (docs/samplers.md §{self.family.section})"
         return f"{text}; {self.note}" if self.note else text
 
     @property
@@ -316,9 +316,9 @@ def render_markdown() -> str:
         "Every value of the request field `scheduler` and what it runs. The stem of a name picks the sampler, a",
         "`Karras` / `Exponential` / `Beta` / `Uniform` suffix the sigma schedule; every sampler runs in its",
         "flow-matching form on flow sigmas (σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·noise). Section numbers refer to",
-        "`samplers.md`. NFE is the number of transformer evaluations (per CFG batch) for N steps; with image-to-image",
-        "N is the number of steps actually run. Names with the same sampler and schedule are aliases: they give",
-        "identical images for the same seed.",
+        "[samplers.md](samplers.md). NFE is the number of transformer evaluations (per CFG batch) for N steps; with",
+        "image-to-image N is the number of steps actually run. Names with the same sampler and schedule are aliases:",
+        "they give identical images for the same seed.",
         "",
         "Schedules (all in flow σ, shifted by the model's shift s, exactly N steps then 0; σ_max = 1,",
         "σ_min = shift(1/N)):",

@@ -66,7 +66,7 @@ def _shifted_base(n: int, shift: float, dtype: torch.dtype) -> np.ndarray:
 
 
 def default_sigmas(n: int, shift: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Z-Image's own schedule: ``shift(linspace(1, 1/n, n))`` then 0 (ZImagePipeline, zimage-reference §2.4)."""
+    """Z-Image's own schedule: ``shift(linspace(1, 1/n, n))`` then 0 (diffusers 0.42.1's ZImagePipeline)."""
     _check(n, shift)
     return _append_zero(_shifted_base(n, shift, dtype), dtype)
 
@@ -119,7 +119,7 @@ SCHEDULES = {
 
 
 def img2img_start(n: int, strength: float) -> int:
-    """First step index of image-to-image / inpainting: ``n − floor(strength·n)`` (decisions.md, ``strength`` row),
+    """First step index of image-to-image / inpainting: ``n − floor(strength·n)`` (docs/python-api.md, ``strength``),
     but at least one step runs whenever ``strength > 0`` (as in diffusers, whose ``int(n − n·strength)`` runs one
     step there): otherwise a small strength would return the seed image through the VAE, ignoring prompt and mask.
 

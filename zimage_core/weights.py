@@ -1,6 +1,7 @@
-"""Loading and saving Z-Image transformer checkpoints (safetensors only).
+"""Reading, checking and saving Z-Image transformer checkpoints (safetensors only).
 
-Accepted inputs for :func:`load_transformer`:
+Reading and checking checkpoint files; building the model from them is ``zimage_core.model.load_transformer``
+(this module does not import the model, so the model's ``from_pretrained`` can use it). Accepted inputs:
 
 - a diffusers pipeline folder (``model_index.json`` + ``transformer/``) or its ``transformer/`` folder: ``config.json``
   plus ``diffusion_pytorch_model.safetensors`` or sharded ``*.safetensors`` with an ``.index.json``;
@@ -20,7 +21,7 @@ import json
 import math
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, ZImageConfig
-from .model import ZImageTransformer
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -266,7 +266,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> ZImageConfig
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _as_config(config) -> ZImageConfig | None:
+def as_config(config) -> ZImageConfig | None:
     if config is None or isinstance(config, ZImageConfig):
         return config
     if isinstance(config, str) and config in PRESETS:
@@ -279,7 +279,7 @@ def _as_config(config) -> ZImageConfig | None:
         raise CheckpointError(f"config: {str(e)[:500]}") from None
 
 
-def _read_header(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[int, ...]], dict]:
+def read_header(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[int, ...]], dict]:
     """key -> (file, stored key), key -> shape, merged metadata; without reading tensor data."""
     where, shapes, meta = {}, {}, {}
     for f in files:
@@ -294,24 +294,12 @@ def _read_header(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[s
     return where, shapes, meta
 
 
-def expected_parameters(cfg: ZImageConfig) -> int:
-    """The parameter count of a config, without building it: the model is linear in its layer counts, so three
-    meta-device builds of at most two layers give the per-layer and fixed costs."""
-
-    def count(n_layers, n_ref):
-        with torch.device("meta"):
-            m = ZImageTransformer(cfg.replace(n_layers=n_layers, n_refiner_layers=n_ref))
-        return sum(p.numel() for p in m.state_dict().values())
-
-    base = count(1, 1)
-    per_layer = count(2, 1) - base
-    per_refiner = count(1, 2) - base  # noise and context refiners together
-    return base + (cfg.n_layers - 1) * per_layer + (cfg.n_refiner_layers - 1) * per_refiner
-
-
-def check_size(cfg: ZImageConfig, shapes: dict[str, tuple[int, ...]], files: list[Path], where: str) -> None:
+def check_size(
+    cfg, shapes: dict[str, tuple[int, ...]], files: list[Path], where: str, expected_parameters: Callable[..., int]
+) -> None:
     """Refuse a config whose parameter count the checkpoint cannot hold, before anything of that size is built (a
-    config.json saying ``n_layers: 10000000`` would otherwise allocate until memory runs out)."""
+    config.json saying ``n_layers: 10000000`` would otherwise allocate until memory runs out).
+    ``expected_parameters(cfg)`` counts the parameters of the model a config describes (the model's module has it)."""
     stored = sum(math.prod(s) for s in shapes.values())
     file_bytes = sum(f.stat().st_size for f in files)
     try:
@@ -344,80 +332,12 @@ def check_state_dict(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]],
         raise CheckpointError(f"{where}: checkpoint does not match the model config: " + "; ".join(parts))
 
 
-def load_transformer(
-    path: str | Path,
-    *,
-    config=None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-    kernel_backend: str | None = None,
-) -> ZImageTransformer:
-    """Load a transformer checkpoint (see module docstring). ``config``: ZImageConfig, preset name, dict or json path.
-
-    ``dtype``: convert every floating tensor to it (default: keep the stored dtype).
-    """
-    files, config_json = resolve_checkpoint(path)
-    where, shapes, meta = _read_header(files)
-    comfy = is_comfy_layout(where)
-    if comfy:
-        # Shapes after the key conversion (fused qkv splits into three equal parts).
-        shapes = {
-            k: tuple(v.shape)
-            for k, v in comfy_to_diffusers({k: torch.empty(s, device="meta") for k, s in shapes.items()}).items()
-        }
-    cfg = _as_config(config)
-    if cfg is None and config_json is not None:
-        cfg = config_from_json(config_json)
-    if cfg is None and CONFIG_KEY in meta:
-        try:
-            cfg = ZImageConfig.from_dict(json.loads(meta[CONFIG_KEY]))
-        except (TypeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{path}: invalid config in the safetensors metadata ({str(e)[:300]})") from None
-    if cfg is None:
-        cfg = infer_config(shapes, str(path))
-    check_size(cfg, shapes, files, str(path))
-
-    with torch.device("meta"):
-        model = ZImageTransformer(cfg, kernel_backend=kernel_backend)
-    check_state_dict(model, shapes, str(path))
-
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t.to(device)
-
-    sd: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for f, stored in where.values():
-        by_file.setdefault(f, []).append(stored)
-    for f, keys in by_file.items():
-        with safe_open(f, framework="pt") as h:
-            for k in keys:
-                sd[k] = h.get_tensor(k)
-    if comfy:
-        sd = comfy_to_diffusers(sd)
-    sd = {k: convert(v) for k, v in sd.items()}
-    model.load_state_dict(sd, assign=True)
-    return model.eval()
-
-
-def from_diffusers(module: torch.nn.Module, kernel_backend: str | None = None) -> ZImageTransformer:
-    """Our model sharing the parameters of a live diffusers ``ZImageTransformer2DModel`` (no copy)."""
-    cfg = ZImageConfig.from_dict(dict(module.config))
-    with torch.device("meta"):
-        model = ZImageTransformer(cfg, kernel_backend=kernel_backend)
-    sd = module.state_dict()
-    check_state_dict(model, {k: tuple(v.shape) for k, v in sd.items()}, type(module).__name__)
-    model.load_state_dict(sd, assign=True)
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_transformer(model: ZImageTransformer, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
+def save_transformer(model: torch.nn.Module, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
     """Write a diffusers ``transformer/`` folder (config.json + safetensors, sharded with an index if asked)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -445,7 +365,7 @@ def save_transformer(model: ZImageTransformer, folder: str | Path, max_shard_byt
     return folder
 
 
-def save_single_file(model: ZImageTransformer, path: str | Path, layout: str = "diffusers", prefix: str = "") -> Path:
+def save_single_file(model: torch.nn.Module, path: str | Path, layout: str = "diffusers", prefix: str = "") -> Path:
     """One .safetensors file in ``diffusers`` or ``comfyui`` layout; our config goes into the metadata."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if layout == "comfyui":

@@ -14,7 +14,7 @@ Why each piece exists:
   contract e.g. ``round(t·y) + x`` into one ``fma.rn.bf16``, skipping the rounding of the product that eager torch
   (separate kernels) performs. Attention keeps fusion on (no bit-exactness target, FMAs are its speed).
 - ``custom_op``: registration as a ``torch.library`` custom op with an explicit fake implementation (``triton_op``'s
-  automatic fake fails under the interpreter, see ../shared/docs/style.md Appendix B). In eager mode the public
+  automatic fake fails under the interpreter, see docs/kernels.md, "Design notes"). In eager mode the public
   functions call the launcher directly: a custom-op call costs tens of microseconds of Python dispatch per call,
   about the run time of one fused elementwise op at Z-Image shapes. Under ``torch.compile`` they go through the op
   so that Dynamo treats the kernel as opaque.
@@ -31,6 +31,7 @@ import triton.language as tl
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before triton is imported (tests/conftest.py does).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x·scale) = exp2(x·scale·log2 e)
 AUTOTUNE_ENV = "ZIMAGE_AUTOTUNE"  # "full": search the whole config space on a GPU; anything else: curated list
 
 if not INTERPRET:

@@ -6,7 +6,7 @@ the batch is ragged). Algorithm: Dao, "FlashAttention-2" (arXiv 2307.08691), lai
 ``python/tutorials/06-fused-attention.py`` (triton-lang/triton@003da47): Q tile resident, K/V streamed, online
 softmax with fp32 ``m_i``/``l_i``/accumulator, the softmax scale folded into ``exp2`` (``qk_scale = scale·log2 e``).
 
-What is specific to Z-Image (../shared/docs/kernels.md §1.3, §2.5, §7):
+What is specific to Z-Image (docs/kernels.md, "Design notes"):
 
 - Layout ``[B, N, H, D]`` with arbitrary batch/token/head strides and unit stride along D: q/k/v arrive as
   ``.unflatten`` views of a Linear output and are read in place (no ``.transpose().contiguous()`` copies).
@@ -46,6 +46,7 @@ from . import reference
 from ._triton import (
     FLOAT_DTYPES,
     INTERPRET,
+    LOG2E,
     autotune,
     cuda_capability,
     ensure_allocator,
@@ -55,7 +56,6 @@ from ._triton import (
     use_custom_op,
 )
 
-LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x·scale) = exp2(x·scale·log2 e)
 PATH_ENV = "ZIMAGE_ATTENTION_PATH"
 IMPL_ENV = "ZIMAGE_ATTENTION_IMPL"  # "default" | "fa3" (opt-in Gluon kernel, zimage_kernels/attention_fa3.py)
 TMA_HEAD_DIMS = (32, 64, 128)
@@ -257,11 +257,11 @@ def _tma_configs(full: bool):
             for w in (4, 8)
             for ws in (False, True)
         ]
-    # Curated for H100/H200, hd128 bf16 non-causal (kernels.md §2: BLOCK_M 128, BLOCK_N 64-128, 2-4 stages). Checked
-    # by compiling for sm_90a with triton 3.8 (scripts/aot_compile.py): none spills; shared memory 131-229 KB
-    # (limit 227 KiB = 232448 B). Warp specialization only takes effect with 4 warps (8 warps compile to the plain
-    # pipeline), and 128-row tiles without it need 8 warps (4 warps spill). WS and non-WS are both kept because WS
-    # support on Hopper varies across triton releases (kernels.md §6.8) and neither was timed yet.
+    # Curated for H100/H200, hd128 bf16 non-causal (docs/kernels.md, "Design notes": BLOCK_M 128, BLOCK_N 64-128, 2-4
+    # stages). Checked by compiling for sm_90a with triton 3.8 (scripts/aot_compile.py): none spills; shared memory
+    # 131-229 KB (limit 227 KiB = 232448 B). Warp specialization only takes effect with 4 warps (8 warps compile to the
+    # plain pipeline), and 128-row tiles without it need 8 warps (4 warps spill). WS and non-WS are both kept because WS
+    # support on Hopper varies across triton releases (docs/kernels.md, "Design notes") and neither was timed yet.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WARP_SPECIALIZE": False}, num_stages=2, num_warps=8),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WARP_SPECIALIZE": False}, num_stages=3, num_warps=8),
@@ -363,7 +363,7 @@ def _attn_fwd_tma_kernel(
                 acc, l_i, m_i, q, desc_k, desc_v, start_n, kv_len, qk_scale, offs_n, not EVEN_KV
             )
     else:
-        # Full blocks unmasked, then the one partial block masked (kernels.md §2.5).
+        # Full blocks unmasked, then the one partial block masked (docs/kernels.md, "Design notes").
         n_full = (kv_len // BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, n_full, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)

@@ -47,7 +47,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attention import LOG2E
+from ._triton import LOG2E
 
 HEAD_DIMS = (64, 128)
 # One config, chosen to fit: 2 consumer warpgroups × 64 rows, 128-key blocks, 2 K/V stages (smem: Q 2×16 KiB,

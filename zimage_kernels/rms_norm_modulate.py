@@ -3,7 +3,7 @@
 Reference: ``zimage_kernels.reference.rms_norm_modulate`` (diffusers 0.42.1 ``RMSNorm`` followed by Z-Image's
 ``* (1 + scale_msa)``). Eager torch runs it as about eight kernels; this is one read of ``x`` and one write.
 
-Numerics (bit-faithful to eager torch's CUDA trajectory by construction, see ../shared/docs/kernels.md §3.3):
+Numerics (bit-faithful to eager torch's CUDA trajectory by construction, see docs/kernels.md, "Design notes"):
 fp32 sum of squares times ``fl32(1/C)`` (CUDA ``mean`` multiplies by the reciprocal), ``rsqrt(var + eps)``, fp32
 ``x * rsqrt``, round to the weight dtype, times the weight (rounded), ``1 + scale`` rounded, the product rounded.
 Every rounding that eager torch does in bf16/fp16 is done here too (``round_to``). The only expected difference is the

@@ -15,9 +15,9 @@ docstring) and otherwise runs the torch reference, so the model never fails on a
 from __future__ import annotations
 
 from .attention import attention
-from .backend import Ops
 from .gated_residual import gated_residual
 from .layer_norm_modulate import layer_norm_modulate
+from .ops import Ops
 from .qk_norm_rope import qk_norm_rope
 from .rms_norm_modulate import rms_norm_modulate
 from .swiglu import swiglu

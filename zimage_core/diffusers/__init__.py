@@ -3,7 +3,7 @@
 
 The classes here subclass diffusers' own (0.42.1) and keep their constructor, ``__call__`` / ``forward``
 signatures, return types, folders and config names; our transformer, samplers, caches and kernels run underneath.
-What is the same and what differs on purpose: README ("diffusers drop-in").
+What is the same and what differs on purpose: docs/dropin.md.
 
 This package is named ``diffusers`` inside ``zimage_core``; every import of the real library here is absolute
 (``from diffusers import ...``), which always resolves to the top-level package.

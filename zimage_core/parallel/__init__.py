@@ -11,7 +11,7 @@ NCCL on GPUs, gloo on CPU; no transport of our own. Parts:
 - ``runtime.py``   :class:`ParallelContext`: the pipeline's forward (CFG halves on two ranks, one all_gather per
                    step), the step cache's metric reduction, errors that fail every rank together.
 - ``launch.py``    :func:`launch`: spawn N ranks here, bounded in time; or use ``torchrun``.
-- ``cli.py``       ``zimage generate --parallel ulysses=2,cfg=2``.
+- the command ``zimage generate --parallel ulysses=2,cfg=2`` is part of the CLI (``zimage_core/cli.py``).
 """
 
 from .attention import RingAttention, UlyssesAttention, head_splits

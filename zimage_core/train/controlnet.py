@@ -18,7 +18,7 @@ white silhouette on black, at the same place and size as in the target image.
    start at zero, so training starts from the unchanged default model. AdamW, warm-up then cosine decay, EMA.
 4. **Save.** A diffusers ``ZImageControlNetModel`` folder with ``zimage_fast.json`` recording the run.
 
-``python -m zimage_core.train.controlnet --evaluate`` runs the pixel check of the README over fixed
+``python -m zimage_core.train.controlnet --evaluate`` runs the pixel check of docs/controlnet.md over fixed
 (caption, guide) pairs whose caption names another position than the guide.
 """
 
@@ -238,8 +238,9 @@ def evaluate(pipe, model, pairs, weight: float = 1.0, mode: str = "controlnet", 
 
 
 def measure(pipe, model, n: int = 24, repeats: int = 3) -> dict:
-    """The README's figures: the pixel check per controlMode, with FBCache and at weight 0; weight 0 against no
-    ControlNet; and CPU process time per image (medians of interleaved runs, one caption and seed) per setting."""
+    """The figures of docs/controlnet.md: the pixel check per controlMode, with FBCache and at weight 0; weight 0
+    against no ControlNet; and CPU process time per image (medians of interleaved runs, one caption and seed) per
+    setting."""
     import statistics
 
     from zimage_core.cache import CacheConfig
