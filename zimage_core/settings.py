@@ -127,13 +127,13 @@ SETTINGS: dict[str, tuple[Setting, ...]] = {
             "ZIMAGE_LOG_LEVEL",
             "info",
             "uvicorn's log level for `zimage serve`.",
-            "zimage_core/service/server.py",
+            "zimage_core/server/app.py",
         ),
         Setting(
             "ZIMAGE_RAY_LOG",
             None,
             "Any non-empty value: Ray forwards its workers' logs to the driver (`zimage serve --ray`); unset: not.",
-            "zimage_core/service/ray_app.py",
+            "zimage_core/server/ray_app.py",
         ),
     ),
     "parallel": (
