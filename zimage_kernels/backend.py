@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import fp8, reference
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "ZIMAGE_KERNELS"
@@ -31,6 +31,11 @@ class Ops:
     gated_residual: Callable
     swiglu: Callable
     layer_norm_modulate: Callable
+    # FP8 W8A8 (``zimage_kernels.fp8``): quantizing producers -> ``Fp8Act``, and the e4m3 GEMM
+    rms_norm_modulate_fp8: Callable
+    swiglu_fp8: Callable
+    quantize_rows: Callable
+    fp8_linear: Callable
 
     # The step caches' two ops (no custom-op registration: they run outside any compiled region, between layers).
     @property
@@ -60,6 +65,10 @@ TORCH_OPS = Ops(
     gated_residual=reference.gated_residual,
     swiglu=reference.swiglu,
     layer_norm_modulate=reference.layer_norm_modulate,
+    rms_norm_modulate_fp8=fp8.rms_norm_modulate_fp8,
+    swiglu_fp8=fp8.swiglu_fp8,
+    quantize_rows=fp8.quantize_rows,
+    fp8_linear=fp8.fp8_linear,
 )
 
 
