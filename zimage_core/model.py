@@ -29,8 +29,9 @@ from torch.nn.utils.rnn import pad_sequence
 from zimage_kernels import Ops, get_ops, reference
 from zimage_kernels.backend import validate_backend
 
-from . import nosync
+from . import fp8, nosync
 from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
+from .fp8 import takes_fp8
 from .hooks import StackHook, run_stack
 
 FINAL_NORM_EPS = 1e-6
@@ -85,7 +86,7 @@ class Attention(nn.Module):
         else:
             q, k = reference.rope(q, inp.freqs_cis), reference.rope(k, inp.freqs_cis)
         out = inp.ops.attention(q, k, v, kv_lens=inp.kv_lens)  # [B, N, H, D]
-        return self.to_out[0](out.flatten(2).to(q.dtype))  # [B, N, H*D]
+        return self.to_out[0](out.flatten(2).to(q.dtype))  # [B, N, H*D]; an FP8 to_out quantizes it per token
 
 
 class FeedForward(nn.Module):
@@ -96,7 +97,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+        a, b = self.w1(x), self.w3(x)  # x may be an Fp8Act from the block's pre-norm (FP8 w1/w3)
+        if takes_fp8(self.w2):  # FP8 w2: the SwiGLU gate emits e4m3 + per-token scales directly
+            return self.w2(ops.swiglu_fp8(a, b))
+        return self.w2(ops.swiglu(a, b))
 
 
 class TransformerBlock(nn.Module):
@@ -130,9 +134,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
         ops = inp.ops
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation_terms(inp.adaln_input)
-        h = ops.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, self.eps)
+        att, ffn = self.attention, self.feed_forward
+        # FP8 consumers (zimage_core.fp8): the pre-norm emits e4m3 + per-token scales for all of them at once
+        pre = ops.rms_norm_modulate_fp8 if takes_fp8(att.to_q, att.to_k, att.to_v) else ops.rms_norm_modulate
+        h = pre(x, self.attention_norm1.weight, scale_msa, self.eps)
         x = ops.gated_residual(x, self.attention(h, inp), self.attention_norm2.weight, gate_msa, self.eps)
-        h = ops.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, self.eps)
+        pre = ops.rms_norm_modulate_fp8 if takes_fp8(ffn.w1, ffn.w3) else ops.rms_norm_modulate
+        h = pre(x, self.ffn_norm1.weight, scale_mlp, self.eps)
         x = ops.gated_residual(x, self.feed_forward(h, ops), self.ffn_norm2.weight, gate_mlp, self.eps)
         return x
 
@@ -281,7 +289,13 @@ class ZImageTransformer(nn.Module):
     def set_kernel_backend(self, backend: str | None) -> ZImageTransformer:
         """'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'triton'; None defers to $ZIMAGE_KERNELS."""
         self.kernel_backend = validate_backend(backend) if backend else None
+        fp8.set_backend(self, backend)
         return self
+
+    def quantize(self, mode: str = "fp8", groups=None) -> ZImageTransformer:
+        """In place: the linear layers of ``groups`` (default: the recipe ``mode``) in e4m3 W8A8 (``zimage_core.fp8``,
+        docs/fp8.md); ``mode="none"`` does nothing. Returns self."""
+        return fp8.quantize_model(self, mode, groups)
 
     def ops_for(self, device: torch.device) -> Ops:
         return get_ops(self.kernel_backend, device)
