@@ -105,10 +105,13 @@ class FP8Linear(nn.Module):
             self.weight_scale = self.weight_scale.float()
         return self
 
+    def quantize_input(self, x) -> Fp8Act:
+        """``x`` quantized per token (an Fp8Act passes through)."""
+        return x if isinstance(x, Fp8Act) else get_ops(self.kernel_backend, x.device).quantize_rows(x)
+
     def forward(self, x) -> torch.Tensor:
-        device = x.q.device if isinstance(x, Fp8Act) else x.device
-        ops = get_ops(self.kernel_backend, device)
-        a = x if isinstance(x, Fp8Act) else ops.quantize_rows(x)
+        a = self.quantize_input(x)
+        ops = get_ops(self.kernel_backend, a.q.device)
         return ops.fp8_linear(a, self.weight, self.weight_scale, self.bias, self.out_dtype)
 
     def extra_repr(self) -> str:

@@ -33,8 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from zimage_kernels.fp8 import Fp8Act
-
 from .errors import RequestError
 from .fp8 import FP8Linear
 
@@ -162,9 +160,9 @@ class LoraStore:
 
 def _lora_forward(module: nn.Linear | FP8Linear, x) -> torch.Tensor:
     if isinstance(module, FP8Linear):  # e4m3 base weights stay quantized: the adapter is a side path
-        out = FP8Linear.forward(module, x)
-        if isinstance(x, Fp8Act):  # from a fused producer: the side path reads the dequantized activation
-            x = x.dequantize(out.dtype)
+        a = module.quantize_input(x)  # an Fp8Act from a fused producer passes through
+        out = FP8Linear.forward(module, a)
+        x = a.dequantize(out.dtype)  # the adapter reads the same (dequantized) input as the base GEMM
     else:
         out = F.linear(x, module.weight, module.bias)
     active = getattr(_local, "adapters", None)
