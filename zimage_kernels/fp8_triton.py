@@ -277,7 +277,7 @@ def quantize_rows(x: torch.Tensor) -> Fp8Act:
 def gemm_config(device: torch.device) -> dict:
     """Tile config: 128×128×128, 8 warps, 4 stages on a GPU (e4m3 tiles of 16 KiB: 128 KiB of shared memory);
     small tiles under the interpreter."""
-    if INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 
