@@ -346,3 +346,43 @@ def test_fp8_image_psnr_on_the_trained_default():
         psnrs.append(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse))
     assert min(psnrs) < math.inf  # the quantized path really differs
     assert sum(psnrs) / len(psnrs) >= 30.0, psnrs
+
+
+# ---- the entry points: CLI, serve's loader, diffusers drop-in ----------------------------------------------------
+
+
+def test_cli_generate_with_quantize_fp8(tmp_path):
+    from PIL import Image
+
+    from zimage_core.cli import build_parser, main
+
+    out = tmp_path / "o.png"
+    rc = main(["generate", "a large red circle in the top left on a blue background", "--quantize", "fp8"] + [
+        "--steps", "2", "--quiet", "--device", "cpu", "-o", str(out)
+    ])  # fmt: skip
+    assert rc == 0 and Image.open(out).size == (128, 128)
+    assert build_parser().parse_args(["serve", "--quantize", "fp8"]).quantize == "fp8"
+
+
+def test_serve_loader_passes_quantize_through():
+    from zimage_core.service import engine
+    from zimage_core.service.server import Settings
+
+    assert Settings(quantize="fp8").quantize == "fp8"
+    pipe = engine.load(None, "cpu", None, None, "fp8")
+    assert isinstance(pipe.transformer.layers[0].feed_forward.w1, zfp8.FP8Linear)
+    with pytest.raises(RequestError, match="quantize"):
+        engine.load(None, "cpu", None, None, "fp4")
+
+
+def test_diffusers_dropin_quantize_kwarg():
+    from zimage_core.default_model import default_model_path
+    from zimage_core.diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(default_model_path(), quantize="fp8")
+    assert isinstance(pipe.transformer.layers[0].attention.to_out[0], zfp8.FP8Linear)
+    out = pipe("a small blue square in the middle center on a white background", num_inference_steps=2,
+               height=128, width=128, output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.isfinite(out.images).all()
+    with pytest.raises(RequestError, match="quantize"):
+        ZImagePipeline.from_pretrained(default_model_path(), quantize="int8")
