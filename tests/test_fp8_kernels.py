@@ -107,3 +107,49 @@ def test_triton_ops_dispatch_to_the_kernels(monkeypatch):
     wq, ws = fp8.quantize_weight(torch.randn(16, 32))
     ops.fp8_linear(a, wq, ws, None, torch.float32)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("gemm", ["auto", "triton"])
+def test_quantized_block_compiles_fullgraph_with_the_fp8_ops_opaque(monkeypatch, gemm):
+    """A quantized transformer block under torch.compile(fullgraph=True): the FP8 producers (and the Triton GEMM
+    when chosen) are opaque custom ops in the graph, and the result equals eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from tests.helpers import diffusers_transformer
+    from zimage_core.model import BlockInputs, ZImageTransformer
+
+    monkeypatch.setenv(fp8.GEMM_ENV, gemm)
+    model = ZImageTransformer.from_diffusers(diffusers_transformer("hd32")).eval()
+    model.set_kernel_backend("triton").quantize("fp8")
+    block = model.layers[0]
+    cfg = model.config
+    x = torch.randn(2, 32, cfg.dim)
+    freqs = torch.polar(torch.ones(2, 32, cfg.head_dim // 2), torch.rand(2, 32, cfg.head_dim // 2)).to(torch.complex64)
+    inp = BlockInputs(get_ops("triton", "cpu"), None, freqs, torch.randn(2, cfg.adaln_dim))
+    with torch.no_grad():
+        eager = block(x, inp)
+        counter = CompileCounterWithBackend("aot_eager")
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend=counter, fullgraph=True)(x, inp)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+    want = {"zimage.rms_norm_modulate_fp8.default", "zimage.swiglu_fp8.default", "zimage.quantize_rows.default"}
+    if gemm == "triton":
+        want.add("zimage.fp8_gemm.default")
+    assert want <= targets, targets
+
+
+def test_fp8_custom_ops_pass_opcheck():
+    x, w, s = torch.randn(2, 5, 64), torch.randn(64), torch.randn(2, 1, 64)
+    a, b = torch.randn(6, 96), torch.randn(6, 96)
+    q = fp8.quantize_rows(torch.randn(6, 64))
+    wq, ws = fp8.quantize_weight(torch.randn(32, 64))
+    cases = {
+        "rms_norm_modulate_fp8": (x, w, s, 1e-5),
+        "swiglu_fp8": (a, b),
+        "quantize_rows": (x,),
+        "fp8_gemm": (q.q, q.scale, wq, ws, torch.randn(32), torch.float32),
+    }
+    for name, args in cases.items():
+        # fake implementations against the real ones (opcheck's schema test multiplies outputs: no e4m3 mul on CPU)
+        torch.library.opcheck(getattr(torch.ops.zimage, name), args, test_utils=("test_faketensor",))

@@ -32,6 +32,7 @@ from ._triton import (
     round_to,
     row_block,
     supported_device,
+    use_custom_op,
 )
 from .fp8 import E4M3, E4M3_MAX, SCALE_FLOOR, Fp8Act
 
@@ -199,12 +200,7 @@ def _empty_act(shape, device) -> Fp8Act:
     return Fp8Act(torch.empty(shape, dtype=E4M3, device=device), torch.empty((*shape[:-1], 1), device=device))
 
 
-def rms_norm_modulate_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float) -> Fp8Act:
-    """Same result as ``fp8.rms_norm_modulate_fp8`` (the reference) in one pass over ``x``."""
-    from .rms_norm_modulate import supports
-
-    if not supports(x, weight, scale):
-        return fp8.rms_norm_modulate_fp8(x, weight, scale, eps)
+def _launch_rms_norm_modulate_fp8(x, weight, scale, eps: float) -> Fp8Act:
     B, N, C = x.shape
     out = _empty_act((B, N, C), x.device)
     if x.numel() == 0:
@@ -225,6 +221,17 @@ def rms_norm_modulate_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return out
 
 
+def rms_norm_modulate_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float) -> Fp8Act:
+    """Same result as ``fp8.rms_norm_modulate_fp8`` (the reference) in one pass over ``x``."""
+    from .rms_norm_modulate import supports
+
+    if not supports(x, weight, scale):
+        return fp8.rms_norm_modulate_fp8(x, weight, scale, eps)
+    if use_custom_op():
+        return Fp8Act(*_rms_norm_modulate_fp8_op(x, weight, scale, eps))
+    return _launch_rms_norm_modulate_fp8(x, weight, scale, eps)
+
+
 def _row_launch(t: torch.Tensor):
     R, K = t.shape
     block_k = min(MAX_BLOCK_K, next_pow2(K))
@@ -232,12 +239,7 @@ def _row_launch(t: torch.Tensor):
     return (triton.cdiv(R, block_r),), block_r, block_k, warps
 
 
-def swiglu_fp8(a: torch.Tensor, b: torch.Tensor) -> Fp8Act:
-    """Same result as ``fp8.swiglu_fp8`` (the reference); the bf16 product is never written."""
-    from .swiglu import supports
-
-    if not supports(a, b):
-        return fp8.swiglu_fp8(a, b)
+def _launch_swiglu_fp8(a: torch.Tensor, b: torch.Tensor) -> Fp8Act:
     out = _empty_act(a.shape, a.device)
     if a.numel() == 0:
         return out
@@ -252,10 +254,18 @@ def swiglu_fp8(a: torch.Tensor, b: torch.Tensor) -> Fp8Act:
     return out
 
 
-def quantize_rows(x: torch.Tensor) -> Fp8Act:
-    """Same result as ``fp8.quantize_rows`` (the reference) for ``[..., K]`` activations."""
-    if x.dim() == 0 or x.dtype not in FLOAT_DTYPES or not supported_device(x):
-        return fp8.quantize_rows(x)
+def swiglu_fp8(a: torch.Tensor, b: torch.Tensor) -> Fp8Act:
+    """Same result as ``fp8.swiglu_fp8`` (the reference); the bf16 product is never written."""
+    from .swiglu import supports
+
+    if not supports(a, b):
+        return fp8.swiglu_fp8(a, b)
+    if use_custom_op():
+        return Fp8Act(*_swiglu_fp8_op(a, b))
+    return _launch_swiglu_fp8(a, b)
+
+
+def _launch_quantize_rows(x: torch.Tensor) -> Fp8Act:
     x2 = _rows(x)
     if x2 is None:
         x2 = x.reshape(-1, x.shape[-1])  # a copy (e.g. attention's permuted output); stride 1 along K
@@ -274,6 +284,15 @@ def quantize_rows(x: torch.Tensor) -> Fp8Act:
     return out
 
 
+def quantize_rows(x: torch.Tensor) -> Fp8Act:
+    """Same result as ``fp8.quantize_rows`` (the reference) for ``[..., K]`` activations."""
+    if x.dim() == 0 or x.dtype not in FLOAT_DTYPES or not supported_device(x):
+        return fp8.quantize_rows(x)
+    if use_custom_op():
+        return Fp8Act(*_quantize_rows_op(x))
+    return _launch_quantize_rows(x)
+
+
 def gemm_config(device: torch.device) -> dict:
     """Tile config: 128×128×128, 8 warps, 4 stages on a GPU (e4m3 tiles of 16 KiB: 128 KiB of shared memory);
     small tiles under the interpreter."""
@@ -282,20 +301,17 @@ def gemm_config(device: torch.device) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-def fp8_gemm(a: Fp8Act, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
-    """``(a.q·a.scale) @ (wq·ws)ᵀ + bias`` in ``out_dtype`` with fp32 accumulation (the Triton kernel)."""
-    if not supported_device(a.q) or wq.dtype != E4M3 or a.q.dtype != E4M3:
-        return fp8.gemm_dequant(a, wq, ws, bias, out_dtype)
-    K = a.q.shape[-1]
-    qa = a.q.reshape(-1, K)
+def _launch_fp8_gemm(q: torch.Tensor, sa: torch.Tensor, wq, ws, bias, out_dtype) -> torch.Tensor:
+    K = q.shape[-1]
+    qa = q.reshape(-1, K)
     if qa.stride(-1) != 1:
         qa = qa.contiguous()
     wq = wq if wq.stride(-1) == 1 else wq.contiguous()
     M, N = qa.shape[0], wq.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=qa.device)
     if out.numel() == 0:
-        return out.reshape(*a.q.shape[:-1], N)
-    sa = a.scale.reshape(-1).float().contiguous()
+        return out.reshape(*q.shape[:-1], N)
+    sa = sa.reshape(-1).float().contiguous()
     sb = ws.reshape(-1).float().contiguous()
     cfg = gemm_config(qa.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -304,9 +320,64 @@ def fp8_gemm(a: Fp8Act, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor |
             out, out.stride(0), qa, qa.stride(0), wq, wq.stride(0), sa, sb,
             bias if bias is not None else sb, M, N, K, HAS_BIAS=bias is not None, **cfg,
         )  # fmt: skip
-    return out.reshape(*a.q.shape[:-1], N)
+    return out.reshape(*q.shape[:-1], N)
+
+
+def fp8_gemm(a: Fp8Act, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor:
+    """``(a.q·a.scale) @ (wq·ws)ᵀ + bias`` in ``out_dtype`` with fp32 accumulation (the Triton kernel)."""
+    if not supported_device(a.q) or wq.dtype != E4M3 or a.q.dtype != E4M3:
+        return fp8.gemm_dequant(a, wq, ws, bias, out_dtype)
+    if use_custom_op():
+        return _fp8_gemm_op(a.q, a.scale, wq, ws, bias, out_dtype)
+    return _launch_fp8_gemm(a.q, a.scale, wq, ws, bias, out_dtype)
 
 
 def fp8_linear(a: Fp8Act, wq, ws, bias, out_dtype) -> torch.Tensor:
     """The Triton op set's GEMM: ``torch._scaled_mm`` where it runs, else :func:`fp8_gemm` (``fp8.fp8_linear``)."""
     return fp8.fp8_linear(a, wq, ws, bias, out_dtype, triton_gemm=fp8_gemm)
+
+
+# ---- custom ops: what torch.compile sees (opaque to Inductor, with fake implementations) -----------------------------
+
+
+@torch.library.custom_op("zimage::rms_norm_modulate_fp8", mutates_args=())
+def _rms_norm_modulate_fp8_op(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_launch_rms_norm_modulate_fp8(x, weight, scale, eps))
+
+
+@torch.library.custom_op("zimage::swiglu_fp8", mutates_args=())
+def _swiglu_fp8_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_launch_swiglu_fp8(a, b))
+
+
+@torch.library.custom_op("zimage::quantize_rows", mutates_args=())
+def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_launch_quantize_rows(x))
+
+
+def _fake_act(x):
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+_rms_norm_modulate_fp8_op.register_fake(lambda x, weight, scale, eps: _fake_act(x))
+_swiglu_fp8_op.register_fake(lambda a, b: _fake_act(a))
+_quantize_rows_op.register_fake(_fake_act)
+
+
+@torch.library.custom_op("zimage::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _launch_fp8_gemm(q, scale, wq, ws, bias, out_dtype)
+
+
+@_fp8_gemm_op.register_fake
+def _(q, scale, wq, ws, bias, out_dtype):
+    return q.new_empty((*q.shape[:-1], wq.shape[0]), dtype=out_dtype)
