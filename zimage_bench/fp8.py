@@ -12,6 +12,10 @@ Sections (each can be skipped; all run on CPU: ``torch._scaled_mm`` runs e4m3 GE
   PSNR (mean, min) and the pixel checker's agreement for both (docs/default-model.md).
 - ``memory``: the weight bytes of both on the default model (measured), and of the 6B config (computed from its
   shapes: 1 byte per quantized weight + 4 per output channel, 2 bytes per bf16 parameter).
+- ``attention``: FP8 attention's error, **emulated** (no FP8 attention kernel exists yet): Q, K, V rounded to e4m3
+  with one scale per (sample, head), then the reference attention; on real-size random heads after QK-norm, and the
+  image PSNR of the recipe + FP8 attention against the unquantized pipeline on held-out captions of the trained
+  default.
 - ``lora``: an adapter on FP8 layers, as a bf16 side path vs merged into the weight and re-quantized: per-forward
   cost of the side path and per-request cost of the merge on real-size layers (random weights), CPU timings.
 
@@ -28,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-SECTIONS = ("blocks", "groups", "images", "memory", "lora")
+SECTIONS = ("blocks", "groups", "images", "memory", "lora", "attention")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,11 +92,10 @@ def blocks(tokens: int, seed: int = 0) -> dict:
 
 def groups(pipe, n: int = 2) -> dict:
     from zimage_core import fp8 as zfp8
-    from zimage_core.train.dataset import eval_prompts
 
     base = pipe.transformer
     g = torch.Generator().manual_seed(0)
-    caps = [s.caption for s, _ in eval_prompts(n=n)]
+    caps = [c for c, _ in heldout_prompts(pipe, n)]
     with torch.no_grad():
         feats = pipe.encode_prompts(caps)
     h = w = 128 // pipe.vae_scale_factor
@@ -127,28 +130,40 @@ def _copy(model):
 # ---- images + pixel checker ----------------------------------------------------------------------------------------
 
 
-def images(base, quant, n: int) -> dict:
-    from zimage_core.train.checker import read_image
-    from zimage_core.train.dataset import eval_prompts
+def images(n: int, threads: int) -> dict:
+    """The comparison runs in ``python -m zimage_core.train.evaluate --compare-quantize fp8`` (the pixel checker and the
+    held-out captions are training code, which the bench does not import)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
 
-    rows, agree_b, agree_q = [], 0, 0
-    for scene, seed in eval_prompts(n=n):
-        a = base.generate(scene.caption, seed=seed).images[0]
-        b = quant.generate(scene.caption, seed=seed).images[0]
-        ok_a, ok_b = read_image(a).agrees(scene), read_image(b).agrees(scene)
-        agree_b += ok_a
-        agree_q += ok_b
-        rows.append({"caption": scene.caption, "seed": seed, "psnr": psnr_u8(a, b), "checker": [ok_a, ok_b]})
-        print(f"  {scene.caption[:70]:<70} PSNR {rows[-1]['psnr']:6.2f} dB  checker {ok_a}/{ok_b}", flush=True)
-    ps = [r["psnr"] for r in rows]
-    return {
-        "n": n,
-        "psnr_mean": sum(ps) / n,
-        "psnr_min": min(ps),
-        "checker_unquantized": agree_b / n,
-        "checker_fp8": agree_q / n,
-        "rows": rows,
-    }
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "compare.json"
+        cmd = [sys.executable, "-m", "zimage_core.train.evaluate", "--compare-quantize", "fp8", "--n", str(n)]
+        root = Path(__file__).resolve().parents[1]  # this checkout's packages, not an installed copy's
+        res = subprocess.run(
+            [*cmd, "--threads", str(threads), "--json", str(out)], capture_output=True, text=True, cwd=root
+        )
+        print(res.stdout, end="", flush=True)
+        if res.returncode != 0 or not out.exists():
+            raise SystemExit(f"bench fp8: {' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def heldout_prompts(pipe, n: int) -> list[tuple[str, int]]:
+    """(caption, seed) for up to ``n`` of the default model's own prompts whose (colour, shape, background) triple
+    was held out of its training (``zimage_fast.json``); seeds 10000 + i."""
+    meta = getattr(pipe, "meta", {}) or {}
+    held = [tuple(t) for t in meta.get("training", {}).get("heldout_triples", [])]
+    caps = [
+        c
+        for c in meta.get("prompts", [])
+        if any(f" {col} {sh} " in c and c.endswith(f" {bg} background") for col, sh, bg in held)
+    ]
+    if not caps:
+        raise SystemExit("bench fp8: the default model's zimage_fast.json lists no held-out prompts")
+    return [(c, 10_000 + i) for i, c in enumerate(caps[:n])]
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------------
@@ -239,6 +254,63 @@ def lora(tokens: int, rank: int = 32, repeats: int = 5) -> dict:
     return {"tokens": tokens, "rank": rank, "weights": "random", "cpu_threads": torch.get_num_threads(), **out}
 
 
+# ---- attention: e4m3 Q/K/V, emulated -------------------------------------------------------------------------------
+
+
+def fake_quant_heads(t: torch.Tensor) -> torch.Tensor:
+    """``[B, N, H, D]`` rounded to e4m3 with one scale per (sample, head) (amax over N and D), dequantized."""
+    from zimage_kernels.fp8 import E4M3, E4M3_MAX, SCALE_FLOOR
+
+    tf = t.float()
+    scale = tf.abs().amax(dim=(1, 3), keepdim=True).clamp(min=SCALE_FLOOR) / E4M3_MAX
+    return ((tf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale).to(t.dtype)
+
+
+def attention_fp8_emulated(q, k, v, *, kv_lens=None, scale=None):
+    from zimage_kernels import reference
+
+    return reference.attention(
+        fake_quant_heads(q), fake_quant_heads(k), fake_quant_heads(v), kv_lens=kv_lens, scale=scale
+    )
+
+
+def attention(base, quant, n: int, tokens: int = 1024) -> dict:
+    import dataclasses
+
+    from zimage_kernels import get_ops, reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, 30, 128, generator=g) for _ in range(3))
+    q, k = reference.rms_norm(q, torch.ones(128), 1e-5), reference.rms_norm(k, torch.ones(128), 1e-5)
+    errs = {}
+    for gain in (1.0, 2.0, 4.0):  # QK-norm weights set the logit scale: std(q·k/sqrt(D)) = gain²
+        errs[gain] = rel(attention_fp8_emulated(q * gain, k * gain, v), reference.attention(q * gain, k * gain, v))
+        print(
+            f"  real-size heads (random, {tokens} tokens, 30x128, QK-normed, gain {gain:g}): output rel L2 "
+            f"{errs[gain]:.4f}",
+            flush=True,
+        )
+    model = quant.transformer
+    ops = dataclasses.replace(get_ops("torch", "cpu"), attention=attention_fp8_emulated)
+    model.ops_for = lambda device: ops  # this instance only
+    try:
+        ps = []
+        for caption, seed in heldout_prompts(base, n):
+            a = base.generate(caption, seed=seed).images[0]
+            b = quant.generate(caption, seed=seed).images[0]
+            ps.append(psnr_u8(a, b))
+    finally:
+        del model.ops_for
+    print(f"  recipe + FP8 attention vs unquantized, {n} captions: PSNR mean {sum(ps) / n:.2f}, min {min(ps):.2f} dB")
+    return {
+        "emulated": True,
+        "random_heads_rel_l2_by_gain": errs,
+        "tokens": tokens,
+        "psnr_mean": sum(ps) / n,
+        "psnr": ps,
+    }
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m zimage_bench fp8", description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -259,7 +331,7 @@ def main(argv: list[str]) -> int:
 
     results: dict = {"environment": environment("cpu")}
     base = quant = None
-    if {"groups", "images", "memory"} & set(sections):
+    if {"groups", "memory"} & set(sections):
         base = ZImage.default(device="cpu")
         quant = ZImage.default(device="cpu", quantize="fp8")
     if "blocks" in sections:
@@ -270,19 +342,18 @@ def main(argv: list[str]) -> int:
         results["groups"] = groups(base)
     if "images" in sections:
         print(f"recipe vs unquantized, {args.n} held-out captions (trained default model):", flush=True)
-        results["images"] = images(base, quant, args.n)
-        r = results["images"]
-        print(
-            f"  PSNR mean {r['psnr_mean']:.2f} dB, min {r['psnr_min']:.2f} dB; checker agreement: unquantized "
-            f"{r['checker_unquantized']:.3f}, fp8 {r['checker_fp8']:.3f}",
-            flush=True,
-        )
+        results["images"] = images(args.n, args.threads)
     if "memory" in sections:
         print("weight memory:", flush=True)
         results["memory"] = memory(base.transformer, quant.transformer)
     if "lora" in sections:
         print("LoRA on FP8 layers (random weights, CPU):", flush=True)
         results["lora"] = lora(args.tokens)
+    if "attention" in sections:
+        print("FP8 attention (e4m3 Q/K/V, per-head scales), emulated:", flush=True)
+        quant = quant or ZImage.default(device="cpu", quantize="fp8")
+        base = base or ZImage.default(device="cpu")
+        results["attention"] = attention(base, quant, min(args.n, 6))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2, default=str)
