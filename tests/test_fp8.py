@@ -386,3 +386,18 @@ def test_diffusers_dropin_quantize_kwarg():
     assert torch.isfinite(out.images).all()
     with pytest.raises(RequestError, match="quantize"):
         ZImagePipeline.from_pretrained(default_model_path(), quantize="int8")
+
+
+def test_bench_fp8_memory_section_and_its_argument_errors(tmp_path):
+    import json
+
+    from zimage_bench import fp8 as bench
+
+    out = tmp_path / "fp8.json"
+    assert bench.main(["--only", "memory", "--out", str(out)]) == 0
+    mem = json.loads(out.read_text())["memory"]
+    # 6B: every recipe weight from 2 bytes to 1 (+4 bytes per output channel); the rest (2.2%) stays 2 bytes
+    assert 0.5 < mem["z_image_6b_fp8_bytes_computed"] / mem["z_image_6b_bf16_bytes_computed"] < 0.53
+    assert mem["default_fp8_bytes"] < mem["default_bf16_bytes"]
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "memory,bogus"])
