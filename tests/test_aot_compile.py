@@ -96,7 +96,8 @@ def test_fa3_gluon_attention_compiles_to_async_wgmma_tma_and_a_register_split(ro
 
 def test_fp8_kernels_compile_to_wide_accesses_and_e4m3_wgmma(rows):
     """The e4m3 producers read bf16 16 bytes at a time and store the codes 16 bytes at a time (plus one 4-byte
-    scale per row); the FP8 GEMM's tl.dot is wgmma on e4m3 operands (QGMMA in SASS); no spills anywhere."""
+    scale per row); the FP8 GEMM loads its tiles with 16-byte cp.async and its tl.dot is wgmma on e4m3 operands
+    (QGMMA in SASS); no spills anywhere."""
     _, rows = rows
     by = {r["kernel"]: r for r in rows}
     for k in FP8_KERNELS - {"_fp8_gemm_kernel"}:
@@ -104,6 +105,7 @@ def test_fp8_kernels_compile_to_wide_accesses_and_e4m3_wgmma(rows):
         assert set(widths) == {"ldg128", "stg128", "stg32"} and widths["stg32"] == 1, (k, widths)
     g = by["_fp8_gemm_kernel"]
     assert g["qgmma"] > 0 and g["ptx_wgmma_e4m3"] and g["hgmma"] == 0, g
+    assert g["cp_async_128"] > 0, g  # operand tiles: 16-byte global->shared copies (the LDGs are the scales)
     assert all(by[k]["spill_bytes"] == 0 and by[k]["local_memory"] == 0 for k in FP8_KERNELS)
 
 

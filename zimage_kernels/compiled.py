@@ -218,6 +218,7 @@ def sass_facts(sass: str) -> dict:
         "local_memory": count(r"\b(LDL|STL)\b"),
         "hgmma": count(r"\bHGMMA\b"),
         "qgmma": count(r"\bQGMMA\b"),  # wgmma with fp8 (e4m3/e5m2) operands
+        "cp_async_128": count(r"\bLDGSTS\.E(?:\.[A-Z]+)*\.128\b"),  # 16-byte global->shared asynchronous copies
         "setmaxnreg": count(r"\bUSETMAXREG\b"),
         "mufu": count(r"\bMUFU\b"),
         "shfl": count(r"\bSHFL\b"),
@@ -314,6 +315,8 @@ def check(row: dict) -> list[str]:
             bad.append(f"global loads narrower than 16 bytes: {narrow}")
     if row["kernel"] == FP8_GEMM and not (row["qgmma"] and row["ptx_wgmma_e4m3"]):
         bad.append(f"FP8 GEMM without wgmma on e4m3 operands (QGMMA {row['qgmma']})")
+    if row["kernel"] == FP8_GEMM and not row["cp_async_128"]:
+        bad.append("FP8 GEMM tiles not loaded by 16-byte asynchronous copies (LDGSTS.128)")
     if row["kernel"] == "_attn_fwd_tma_kernel":
         if not row["hgmma"]:
             bad.append("no HGMMA (wgmma) in the Hopper attention kernel")
