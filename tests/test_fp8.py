@@ -401,3 +401,23 @@ def test_bench_fp8_memory_section_and_its_argument_errors(tmp_path):
     assert mem["default_fp8_bytes"] < mem["default_bf16_bytes"]
     with pytest.raises(SystemExit):
         bench.main(["--only", "memory,bogus"])
+
+
+def test_evaluate_compare_quantize_cli(tmp_path):
+    """``python -m zimage_core.train.evaluate --compare-quantize fp8`` (what ``bench fp8`` runs): its PSNR equals one
+    computed here from the two pipelines' images, and both checker readings are reported."""
+    import json
+
+    from zimage_core.pipeline import ZImage
+    from zimage_core.train.dataset import eval_prompts
+    from zimage_core.train.evaluate import main
+
+    out = tmp_path / "c.json"
+    assert main(["--compare-quantize", "fp8", "--n", "1", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (scene, seed), row = eval_prompts(n=1)[0], res["rows"][0]
+    assert row["caption"] == scene.caption and row["seed"] == seed and len(row["checker"]) == 2
+    a = np.asarray(ZImage.default(device="cpu").generate(scene.caption, seed=seed).images[0], dtype=np.float64)
+    q = ZImage.default(device="cpu", quantize="fp8").generate(scene.caption, seed=seed).images[0]
+    psnr = 10 * math.log10(255.0**2 / ((a - np.asarray(q, dtype=np.float64)) ** 2).mean())
+    assert row["psnr"] == pytest.approx(psnr, abs=1e-9) and res["psnr_mean"] == pytest.approx(psnr, abs=1e-9)
