@@ -12,7 +12,9 @@ next one):
 3b. ``fa3``       the opt-in FA3-structured Gluon attention (zimage_kernels/attention_fa3.py) against the default TMA
                   kernel at the same shapes, appended to kernels.jsonl
 4. ``throughput`` ``python -m zimage_bench throughput`` at the real transformer dims with random weights, 1024², CFG:
-                  ms per step and per image, ours against diffusers' pipeline, peak memory  -> throughput.jsonl/.md
+                  ms per step and per image, ours against diffusers' pipeline, peak memory; the ``ours-fp8`` row
+                  (e4m3 W8A8, docs/fp8.md): its forward time next to ``ours-triton`` (bf16) and its image PSNR
+                  against diffusers (random weights)                                 -> throughput.jsonl/.md
 5. ``summary.md`` one table of the steps (status, seconds, exit code) and the tail of every log.
 
 At most 8 files are written (the GPU machine returns no more): into ``$OUT`` when that is set, else into
@@ -43,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MAX_FILES = 8  # the GPU machine sends back at most 8 files
 # Wall-clock budgets (seconds) on the GPU; their sum stays under 10 minutes with room for start-up.
-BUDGETS = {"gpu-tests": 200, "kernels": 120, "fa3": 55, "throughput": 185}
+BUDGETS = {"gpu-tests": 175, "kernels": 120, "fa3": 55, "throughput": 210}  # throughput includes the FP8 row
 DRY_BUDGETS = {"gpu-tests": 60, "kernels": 120, "fa3": 60, "throughput": 240}
 FILES = (
     "env.json",
@@ -158,8 +160,10 @@ def steps(py: str, out: Path, dry: bool, steps_per_image: int) -> list[tuple[str
     else:
         kernels = [py, "-m", "zimage_bench", "kernels", "--cases", "zimage", "--dtype", "bf16", "--quick"]
         kernels += ["--out", str(out / "kernels.jsonl")]
-        shape, model, configs = f"1024x1024/b1/base{steps_per_image}", "synthetic", "diffusers-eager,ours-triton"
-        thr_extra = ["--repeats", "2"]
+        shape, model = f"1024x1024/b1/base{steps_per_image}", "synthetic"
+        configs = "diffusers-eager,ours-triton,ours-fp8"  # FP8 W8A8 next to bf16 in one run: time and PSNR
+        # random weights: the FP8 row's PSNR is reported, not held to the lossy-config floor (it would go untimed)
+        thr_extra = ["--repeats", "2", "--min-psnr", "0"]
     # The opt-in FA3 Gluon kernel in a step of its own (a hang or failure there costs only its budget), its rows
     # appended to kernels.jsonl next to the default TMA kernel's.
     fa3 = [

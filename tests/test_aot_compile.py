@@ -26,6 +26,8 @@ KERNELS = {
     "_attn_fwd_kernel",
     "_attn_fa3_kernel",
 }
+FP8_KERNELS = {"_rms_norm_modulate_fp8_kernel", "_swiglu_fp8_kernel", "_quantize_rows_kernel", "_fp8_gemm_kernel"}
+KERNELS |= FP8_KERNELS
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_every_kernel_compiles_for_sm90a_and_keeps_every_guarantee(rows):
 def test_elementwise_kernels_use_16_byte_vectors_only(rows):
     _, rows = rows
     for r in rows:
-        if r["kernel"] in KERNELS - {"_attn_fwd_tma_kernel", "_attn_fwd_kernel", "_attn_fa3_kernel"}:
+        if r["kernel"] in KERNELS - {"_attn_fwd_tma_kernel", "_attn_fwd_kernel", "_attn_fa3_kernel"} - FP8_KERNELS:
             widths = r["global_access_bits"]
             assert widths and set(widths) <= {"ldg128", "stg128"}, (r["kernel"], widths)
             assert not r["half_fma"], r["kernel"]  # bit-faithful kernels: no contracted bf16 multiply-add
@@ -90,6 +92,21 @@ def test_fa3_gluon_attention_compiles_to_async_wgmma_tma_and_a_register_split(ro
     assert r["ptx_wgmma_overlap"], r  # waits for QK while PV is still in flight (wgmma.wait_group 1)
     assert r["spill_bytes"] == 0 and r["local_memory"] == 0 and r["stack_bytes"] == 0, r
     assert r["shared_bytes"] <= 232448, r
+
+
+def test_fp8_kernels_compile_to_wide_accesses_and_e4m3_wgmma(rows):
+    """The e4m3 producers read bf16 16 bytes at a time and store the codes 16 bytes at a time (plus one 4-byte
+    scale per row); the FP8 GEMM loads its tiles with 16-byte cp.async and its tl.dot is wgmma on e4m3 operands
+    (QGMMA in SASS); no spills anywhere."""
+    _, rows = rows
+    by = {r["kernel"]: r for r in rows}
+    for k in FP8_KERNELS - {"_fp8_gemm_kernel"}:
+        widths = by[k]["global_access_bits"]
+        assert set(widths) == {"ldg128", "stg128", "stg32"} and widths["stg32"] == 1, (k, widths)
+    g = by["_fp8_gemm_kernel"]
+    assert g["qgmma"] > 0 and g["ptx_wgmma_e4m3"] and g["hgmma"] == 0, g
+    assert g["cp_async_128"] > 0, g  # operand tiles: 16-byte global->shared copies (the LDGs are the scales)
+    assert all(by[k]["spill_bytes"] == 0 and by[k]["local_memory"] == 0 for k in FP8_KERNELS)
 
 
 def test_sass_parser_on_a_hand_written_listing():

@@ -21,7 +21,6 @@ COMMANDS = (
 PENDING = {
     "docs/install.md",
     "docs/server-limits.md",
-    "docs/fp8.md",
     "docs/dropin-lora.md",
     "docs/controlnet-variants.md",
     "docs/cache-presets.md",

@@ -14,6 +14,7 @@ COMMANDS = {
     "ablate": "each optimisation (compile, Triton kernels, TMA attention) on and off, side by side in one run",
     "parallel": "sequence/CFG parallelism: ms per step and communication per mode, next to an NVLink model",
     "serve": "N concurrent protocol clients against one server process and Ray replicas; overhead vs direct infer",
+    "fp8": "e4m3 W8A8: per-layer-group sensitivity, recipe image PSNR + pixel checker, weight memory, LoRA paths",
     "dropin": "zimage_core.diffusers.ZImagePipeline against diffusers' ZImagePipeline (and its attention processor)",
 }
 

@@ -44,7 +44,15 @@ from .timing import Clock
 
 DEFAULT_PROMPT = "a photograph of a red fox sitting in fresh snow at golden hour, shallow depth of field"
 REFERENCE = "diffusers-eager"
-ALL_CONFIGS = ("diffusers-eager", "diffusers-compile", "ours-torch", "ours-batched", "ours-triton", "ours-cache")
+ALL_CONFIGS = (
+    "diffusers-eager",
+    "diffusers-compile",
+    "ours-torch",
+    "ours-batched",
+    "ours-triton",
+    "ours-cache",
+    "ours-fp8",
+)
 # the request API's defaults of acceleratorOptions: fbCacheThreshold 0.25, teaCacheDistance 0.5, dbCacheThreshold 0.25.
 CACHE_DEFAULTS = {f"{m}cache": cfg.threshold for m, cfg in CONFIGS.items()}  # fbcache 0.25, teacache 0.5, ...
 
@@ -233,6 +241,7 @@ class Config:
     batch: bool = False  # ours: generate(batch_results=True), the results of a request as one batch
     compiled: bool = False
     info: dict = field(default_factory=dict)  # what the row should say about this configuration
+    quantize: str | None = None  # ours: "fp8" runs a quantized copy of the transformer (zimage_core.fp8)
 
     @property
     def available(self) -> bool:
@@ -307,6 +316,20 @@ def compiled_pipeline(ref, mode: str | None = None, fullgraph: bool = False):
     return pipe
 
 
+def _quantized(pair: Pair, mode: str) -> ZImage:
+    """``pair.ours`` with a quantized copy of its transformer (text encoder, VAE and scheduler shared), made once."""
+    cache = pair.__dict__.setdefault("_quantized", {})
+    if mode not in cache:
+        import copy
+
+        src = pair.ours
+        q = copy.deepcopy(src.transformer).quantize(mode)
+        pipe = ZImage(q, src.text_encoder, src.tokenizer, src.vae, src.scheduler, src.presets, src.default_model)
+        pipe.meta = getattr(src, "meta", {})
+        cache[mode] = pipe
+    return cache[mode]
+
+
 def make_configs(pair: Pair, names: list[str], *, cache_spec=None, compile_mode=None) -> list[Config]:
     """The configurations named (``ours-cache`` expands to one per cache method), reference first."""
     out: list[Config] = []
@@ -334,6 +357,11 @@ def make_configs(pair: Pair, names: list[str], *, cache_spec=None, compile_mode=
             )
         elif name == "ours-triton":
             out.append(_triton_config(pair))
+        elif name == "ours-fp8":  # e4m3 W8A8 recipe, auto backend (Triton + _scaled_mm on CUDA): lossy vs bf16
+            from zimage_core.fp8 import RECIPES
+
+            info = {"quantize": "fp8", "fp8_groups": list(RECIPES["fp8"])}
+            out.append(Config(name, "ours", lossy=True, backend="auto", quantize="fp8", info=info))
         elif name in ("ours-cache", "ours-caches"):
             out.extend(cache_configs(cache_spec))
         elif name.startswith("ours-") and name[5:] in CACHE_DEFAULTS:
@@ -488,7 +516,7 @@ def run(
         stats = {"forwards": len(rec.forwards), "forward_batch": n * (2 if shape.cfg else 1)}
     else:
         rec = Recorder(clock, steps_per_seq=shape.steps, keep_steps=keep_steps)
-        ours = pair.ours
+        ours = pair.ours if not cfg.quantize else _quantized(pair, cfg.quantize)
         if cfg.backend:
             ours.transformer.set_kernel_backend(cfg.backend)
 

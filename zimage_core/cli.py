@@ -29,9 +29,10 @@ def _load(args):
     from .pipeline import ZImage
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    q = {"quantize": args.quantize} if getattr(args, "quantize", None) else {}
     if args.model:
-        return ZImage.from_pretrained(args.model, device=args.device, dtype=dtype, kernel_backend=args.kernels)
-    return ZImage.default(device=args.device, dtype=dtype, kernel_backend=args.kernels)
+        return ZImage.from_pretrained(args.model, device=args.device, dtype=dtype, kernel_backend=args.kernels, **q)
+    return ZImage.default(device=args.device, dtype=dtype, kernel_backend=args.kernels, **q)
 
 
 def _outpaint(text):
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     common.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     common.add_argument("--kernels", choices=["auto", "torch", "triton"], help="op backend (default: auto)")
+    common.add_argument("--quantize", choices=["none", "fp8"], help="fp8: e4m3 W8A8 main layers (docs/fp8.md)")
     common.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -237,6 +239,7 @@ def _serve(args) -> int:
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         kernels=args.kernels,
+        quantize=args.quantize,
     )
     if args.ray:
         from .server import ray_app

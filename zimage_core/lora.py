@@ -8,7 +8,9 @@ Formats read (safetensors only):
   ComfyUI module names (``attention.qkv`` fused, ``attention.out``, ``final_layer``, ``x_embedder``); a fused-qkv
   adapter is split into its q, k and v row blocks.
 
-Adapters are never merged into the weights. Each targeted ``nn.Linear`` gets a forward that adds
+Adapters are never merged into the weights (FP8 layers included: the adapter runs as a bf16 side path next to the
+e4m3 GEMM, on the dequantized activation; docs/fp8.md has the measurement against merge + re-quantize).
+Each targeted ``nn.Linear`` gets a forward that adds
 ``Σ scale·(alpha/r)·B(A x)`` for the adapters active *in the calling thread*, so concurrent requests with different
 LoRAs on one model never see each other's (and a model without adapters pays one dict lookup per Linear).
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .errors import RequestError
+from .fp8 import FP8Linear
 
 PHASES = ("high", "low", "both")
 MAX_WEIGHT = (
@@ -155,8 +158,13 @@ class LoraStore:
 # ---- run-time application ---------------------------------------------------------------------------------------
 
 
-def _lora_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    out = F.linear(x, module.weight, module.bias)
+def _lora_forward(module: nn.Linear | FP8Linear, x) -> torch.Tensor:
+    if isinstance(module, FP8Linear):  # e4m3 base weights stay quantized: the adapter is a side path
+        a = module.quantize_input(x)  # an Fp8Act from a fused producer passes through
+        out = FP8Linear.forward(module, a)
+        x = a.dequantize(out.dtype)  # the adapter reads the same (dequantized) input as the base GEMM
+    else:
+        out = F.linear(x, module.weight, module.bias)
     active = getattr(_local, "adapters", None)
     if not active:
         return out
@@ -196,7 +204,7 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float, str]
             raise RequestError(f"{field}[{i}].weight", f"must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
         for name, ada in lw.modules.items():
             mod = modules.get(name, flat.get(name))
-            if not isinstance(mod, nn.Linear):
+            if not isinstance(mod, (nn.Linear, FP8Linear)):
                 raise RequestError(
                     f"{field}[{i}].model",
                     f"LoRA {lw.name!r} targets {name!r}, which is not a "

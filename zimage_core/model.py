@@ -32,21 +32,26 @@ from torch.nn.utils.rnn import pad_sequence
 from zimage_kernels import Ops, get_ops, reference
 from zimage_kernels.backend import validate_backend
 
-from . import nosync
+from . import fp8, nosync
 from .config import SEQ_MULTI_OF, T_EMBED_MID, ZImageConfig
+from .fp8 import quantize_model, takes_fp8, validate_quantize
 from .hooks import BlockInputs, StackHook, run_stack
 from .weights import (
     CONFIG_KEY,
+    FP8_DTYPES,
     CheckpointError,
     as_config,
     check_size,
     check_state_dict,
     comfy_to_diffusers,
     config_from_json,
+    float_dtype,
     infer_config,
     is_comfy_layout,
     read_header,
     resolve_checkpoint,
+    scaled_fp8_keys,
+    split_scaled_fp8,
 )
 
 FINAL_NORM_EPS = 1e-6
@@ -91,7 +96,7 @@ class Attention(nn.Module):
         else:
             q, k = reference.rope(q, inp.freqs_cis), reference.rope(k, inp.freqs_cis)
         out = inp.ops.attention(q, k, v, kv_lens=inp.kv_lens)  # [B, N, H, D]
-        return self.to_out[0](out.flatten(2).to(q.dtype))  # [B, N, H*D]
+        return self.to_out[0](out.flatten(2).to(q.dtype))  # [B, N, H*D]; an FP8 to_out quantizes it per token
 
 
 class FeedForward(nn.Module):
@@ -102,7 +107,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+        a, b = self.w1(x), self.w3(x)  # x may be an Fp8Act from the block's pre-norm (FP8 w1/w3)
+        if takes_fp8(self.w2):  # FP8 w2: the SwiGLU gate emits e4m3 + per-token scales directly
+            return self.w2(ops.swiglu_fp8(a, b))
+        return self.w2(ops.swiglu(a, b))
 
 
 class TransformerBlock(nn.Module):
@@ -136,9 +144,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
         ops = inp.ops
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation_terms(inp.adaln_input)
-        h = ops.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, self.eps)
+        att, ffn = self.attention, self.feed_forward
+        # FP8 consumers (zimage_core.fp8): the pre-norm emits e4m3 + per-token scales for all of them at once
+        pre = ops.rms_norm_modulate_fp8 if takes_fp8(att.to_q, att.to_k, att.to_v) else ops.rms_norm_modulate
+        h = pre(x, self.attention_norm1.weight, scale_msa, self.eps)
         x = ops.gated_residual(x, self.attention(h, inp), self.attention_norm2.weight, gate_msa, self.eps)
-        h = ops.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, self.eps)
+        pre = ops.rms_norm_modulate_fp8 if takes_fp8(ffn.w1, ffn.w3) else ops.rms_norm_modulate
+        h = pre(x, self.ffn_norm1.weight, scale_mlp, self.eps)
         x = ops.gated_residual(x, self.feed_forward(h, ops), self.ffn_norm2.weight, gate_mlp, self.eps)
         return x
 
@@ -287,7 +299,13 @@ class ZImageTransformer(nn.Module):
     def set_kernel_backend(self, backend: str | None) -> ZImageTransformer:
         """'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'triton'; None defers to $ZIMAGE_KERNELS."""
         self.kernel_backend = validate_backend(backend) if backend else None
+        fp8.set_backend(self, backend)
         return self
+
+    def quantize(self, mode: str = "fp8", groups=None) -> ZImageTransformer:
+        """In place: the linear layers of ``groups`` (default: the recipe ``mode``) in e4m3 W8A8 (``zimage_core.fp8``,
+        docs/fp8.md); ``mode="none"`` does nothing. Returns self."""
+        return fp8.quantize_model(self, mode, groups)
 
     def ops_for(self, device: torch.device) -> Ops:
         return get_ops(self.kernel_backend, device)
@@ -471,13 +489,21 @@ def load_transformer(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     kernel_backend: str | None = None,
+    quantize: str | None = None,
 ) -> ZImageTransformer:
     """Load a transformer checkpoint (see module docstring). ``config``: ZImageConfig, preset name, dict or json path.
 
-    ``dtype``: convert every floating tensor to it (default: keep the stored dtype).
+    ``dtype``: convert every floating tensor to it (default: keep the stored dtype). ``quantize``: "none" (default)
+    or "fp8" (the recipe of ``zimage_core.fp8``, quantized on load). A ComfyUI "scaled fp8" file (see
+    ``weights.split_scaled_fp8``) loads either way: its e4m3 codes are used as they are by FP8 layers, dequantized
+    otherwise.
     """
+    quantize = validate_quantize(quantize)
     files, config_json = resolve_checkpoint(path)
     where, shapes, meta = read_header(files)
+    scaled = {k: where.pop(k) for k in scaled_fp8_keys(shapes, str(path))}  # marker and scales: not model tensors
+    for k in scaled:
+        shapes.pop(k)
     comfy = is_comfy_layout(where)
     if comfy:
         # Shapes after the key conversion (fused qkv splits into three equal parts).
@@ -514,10 +540,25 @@ def load_transformer(
         with safe_open(f, framework="pt") as h:
             for k in keys:
                 sd[k] = h.get_tensor(k)
+    fp8_codes = {}
+    if scaled:
+        scale_sd = {}
+        for k, (f, stored) in scaled.items():
+            with safe_open(f, framework="pt") as h:
+                scale_sd[k] = h.get_tensor(stored)
+        sd, fp8_codes = split_scaled_fp8(sd, scale_sd, comfy, str(path), dtype or float_dtype(sd))
+    elif any(v.dtype in FP8_DTYPES for v in sd.values()):
+        bad = next(k for k, v in sd.items() if v.dtype in FP8_DTYPES)
+        raise CheckpointError(
+            f"{path}: {bad} is stored in {sd[bad].dtype} without the 'scaled_fp8' marker key and per-tensor "
+            "'.scale_weight' scales; only ComfyUI 'scaled fp8' files (float8_e4m3fn + scale_weight) are read"
+        )
     if comfy:
         sd = comfy_to_diffusers(sd)
     sd = {k: convert(v) for k, v in sd.items()}
     model.load_state_dict(sd, assign=True)
+    if quantize != "none":
+        quantize_model(model, quantize, codes={k: (q.to(device), s.to(device)) for k, (q, s) in fp8_codes.items()})
     return model.eval()
 
 

@@ -33,6 +33,7 @@ from .components import SchedulerSettings, build_random_pipeline
 from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
 from .errors import RequestError, show
+from .fp8 import validate_quantize
 from .hooks import StackHook
 from .model import CaptionContext, ZImageTransformer, load_transformer
 from .scheduler_table import UnknownSchedulerError, resolve_scheduler
@@ -181,15 +182,18 @@ class ZImage:
         dtype: torch.dtype | None = None,
         kernel_backend: str | None = None,
         presets: dict[str, Defaults] | None = None,
+        quantize: str | None = None,
     ) -> ZImage:
         """Load a diffusers-format Z-Image folder (Tongyi-MAI/Z-Image, Z-Image-Turbo or one of ours).
 
-        device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+        device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU. quantize: "none"
+        (default) or "fp8" (e4m3 W8A8 main layers, docs/fp8.md).
         """
         from diffusers import AutoencoderKL
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        quantize = validate_quantize(quantize)
         path = Path(path).expanduser()
         if not (path / "model_index.json").exists():
             raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
@@ -210,7 +214,9 @@ class ZImage:
             presets = {mid: d for mid in (*MODEL_PRESETS, str(meta.get("model_id", "zimage-fast:default")))}
         for sub in ("text_encoder", "vae"):  # transformers/diffusers would unpickle a .bin: weights must be safetensors
             check_safetensors_component(path / sub)
-        transformer = load_transformer(path / "transformer", dtype=dtype, device=device, kernel_backend=kernel_backend)
+        transformer = load_transformer(
+            path / "transformer", dtype=dtype, device=device, kernel_backend=kernel_backend, quantize=quantize
+        )
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a bar per component is noise; generate() has its own
         try:
@@ -233,11 +239,13 @@ class ZImage:
         return pipe
 
     @classmethod
-    def default(cls, device=None, dtype=None, kernel_backend=None) -> ZImage:
+    def default(cls, device=None, dtype=None, kernel_backend=None, quantize=None) -> ZImage:
         """The embedded default model (docs/default-model.md: what it is and what it draws); fully offline."""
         from .default_model import default_model_path
 
-        return cls.from_pretrained(default_model_path(), device=device, dtype=dtype, kernel_backend=kernel_backend)
+        return cls.from_pretrained(
+            default_model_path(), device=device, dtype=dtype, kernel_backend=kernel_backend, quantize=quantize
+        )
 
     @classmethod
     def random(cls, folder: str | Path, seed: int = 0, **kw) -> ZImage:

@@ -67,6 +67,13 @@ SETTINGS: dict[str, tuple[Setting, ...]] = {
             "zimage_kernels/backend.py",
         ),
         Setting(
+            "ZIMAGE_FP8_GEMM",
+            "auto",
+            'Which FP8 GEMM the e4m3 layers run (`quantize="fp8"`): `auto` (`torch._scaled_mm` where it runs, else the '
+            "Triton FP8 GEMM), `scaled_mm`, `triton` or `dequant` (ablations, tests).",
+            "zimage_kernels/fp8.py",
+        ),
+        Setting(
             "ZIMAGE_ATTENTION_PATH",
             "auto",
             "Attention kernel path: `auto` (TMA + warp specialization where available), `tma` or `plain` (ablations).",

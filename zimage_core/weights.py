@@ -333,6 +333,82 @@ def check_state_dict(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]],
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ComfyUI "scaled fp8" single files
+# ---------------------------------------------------------------------------------------------------------------
+
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker key (an empty tensor whose dtype is the fp8 format used)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def scaled_fp8_keys(shapes: dict[str, tuple[int, ...]], where: str) -> list[str]:
+    """The keys of a ComfyUI "scaled fp8" file that are not model tensors: the marker (``[prefix]scaled_fp8``),
+    ``<layer>.scale_weight`` and ``<layer>.scale_input`` (static input scales; we quantize activations
+    dynamically, so they are read and not used). Empty for other files; ``.scale_weight`` keys without the marker
+    are a CheckpointError."""
+    extra = [k for k in shapes if k.endswith((".scale_weight", ".scale_input"))]
+    markers = [k for k in shapes if k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER)]
+    if extra and not markers:
+        raise CheckpointError(
+            f"{where}: has '.scale_weight'/'.scale_input' keys (e.g. {extra[0]}) but no '{SCALED_FP8_MARKER}' marker "
+            "key: not a ComfyUI scaled-fp8 file this loader knows"
+        )
+    return extra + markers if markers else []
+
+
+def float_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the checkpoint's unquantized floating tensors (what dequantized fp8 weights become)."""
+    return next((v.dtype for v in sd.values() if v.is_floating_point() and v.dtype not in FP8_DTYPES), torch.bfloat16)
+
+
+def split_scaled_fp8(sd, scale_sd, comfy: bool, where: str, dtype: torch.dtype):
+    """(state dict with every fp8 weight dequantized to ``dtype``, {layer: (e4m3 codes, fp32 per-channel scale)}).
+
+    A ComfyUI scaled-fp8 file stores ``<layer>.weight`` as float8_e4m3fn and ``<layer>.scale_weight`` (one fp32
+    scale per tensor): ``W = codes · scale_weight``. The per-tensor scale becomes a per-output-channel one (the same
+    value in every row, exact); a fused ``attention.qkv`` splits into q, k, v codes sharing the scale. Checks: every
+    scale belongs to an e4m3 weight and is one finite positive number; every fp8 weight has a scale; no e5m2; no
+    e4m3 NaN codes.
+    """
+    marker = next(k for k in scale_sd if k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER))
+    if scale_sd[marker].dtype != torch.float8_e4m3fn:
+        raise CheckpointError(
+            f"{where}: the '{marker}' marker says {scale_sd[marker].dtype}; only float8_e4m3fn scaled files are read"
+        )
+    scales = {}
+    for k, v in scale_sd.items():
+        if not k.endswith(".scale_weight"):
+            continue
+        wkey = k[: -len(".scale_weight")] + ".weight"
+        if wkey not in sd:
+            raise CheckpointError(f"{where}: {k} scales {wkey}, which is not in the file")
+        if sd[wkey].dtype != torch.float8_e4m3fn:
+            raise CheckpointError(f"{where}: {k} scales {wkey}, which is {sd[wkey].dtype}, not float8_e4m3fn")
+        if v.numel() != 1 or not v.is_floating_point():
+            raise CheckpointError(f"{where}: {k} must be one floating-point number (per-tensor), got {tuple(v.shape)}")
+        s = float(v.float().reshape(()))
+        if not (s > 0 and s < float("inf")):
+            raise CheckpointError(f"{where}: {k} = {s} must be a finite positive number")
+        scales[wkey] = s
+    for k, v in sd.items():
+        if v.dtype == torch.float8_e5m2:
+            raise CheckpointError(f"{where}: {k} is float8_e5m2; only float8_e4m3fn weights are read")
+        if v.dtype == torch.float8_e4m3fn:
+            if k not in scales:
+                raise CheckpointError(f"{where}: {k} is float8_e4m3fn but has no {k[: -len('weight')]}scale_weight")
+            if torch.isnan(v.float()).any():
+                raise CheckpointError(f"{where}: {k} holds e4m3 NaN codes")
+    codes_sd = {k: sd[k] for k in scales}
+    scale_rows = {k: torch.full((sd[k].shape[0],), scales[k]) for k in scales}
+    if comfy:  # rename (and split fused qkv) codes and their per-row scales the same way as the weights
+        codes_sd, scale_rows = comfy_to_diffusers(codes_sd), comfy_to_diffusers(scale_rows)
+    codes = {k[: -len(".weight")]: (codes_sd[k], scale_rows[k]) for k in codes_sd}
+    out = dict(sd)
+    for k, s in scales.items():
+        out[k] = (sd[k].float() * s).to(dtype)
+    return out, codes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import reference
+from . import fp8, reference
 from .ops import Ops
 
 BACKENDS = ("auto", "torch", "triton")
@@ -27,6 +27,10 @@ TORCH_OPS = Ops(
     gated_residual=reference.gated_residual,
     swiglu=reference.swiglu,
     layer_norm_modulate=reference.layer_norm_modulate,
+    rms_norm_modulate_fp8=fp8.rms_norm_modulate_fp8,
+    swiglu_fp8=fp8.swiglu_fp8,
+    quantize_rows=fp8.quantize_rows,
+    fp8_linear=fp8.fp8_linear,
 )
 
 

@@ -46,6 +46,8 @@ ELEMENTWISE = (
     "_swiglu_kernel",
     "_qk_norm_rope_kernel",
 )
+FP8_QUANT = ("_rms_norm_modulate_fp8_kernel", "_swiglu_fp8_kernel", "_quantize_rows_kernel")  # e4m3 producers
+FP8_GEMM = "_fp8_gemm_kernel"
 
 
 def _bin(name: str) -> Path:
@@ -119,6 +121,12 @@ def zimage_launches(quick: bool = False) -> list[tuple[str, Launch]]:
     qkv = [_meta(B, N, C).unflatten(-1, (H, D)) for _ in range(3)]  # to_q/to_k/to_v outputs viewed as heads
     freqs = torch.empty(B, N, D // 2, dtype=torch.complex64, device="meta")
     lens = torch.empty(B, dtype=torch.int32, device="meta")
+    from . import fp8_triton
+    from .fp8 import E4M3, Fp8Act
+
+    mods += (fp8_triton,)
+    act = Fp8Act(_meta(B * N, C, dtype=E4M3), _meta(B * N, 1, dtype=torch.float32))
+    w_ffn = (_meta(F, C, dtype=E4M3), _meta(F, dtype=torch.float32))
     with recording(*mods) as sink:
         calls = [
             ("rms_norm_modulate", lambda: rms_norm_modulate._launch(x, w, mod[0], 1e-5)),
@@ -129,6 +137,10 @@ def zimage_launches(quick: bool = False) -> list[tuple[str, Launch]]:
             ("attention tma kv_lens", lambda: attention._launch(*qkv, lens, path="tma")),
             ("attention plain kv_lens", lambda: attention._launch(*qkv, lens, path="plain")),
             ("attention fa3 kv_lens", lambda: attention_fa3._launch(*qkv, lens)),
+            ("rms_norm_modulate_fp8", lambda: fp8_triton.rms_norm_modulate_fp8(x, w, mod[0], 1e-5)),
+            ("swiglu_fp8", lambda: fp8_triton.swiglu_fp8(_meta(B * N, F), _meta(B * N, F))),
+            ("quantize_rows (attention out)", lambda: fp8_triton.quantize_rows(_meta(B, N, C))),
+            ("fp8_gemm w1 (e4m3)", lambda: fp8_triton.fp8_gemm(act, *w_ffn, None, torch.bfloat16)),
         ]
         if not quick:
             calls.append(("attention tma even", lambda: attention._launch(*qkv, None, path="tma")))
@@ -205,6 +217,8 @@ def sass_facts(sass: str) -> dict:
         "global_access_bits": dict(sorted(widths.items())),
         "local_memory": count(r"\b(LDL|STL)\b"),
         "hgmma": count(r"\bHGMMA\b"),
+        "qgmma": count(r"\bQGMMA\b"),  # wgmma with fp8 (e4m3/e5m2) operands
+        "cp_async_128": count(r"\bLDGSTS\.E(?:\.[A-Z]+)*\.128\b"),  # 16-byte global->shared asynchronous copies
         "setmaxnreg": count(r"\bUSETMAXREG\b"),
         "mufu": count(r"\bMUFU\b"),
         "shfl": count(r"\bSHFL\b"),
@@ -237,6 +251,7 @@ def facts(compiled, arch: int = 90, fmad: bool = True) -> dict:
         "stack_bytes": num(r"(\d+) bytes stack frame"),
         "shared_bytes": compiled.metadata.shared,
         "ptx_wgmma": "wgmma" in ptx,
+        "ptx_wgmma_e4m3": bool(re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx)),
         "ptx_setmaxnreg": "setmaxnreg" in ptx,
         # a wgmma wait that leaves a group in flight: compute overlapped with a running GEMM (FA3's softmax/PV overlap)
         "ptx_wgmma_overlap": bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)),
@@ -294,6 +309,14 @@ def check(row: dict) -> list[str]:
         narrow = {k: v for k, v in row["global_access_bits"].items() if not k.endswith("128")}
         if narrow:
             bad.append(f"global accesses narrower than 16 bytes: {narrow}")
+    if row["kernel"] in FP8_QUANT:  # bf16 inputs read 16 bytes at a time; e4m3 codes stored 8+ bytes at a time
+        narrow = {k: v for k, v in row["global_access_bits"].items() if k.startswith("ldg") and not k.endswith("128")}
+        if narrow:
+            bad.append(f"global loads narrower than 16 bytes: {narrow}")
+    if row["kernel"] == FP8_GEMM and not (row["qgmma"] and row["ptx_wgmma_e4m3"]):
+        bad.append(f"FP8 GEMM without wgmma on e4m3 operands (QGMMA {row['qgmma']})")
+    if row["kernel"] == FP8_GEMM and not row["cp_async_128"]:
+        bad.append("FP8 GEMM tiles not loaded by 16-byte asynchronous copies (LDGSTS.128)")
     if row["kernel"] == "_attn_fwd_tma_kernel":
         if not row["hgmma"]:
             bad.append("no HGMMA (wgmma) in the Hopper attention kernel")

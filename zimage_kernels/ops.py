@@ -21,6 +21,11 @@ class Ops:
     gated_residual: Callable
     swiglu: Callable
     layer_norm_modulate: Callable
+    # FP8 W8A8 (``zimage_kernels.fp8``): quantizing producers -> ``Fp8Act``, and the e4m3 GEMM
+    rms_norm_modulate_fp8: Callable
+    swiglu_fp8: Callable
+    quantize_rows: Callable
+    fp8_linear: Callable
 
     # The step caches' two ops (no custom-op registration: they run outside any compiled region, between layers).
     @property

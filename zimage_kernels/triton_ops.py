@@ -9,11 +9,14 @@ docstring) and otherwise runs the torch reference, so the model never fails on a
 - rms_norm_modulate / gated_residual / layer_norm_modulate: inputs that are not ``[B, N, C]`` with unit stride along
   C, or whose weight / scale / gate dtype differs from the activation dtype (the reference then promotes);
 - l1_sums / apply_residual (step caches, ``zimage_kernels/step_cache.py``): always the kernel (bf16, fp16, fp32);
+- rms_norm_modulate_fp8 / swiglu_fp8 / quantize_rows (``fp8_triton.py``): as their unquantized ops;
+- fp8_linear: ``torch._scaled_mm`` where it runs (sm_90+, K and N multiples of 16, bf16 out), else the Triton GEMM;
 - swiglu: different shapes or dtypes of ``a`` and ``b``, or views that cannot be seen as ``[rows, F]`` rows.
 """
 
 from __future__ import annotations
 
+from . import fp8_triton
 from .attention import attention
 from .gated_residual import gated_residual
 from .layer_norm_modulate import layer_norm_modulate
@@ -30,4 +33,8 @@ TRITON_OPS = Ops(
     gated_residual=gated_residual,
     swiglu=swiglu,
     layer_norm_modulate=layer_norm_modulate,
+    rms_norm_modulate_fp8=fp8_triton.rms_norm_modulate_fp8,
+    swiglu_fp8=fp8_triton.swiglu_fp8,
+    quantize_rows=fp8_triton.quantize_rows,
+    fp8_linear=fp8_triton.fp8_linear,
 )

@@ -38,6 +38,7 @@ from .. import controlnet as cn_mod
 from .. import lora as lora_mod
 from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
+from ..fp8 import validate_quantize
 from ..hooks import StackHook
 from ..pipeline import ZImage, vae_decode
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
@@ -121,9 +122,14 @@ class _DropIn:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
+        """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer. Extra keyword
+        ``quantize="fp8"``: the transformer's main layers in e4m3 W8A8 (``zimage_core.fp8``, docs/fp8.md)."""
+        quantize = validate_quantize(kwargs.pop("quantize", None))
         load_component(kwargs, "transformer", ZImageTransformer2DModel, pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if quantize != "none":
+            pipe.transformer.quantize(quantize)
+        return pipe
 
     # ---- prompts ---------------------------------------------------------------------------------------------------
     def encode_prompt(

@@ -71,6 +71,7 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     kernels: str | None = None
+    quantize: str | None = None  # "fp8": e4m3 W8A8 main layers (docs/fp8.md)
 
     def check(self) -> None:
         """Refuse configurations the server must not run with (no keys on a non-loopback address)."""
@@ -207,7 +208,7 @@ class Service:
     async def _load(self) -> None:
         s = self.settings
         try:
-            self.pipe = await asyncio.to_thread(engine.load, s.model, s.device, s.dtype, s.kernels)
+            self.pipe = await asyncio.to_thread(engine.load, s.model, s.device, s.dtype, s.kernels, s.quantize)
         except Exception as e:  # noqa: BLE001 - reported by /healthz; the server stays up and says why
             log.exception("loading the model failed")
             self.load_error = f"{type(e).__name__}: {e}"

@@ -42,7 +42,13 @@ def is_image_uuid(value: str) -> bool:
     return bool(UUID_RE.match(value))
 
 
-def load(model: str | None = None, device: str | None = None, dtype: str | None = None, kernels: str | None = None):
+def load(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    kernels: str | None = None,
+    quantize: str | None = None,
+):
     """The pipeline the server runs: a diffusers-format folder, or the embedded default model."""
     import torch
 
@@ -50,8 +56,8 @@ def load(model: str | None = None, device: str | None = None, dtype: str | None 
 
     dt = getattr(torch, dtype) if dtype else None
     if model:
-        return ZImage.from_pretrained(model, device=device, dtype=dt, kernel_backend=kernels)
-    return ZImage.default(device=device, dtype=dt, kernel_backend=kernels)
+        return ZImage.from_pretrained(model, device=device, dtype=dt, kernel_backend=kernels, quantize=quantize)
+    return ZImage.default(device=device, dtype=dt, kernel_backend=kernels, quantize=quantize)
 
 
 def validate(pipe, task: dict):

@@ -1,6 +1,7 @@
 """Generate a fixed set of captions and seeds and score the images with the pixel checker.
 
 ``python -m zimage_core.train.evaluate [--model DIR] [--n 48] [--train] [--steps N --cfg-scale S ...]``
+``python -m zimage_core.train.evaluate --compare-quantize fp8 [--json out.json]``: FP8 against unquantized images.
 """
 
 from __future__ import annotations
@@ -38,6 +39,32 @@ def evaluate(pipe, prompts, attributes=ATTRIBUTES, **generate_kwargs) -> dict:
     }
 
 
+def compare(base, other, prompts, attributes=ATTRIBUTES, **generate_kwargs) -> dict:
+    """Images of ``other`` against ``base`` on the same (caption, seed): 8-bit PSNR of each pair and the pixel
+    checker's agreement for both pipelines (e.g. an FP8-quantized pipeline against the unquantized one)."""
+    import math
+
+    import numpy as np
+
+    rows = []
+    for scene, seed in prompts:
+        a = base.generate(scene.caption, seed=seed, **generate_kwargs).images[0]
+        b = other.generate(scene.caption, seed=seed, **generate_kwargs).images[0]
+        mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+        psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+        ok = [read_image(img).agrees(scene, attributes) for img in (a, b)]
+        rows.append({"caption": scene.caption, "seed": seed, "psnr": psnr, "checker": ok})
+    n = len(rows)
+    return {
+        "n": n,
+        "psnr_mean": sum(r["psnr"] for r in rows) / n,
+        "psnr_min": min(r["psnr"] for r in rows),
+        "checker_base": sum(r["checker"][0] for r in rows) / n,
+        "checker_other": sum(r["checker"][1] for r in rows) / n,
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -55,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-normalization", type=float)
     p.add_argument("--cfg-truncation", type=float)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--quantize", choices=("none", "fp8"), help="evaluate the pipeline quantized (docs/fp8.md)")
+    p.add_argument("--compare-quantize", choices=("fp8",), help="image PSNR and checker: quantized vs unquantized")
+    p.add_argument("--json", help="with --compare-quantize: write the comparison here as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = (
-        ZImage.from_pretrained(args.model, device="cpu", dtype=torch.float32)
-        if args.model
-        else ZImage.default(device="cpu", dtype=torch.float32)
-    )
+
+    def load(quantize):
+        if args.model:
+            return ZImage.from_pretrained(args.model, device="cpu", dtype=torch.float32, quantize=quantize)
+        return ZImage.default(device="cpu", dtype=torch.float32, quantize=quantize)
+
+    pipe = load(args.quantize)
     kw = {
         k: v
         for k, v in dict(
@@ -73,6 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         ).items()
         if v is not None
     }
+    if args.compare_quantize:
+        import json
+
+        res = compare(pipe, load(args.compare_quantize), eval_prompts(args.seed, args.n, heldout=not args.train), **kw)
+        for r in res["rows"]:
+            print(f"  {r['caption']:<70} PSNR {r['psnr']:6.2f} dB  checker {r['checker'][0]}/{r['checker'][1]}")
+        print(
+            f"{args.compare_quantize} vs unquantized: PSNR mean {res['psnr_mean']:.2f} dB, min {res['psnr_min']:.2f} "
+            f"dB; checker agreement {res['checker_base']:.3f} unquantized, {res['checker_other']:.3f} quantized"
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return 0
     res = evaluate(pipe, eval_prompts(args.seed, args.n, heldout=not args.train), **kw)
     which = "training" if args.train else "held-out"
     print(f"{which} captions: {res['accuracy']:.1%} of {res['n']} agree ({res['seconds']:.1f} s); {kw or 'defaults'}")
