@@ -49,11 +49,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 
-from .config import ZImageConfig
-from .errors import RequestError, show
-from .hooks import StackHook
-from .model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
-from .weights import CheckpointError
+from ..config import ZImageConfig
+from ..errors import RequestError, show
+from ..hooks import StackHook
+from ..model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
+from ..weights import CheckpointError
 
 MODES = ("balanced", "controlnet", "prompt")
 PROMPT_MODE_DECAY = 0.825  # "prompt" mode: the hint of the k-th of n control layers is scaled by 0.825^(n-1-k)
@@ -472,7 +472,7 @@ def _pixels(pipe, image, width: int, height: int, field_name: str) -> torch.Tens
         return t
     from PIL import Image
 
-    from . import images as imgs
+    from .. import images as imgs
 
     if not isinstance(image, Image.Image):
         image = imgs.load_image(image, field_name, None, allow_paths=True)  # the service decodes UUIDs
@@ -519,7 +519,7 @@ def prepare(
             if isinstance(mask, torch.Tensor):
                 m = mask if mask.dim() == 4 else mask[None]
             else:
-                from . import images as imgs
+                from .. import images as imgs
 
                 if not hasattr(mask, "convert"):
                     mask = imgs.load_image(mask, f"{name}.mask_image", None, allow_paths=True)
@@ -548,7 +548,7 @@ def prepare(
 
 
 def _files(path: Path) -> tuple[list[Path], Path | None]:
-    from .weights import INDEX_NAME, PICKLE_SUFFIXES
+    from ..weights import INDEX_NAME, PICKLE_SUFFIXES
 
     if not path.exists():
         raise ControlNetError(f"{path}: no such file or folder")
@@ -631,7 +631,7 @@ def load_controlnet(
     Tensors are read straight into a model built on the meta device (no second copy); the 2.0 layout's unused
     ``control_noise_refiner.*`` tensors are not read at all.
     """
-    from .weights import check_state_dict
+    from ..weights import check_state_dict
 
     path = Path(path).expanduser()
     files, config_json = _files(path)
@@ -676,7 +676,7 @@ def load_controlnet(
 
 def from_diffusers(module: nn.Module, transformer: ZImageTransformer) -> ZImageControlNet:
     """Our ControlNet sharing the parameters of a live diffusers ``ZImageControlNetModel`` (no copy)."""
-    from .weights import check_state_dict
+    from ..weights import check_state_dict
 
     config = ControlNetConfig.from_dict(dict(module.config))
     with torch.device("meta"):
@@ -714,7 +714,7 @@ def save_single_file(model: ZImageControlNet, path: str | Path, with_config: boo
 
 
 def builtin_path() -> Path:
-    from .default_model import ASSET_DIR
+    from ..default_model import ASSET_DIR
 
     return ASSET_DIR.parent / "default-controlnet"
 
