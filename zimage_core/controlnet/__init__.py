@@ -37,7 +37,6 @@ in absolute steps; outside it, and at weight 0, the ControlNet is not run at all
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from ..errors import RequestError, show
 from ..hooks import StackHook
 from ..model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
 from ..weights import CheckpointError
+from . import layouts
 
 MODES = ("balanced", "controlnet", "prompt")
 PROMPT_MODE_DECAY = 0.825  # "prompt" mode: the hint of the k-th of n control layers is scaled by 0.825^(n-1-k)
@@ -97,6 +97,25 @@ class ControlNetConfig:
     qk_norm: bool = True
 
     def __post_init__(self):
+        def count(name, v, lo):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ControlNetError(f"{name} must be an integer >= {lo}, got {show(v)}")
+
+        for name in ("control_layers_places", "all_patch_size", "all_f_patch_size"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ControlNetError(f"{name} must be a list of integers, got {show(getattr(self, name))}")
+        for name, lo in (("control_in_dim", 1), ("dim", 1), ("n_refiner_layers", 0), ("n_heads", 1), ("n_kv_heads", 1)):
+            count(name, getattr(self, name), lo)
+        for v in (*self.control_layers_places, *(self.control_refiner_layers_places or ())):
+            count("control_layers_places / control_refiner_layers_places entries", v, 0)
+        for v in (*self.all_patch_size, *self.all_f_patch_size):
+            count("all_patch_size / all_f_patch_size entries", v, 1)
+        if len(self.all_patch_size) != len(self.all_f_patch_size) or not self.all_patch_size:
+            raise ControlNetError("all_patch_size and all_f_patch_size must be non-empty lists of the same length")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ControlNetError(f"norm_eps must be a positive number, got {show(self.norm_eps)}")
+        if not isinstance(self.qk_norm, bool):
+            raise ControlNetError(f"qk_norm must be true or false, got {show(self.qk_norm)}")
         places = list(self.control_layers_places)
         if not places or places[0] != 0 or places != sorted(set(places)):
             raise ControlNetError(f"control_layers_places must be increasing and start at 0, got {places}")
@@ -111,11 +130,19 @@ class ControlNetConfig:
     def layout(self) -> str:
         return LAYOUTS[self.add_control_noise_refiner]
 
+    @property
+    def variant(self) -> str:
+        """The released layout this config is (``layouts.LAYOUTS``: union-1.0, -2.0, -2.1, -2.1-lite) or "custom"."""
+        return layouts.name_of(self.control_layers_places, self.add_control_noise_refiner)
+
     _TUPLES = ("control_layers_places", "control_refiner_layers_places", "all_patch_size", "all_f_patch_size")
 
     @classmethod
     def from_dict(cls, d: dict) -> ControlNetConfig:
         names = set(cls.__dataclass_fields__)
+        for k in cls._TUPLES:
+            if k in d and d[k] is not None and not isinstance(d[k], (list, tuple)):
+                raise ControlNetError(f"{k} must be a list of integers, got {show(d[k])}")
         kw = {k: (tuple(v) if k in cls._TUPLES and v is not None else v) for k, v in d.items() if k in names}
         return cls(**kw)
 
@@ -548,73 +575,109 @@ def prepare(
 
 
 def _files(path: Path) -> tuple[list[Path], Path | None]:
-    from ..weights import INDEX_NAME, PICKLE_SUFFIXES
+    """(weight files, config.json or None), through weights.py's checks: shard names inside the folder, no pickles,
+    regular files only (a FIFO would block the loader)."""
+    from ..weights import PICKLE_SUFFIXES, check_regular_file, weight_files
 
-    if not path.exists():
-        raise ControlNetError(f"{path}: no such file or folder")
-    if path.is_dir():
-        if (path / "controlnet").is_dir() and not (path / "config.json").exists():
-            path = path / "controlnet"
-        index = path / INDEX_NAME
-        if index.exists():
-            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        elif (path / WEIGHTS_NAME).exists():
-            files = [path / WEIGHTS_NAME]
-        else:
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ControlNetError(f"{path}: no .safetensors weights")
-        config = path / "config.json"
-        return files, config if config.exists() else None
-    if path.suffix in PICKLE_SUFFIXES:
-        raise ControlNetError(f"{path}: pickle checkpoints are not supported (they can execute code); use safetensors")
-    if path.suffix != ".safetensors":
-        raise ControlNetError(f"{path}: expected a .safetensors file or a diffusers folder")
-    return [path], None
+    try:
+        if not path.exists():
+            raise ControlNetError(f"{path}: no such file or folder")
+        if path.is_dir():
+            if (path / "controlnet").is_dir() and not (path / "config.json").exists():
+                path = path / "controlnet"
+            return weight_files(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ControlNetError(
+                f"{path}: pickle checkpoints are not supported (they can execute code); use safetensors"
+            )
+        if path.suffix != ".safetensors":
+            raise ControlNetError(f"{path}: expected a .safetensors file or a diffusers folder")
+        check_regular_file(path)
+        return [path], None
+    except ControlNetError:
+        raise
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+
+
+def _config_from(data, where: str) -> ControlNetConfig:
+    if not isinstance(data, dict):
+        raise ControlNetError(f"{where}: a ControlNet config must be a JSON object, got {type(data).__name__}")
+    try:
+        return ControlNetConfig.from_dict(data)
+    except ControlNetError as e:
+        raise ControlNetError(f"{where}: {str(e)[:500]}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ControlNetError(f"{where}: invalid ControlNet config ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _block_keys(transformer_cfg: ZImageConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(TransformerBlock(transformer_cfg.replace(n_layers=1), True).state_dict())
 
 
 def infer_config(shapes: dict[str, tuple], transformer_cfg: ZImageConfig, where: str, zero_before_proj=None):
-    """A single-file release carries no config: read it from the tensor names and shapes.
-
-    Layout (as diffusers' single-file loader decides it): a ``control_noise_refiner.0.before_proj`` that is not all
-    zeros means 2.1; control-refiner blocks without ``before_proj`` mean 1.0; otherwise (none, or an all-zero one,
-    which the 2.0 conversion drops) 2.0. The n control layers sit every ``n_layers // n`` main layers (1.0: 6 over
-    30 = [0, 5, …, 25]; 2.x: 15 over 30 = [0, 2, …, 28]); the refiner-stage hints go after every refiner layer.
-    """
-    emb = [k for k in shapes if re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k)]
-    if not emb:
-        raise ControlNetError(f"{where}: no control_all_x_embedder.*.weight: not a Z-Image ControlNet checkpoint")
-    patches = sorted(
-        tuple(int(v) for v in re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k).groups()) for k in emb
-    )
+    """A single-file release carries no config: find the released layout whose tensor names are exactly these
+    (``layouts.LAYOUTS``; never the file name) and take the widths from the shapes. A file matching no layout is a
+    ControlNetError naming the missing and extra tensors against the nearest one."""
+    layout, why = layouts.detect(shapes, _block_keys(transformer_cfg), zero_before_proj)
+    if layout is None:
+        raise ControlNetError(f"{where}: {why}")
+    patches = [tuple(int(v) for v in p.split("-")) for p in layouts.patch_keys(shapes)]
     p, fp = patches[0]
     dim, fan_in = shapes[f"control_all_x_embedder.{p}-{fp}.weight"]
-    n_control = len({int(m.group(1)) for k in shapes if (m := re.match(r"control_layers\.(\d+)\.", k))})
-    refiner_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"control_noise_refiner\.(\d+)\.", k))}
-    if "control_noise_refiner.0.before_proj.weight" in shapes:
-        mode = "control_layers" if zero_before_proj else "control_noise_refiner"
-    elif refiner_ids:
-        mode = None
-    else:
-        mode = "control_layers"
-    n_layers = transformer_cfg.n_layers
-    if n_control == 0 or n_layers // n_control == 0:
-        raise ControlNetError(f"{where}: {n_control} control layers do not fit {n_layers} main layers")
-    n_refiner = len(refiner_ids) if mode != "control_layers" and refiner_ids else transformer_cfg.n_refiner_layers
+    if fan_in % (p * p * fp):
+        raise ControlNetError(f"{where}: control_all_x_embedder.{p}-{fp}.weight has {fan_in} inputs, not a multiple "
+                              f"of the patch size {p}·{p}·{fp}")  # fmt: skip
     return ControlNetConfig(
-        control_layers_places=tuple(i * (n_layers // n_control) for i in range(n_control)),
+        control_layers_places=layout.control_layers_places,
         control_in_dim=fan_in // (p * p * fp),
-        control_refiner_layers_places=tuple(range(transformer_cfg.n_refiner_layers)),
-        add_control_noise_refiner=mode,
+        control_refiner_layers_places=tuple(range(layouts.N_REFINER)),
+        add_control_noise_refiner=layout.add_control_noise_refiner,
         all_patch_size=tuple(a for a, _ in patches),
         all_f_patch_size=tuple(b for _, b in patches),
         dim=dim,
-        n_refiner_layers=n_refiner,
+        n_refiner_layers=layouts.N_REFINER,
         n_heads=transformer_cfg.n_heads,
         n_kv_heads=transformer_cfg.n_kv_heads,
         norm_eps=transformer_cfg.norm_eps,
         qk_norm=transformer_cfg.qk_norm,
     )
+
+
+def expected_parameters(config: ControlNetConfig, transformer_cfg: ZImageConfig) -> int:
+    """The parameter count of a ControlNet config, without building it (one block of each kind on the meta device)."""
+    bcfg = block_config(config, transformer_cfg)
+
+    def count(module) -> int:
+        return sum(t.numel() for t in module.state_dict().values())
+
+    with torch.device("meta"):
+        first, other, plain = (
+            count(ControlBlock(bcfg, 0)),
+            count(ControlBlock(bcfg, 1)),
+            count(TransformerBlock(bcfg, True)),
+        )
+    n = len(config.control_layers_places)
+    total = first + (n - 1) * other
+    total += sum((fp * p * p * config.control_in_dim + 1) * config.dim
+                 for p, fp in zip(config.all_patch_size, config.all_f_patch_size))  # fmt: skip
+    if config.add_control_noise_refiner is None:
+        total += config.n_refiner_layers * plain
+    elif config.add_control_noise_refiner == "control_noise_refiner":
+        total += first + (config.n_refiner_layers - 1) * other
+    return total
+
+
+def _check_size(config: ControlNetConfig, transformer_cfg, files: list[Path], where: str) -> None:
+    """Refuse a config that promises more parameters than the files can hold, before building anything of that size."""
+    expected = expected_parameters(config, transformer_cfg)
+    file_bytes = sum(f.stat().st_size for f in files)
+    if expected > file_bytes:  # every parameter takes at least one byte on disk
+        raise ControlNetError(
+            f"{where}: the config describes {expected:,} parameters but the checkpoint files hold {file_bytes:,} "
+            "bytes; the config does not belong to these weights"
+        )
 
 
 def load_controlnet(
@@ -626,50 +689,71 @@ def load_controlnet(
     device: torch.device | str | None = None,
 ) -> ZImageControlNet:
     """Load a ControlNet for ``transformer``: a diffusers folder (config.json + safetensors, sharded or not) or a
-    single ``.safetensors`` release of the 1.0, 2.0 or 2.1 layout. Defaults: the transformer's dtype and device.
+    single ``.safetensors`` release of any released layout (``layouts.LAYOUTS``, told apart by the tensor names).
+    Defaults: the transformer's dtype and device.
 
-    Tensors are read straight into a model built on the meta device (no second copy); the 2.0 layout's unused
+    Files are found and read with ``weights.py``'s checks (shards inside the folder, regular files only, no
+    pickles); a config whose parameter count the files cannot hold is refused before anything is built. Tensors are
+    read straight into a model built on the meta device (no second copy); the 2.0 layout's unused
     ``control_noise_refiner.*`` tensors are not read at all.
     """
-    from ..weights import check_state_dict
+    from ..weights import check_state_dict, read_header, read_json
 
     path = Path(path).expanduser()
     files, config_json = _files(path)
-    where, shapes, meta = {}, {}, {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as h:
-                meta.update(h.metadata() or {})
-                for k in h.keys():
-                    where[k] = f
-                    shapes[k] = tuple(h.get_slice(k).get_shape())
-        except Exception as e:
-            raise ControlNetError(f"{f}: not a readable safetensors file ({e})") from None
+    try:
+        where, shapes, meta = read_header(files)
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+    where = {k: f for k, (f, _) in where.items()}
+    source = "config"  # where the config came from, for the errors
     if isinstance(config, dict):
-        config = ControlNetConfig.from_dict(config)
+        config = _config_from(config, source)
     if config is None and config_json is not None:
-        config = ControlNetConfig.from_dict(json.loads(config_json.read_text()))
+        try:
+            data = read_json(config_json, "ControlNet config")
+        except CheckpointError as e:
+            raise ControlNetError(str(e)) from None
+        source = str(config_json)
+        config = _config_from(data, source)
     if config is None and CONFIG_KEY in meta:
-        config = ControlNetConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        try:
+            data = json.loads(meta[CONFIG_KEY])
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ControlNetError(f"{path}: invalid config in the safetensors metadata ({str(e)[:200]})") from None
+        source = f"{path} (metadata {CONFIG_KEY})"
+        config = _config_from(data, source)
+    shapes = {k: v for k, v in shapes.items() if not k.startswith(SHARED_PREFIXES)}
     if config is None:
         zero = None
-        if "control_noise_refiner.0.before_proj.weight" in shapes:
-            with safe_open(where["control_noise_refiner.0.before_proj.weight"], framework="pt") as h:
-                zero = bool((h.get_tensor("control_noise_refiner.0.before_proj.weight") == 0).all())
+        if layouts.ZERO_CHECK_KEY in shapes:
+            with safe_open(where[layouts.ZERO_CHECK_KEY], framework="pt") as h:
+                zero = bool((h.get_tensor(layouts.ZERO_CHECK_KEY) == 0).all())
         config = infer_config(shapes, transformer.config, str(path), zero)
-    shapes = {k: v for k, v in shapes.items() if not k.startswith(SHARED_PREFIXES)}
+        source = f"{path} (the layout read from its tensor names)"
+    try:
+        _check_size(config, transformer.config, files, source)
+    except ControlNetError as e:
+        raise ControlNetError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise ControlNetError(f"{source}: the config cannot be built ({type(e).__name__}: {str(e)[:200]})") from None
     if config.add_control_noise_refiner == "control_layers":  # diffusers' 2.0 conversion drops these
         shapes = {k: v for k, v in shapes.items() if not k.startswith("control_noise_refiner.")}
     with torch.device("meta"):
         model = ZImageControlNet(config, transformer.config)
-    check_state_dict(model, shapes, str(path))
+    try:
+        check_state_dict(model, shapes, str(path))
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
     dtype = dtype or transformer.dtype
     device = device or transformer.device
     sd = {}
-    for k in shapes:
-        with safe_open(where[k], framework="pt") as h:
-            t = h.get_tensor(k)
-        sd[k] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+    for f in dict.fromkeys(where[k] for k in shapes):
+        with safe_open(f, framework="pt") as h:
+            for k in shapes:
+                if where[k] == f:
+                    t = h.get_tensor(k)
+                    sd[k] = (t.to(dtype) if t.is_floating_point() else t).to(device)
     model.load_state_dict(sd, assign=True)
     return model.eval()
 
