@@ -36,6 +36,7 @@ in absolute steps; outside it, and at weight 0, the ControlNet is not run at all
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ class ZImageControlNet(nn.Module):
         x: Sequence[torch.Tensor] | None = None,
         scale: float = 1.0,
         patch: tuple[int, int] = (2, 1),
+        sp=None,
     ):
         """The hints, one per control layer in order, each [B, N, dim] over the unified sequence, computed lazily:
         nothing runs until the first is asked for, and control layer k runs only when hint k is asked for.
@@ -259,7 +261,10 @@ class ZImageControlNet(nn.Module):
         ``unified``/``inp``: the main stream before the main layers and its inputs; ``img_plens``: the padded image
         token count of each sample; ``control``: control latents [control_in_dim, F, H, W] per sample; ``x``: the
         latents (needed for the 2.x layouts, whose own pass re-runs the noise refiner); ``scale`` multiplies the
-        refiner-stage hints of 2.x (diffusers scales them by ``conditioning_scale``).
+        refiner-stage hints of 2.x (diffusers scales them by ``conditioning_scale``). ``sp``: a
+        ``parallel.SequenceParallelHook``; then ``unified``/``inp`` are the whole sequence, every block runs on this
+        rank's shard of the tokens (the image-only stage on a shard of the image tokens, gathered before the caption
+        is joined) and each hint is this rank's shard, as the main stream the hook adds it to.
         """
         cfg = self.config
         key = f"{patch[0]}-{patch[1]}"
@@ -276,6 +281,9 @@ class ZImageControlNet(nn.Module):
         img_inp = BlockInputs(inp.ops, batch_lengths(list(img_plens), device), img_freqs, inp.adaln_input)
 
         main = unified
+        n_img = c.shape[1]
+        if sp is not None:  # the image-only stage on this rank's shard of the image tokens
+            c, img_inp, _ = sp.shard(c, img_inp)
         if cfg.add_control_noise_refiner is None:
             for layer in self.control_noise_refiner:
                 c = layer(c, img_inp)
@@ -285,6 +293,8 @@ class ZImageControlNet(nn.Module):
             feats = transformer.all_x_embedder[key](torch.cat([_tokens(xi.to(self.dtype), patch)[0] for xi in x]))
             feats = torch.where(is_pad, transformer.x_pad_token, feats)
             h = pad_sequence(list(feats.split(list(img_plens))), batch_first=True)
+            if sp is not None:
+                h = _shard_like(sp, h)
             stage = (
                 self.control_layers if cfg.add_control_noise_refiner == "control_layers" else self.control_noise_refiner
             )
@@ -297,13 +307,30 @@ class ZImageControlNet(nn.Module):
                 h = layer(h, img_inp)
                 if i in refiner_hints:
                     h = h + refiner_hints[i]
+            if sp is not None:
+                h = sp.gather(h, n_img)
             main = _splice(h, unified, img_plens)
+        if sp is not None:
+            c = sp.gather(c, n_img)
 
         # [control image tokens ‖ the caption tokens of the unified stream], batch-padded like the unified stream
         cu = _splice(c, unified, img_plens)
+        if sp is not None:  # the control layers on this rank's shard of the unified sequence
+            cu, inp, _ = sp.shard(cu, inp)
+            main = _shard_like(sp, main)
         for block in self.control_layers:
             cu, hint = block.step(cu, main, inp)
             yield hint
+
+
+def _shard_like(sp, t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``t`` [B, N, dim] along the tokens, padded as the sequence-parallel hook pads."""
+    N = t.shape[1]
+    pad = (-N) % sp.degree
+    if pad:
+        t = F.pad(t, (0, 0, 0, pad))
+    n = (N + pad) // sp.degree
+    return t[:, sp.rank * n : (sp.rank + 1) * n].contiguous()
 
 
 def _tokens(xi: torch.Tensor, patch: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -364,32 +391,48 @@ class ControlHook(StackHook):
         self._hints: dict[int, torch.Tensor] = {}
         self._pending = None  # the lazy hint iterator of this forward
         self._index: torch.Tensor | None = None
+        # set by parallel.ParallelContext.forward: this forward's SequenceParallelHook (the hints are then sharded)
+        self.sequence_parallel = None
+
+    def for_rows(self, rows: Sequence[int]) -> ControlHook:
+        """This hook for a sub-batch (a CFG-parallel rank's half): rows ``rows`` of the batch it was made for."""
+        new = copy.copy(self)
+        ctl = self.control if isinstance(self.control, (list, tuple)) else [self.control]
+        new.x = [self.x[i] for i in rows]
+        new.control = [ctl[i % len(ctl)] for i in rows]
+        new.rows = None if self.rows is None else [j for j, i in enumerate(rows) if i in set(self.rows)]
+        return new
 
     def before_stack(self, hidden, inp):
         p, pf = self.patch
         plens = [padded_len((xi.shape[1] // pf) * (xi.shape[2] // p) * (xi.shape[3] // p)) for xi in self.x]
         rows = self.rows if self.rows is not None and len(self.rows) < len(self.x) else None
-        h, sub, x = hidden, inp, self.x
+        self._pending, self._hints, self._index = None, {}, None
+        if rows == []:  # none of this forward's rows gets the control (the other CFG-parallel half)
+            return hidden, inp
+        sp = self.sequence_parallel
+        # under sequence parallelism: the whole sequence, as the sequence-parallel hook received it
+        h, sub = sp.outer if sp is not None else (hidden, inp)
+        x = self.x
         ctl = self.control if isinstance(self.control, (list, tuple)) else [self.control]
         ctl = [ctl[i % len(ctl)] for i in range(len(x))]  # a CFG batch repeats the rows: [cond..., uncond...]
         if rows is not None:
-            self._index = torch.tensor(rows, device=hidden.device)
-            h = hidden.index_select(0, self._index)
-            kv = None if inp.kv_lens is None else inp.kv_lens.index_select(0, self._index.to(inp.kv_lens.device))
+            self._index = torch.tensor(rows, device=h.device)
+            kv = None if sub.kv_lens is None else sub.kv_lens.index_select(0, self._index.to(sub.kv_lens.device))
             sub = BlockInputs(
-                inp.ops, kv, inp.freqs_cis.index_select(0, self._index), inp.adaln_input.index_select(0, self._index)
+                sub.ops, kv, sub.freqs_cis.index_select(0, self._index), sub.adaln_input.index_select(0, self._index)
             )
+            h = h.index_select(0, self._index)
             plens, x, ctl = [plens[i] for i in rows], [x[i] for i in rows], [ctl[i] for i in rows]
         self._pending = self.model.iter_hints(
-            self.transformer, h, sub, plens, ctl, x, scale=self.weight, patch=self.patch
+            self.transformer, h, sub, plens, ctl, x, scale=self.weight, patch=self.patch, sp=sp
         )
-        self._hints = {}
         if self.on_forward is not None:
             self.on_forward()
         return hidden, inp
 
     def after_layer(self, index, hidden, inp):
-        if index not in self._scale:
+        if index not in self._scale or self._pending is None:
             return hidden
         while index not in self._hints:  # run the control layers up to this place
             place = self._places[len(self._hints)]
