@@ -262,3 +262,104 @@ def test_malformed_controlnet_config_json_is_a_controlnet_error(t30, tmp_path, d
     (folder / "config.json").write_bytes(data)
     with pytest.raises(C.ControlNetError, match="config.json"):
         C.load_controlnet(folder, t30[1])
+
+
+# ---- guide kinds (controlType) --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small random pipeline and a random-weight 2.1-layout ControlNet for it."""
+    from zimage_core.components import build_random_pipeline
+    from zimage_core.pipeline import ZImage
+
+    folder = build_random_pipeline(tmp_path_factory.mktemp("cntypes") / "random", seed=3)
+    pipe = ZImage.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    tc = pipe.transformer.config
+    config = C.ControlNetConfig(
+        control_layers_places=(0, 1), control_in_dim=33, control_refiner_layers_places=(0,),
+        add_control_noise_refiner="control_noise_refiner", dim=tc.dim, n_refiner_layers=tc.n_refiner_layers,
+        n_heads=tc.n_heads, n_kv_heads=tc.n_kv_heads, norm_eps=tc.norm_eps,
+    )  # fmt: skip
+    return pipe, randomise(C.ZImageControlNet(config, tc).eval(), 31)
+
+
+def run(pipe, cn):
+    return pipe.generate(
+        "a white circle", seed=5, steps=4, shift=3.0, cfg_scale=2.0, width=64, height=64, output_type="latent",
+        controlnets=[cn],
+    )  # fmt: skip
+
+
+def colour_guide(w=64, h=64):
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (w, h), (20, 90, 200))
+    ImageDraw.Draw(im).ellipse([10, 14, 40, 50], fill=(230, 60, 30))
+    ImageDraw.Draw(im).rectangle([40, 5, 60, 30], fill=(40, 220, 90))
+    return im
+
+
+def test_gray_guide_equals_the_luminance_image_and_differs_from_colour(small):
+    """controlType gray: the result is the one for PIL's luminance image (ITU-R 601) of the guide."""
+    ours, cn_pipe = small
+    g = colour_guide()
+    gray = run(ours, C.ControlNetInput(cn_pipe, g, weight=1.0, control_type="gray")).latents
+    pil_gray = run(ours, C.ControlNetInput(cn_pipe, g.convert("L").convert("RGB"), weight=1.0)).latents
+    colour = run(ours, C.ControlNetInput(cn_pipe, g, weight=1.0)).latents
+    as_is = run(ours, C.ControlNetInput(cn_pipe, g, weight=1.0, control_type="canny")).latents
+    assert torch.equal(as_is, colour)  # a structural kind uses the guide as given
+    d_gray, d_colour = rel_err(gray, pil_gray), rel_err(colour, pil_gray)
+    assert d_colour > 1e-3 and d_gray < 0.05 * d_colour, (d_gray, d_colour)  # PIL rounds luminance to 8 bits
+
+
+@pytest.mark.parametrize("name,kind,ok", [
+    ("union-1.0", "gray", False), ("union-1.0", "tile", False), ("union-2.0", "gray", False),
+    ("union-1.0", "scribble", True), ("union-2.1", "gray", True), ("union-2.1-lite", "tile", True),
+    ("union-2.1", "sketch", False),
+])  # fmt: skip
+def test_control_type_per_layout_and_unknown_refused_naming_the_field(t30, tmp_path, name, kind, ok):
+    from types import SimpleNamespace
+
+    from zimage_core.errors import RequestError
+
+    tr, ours_t = t30
+    save_file(release_state_dict(name, diffusers_cn(name, tr)), tmp_path / "f.safetensors")
+    m = C.load_controlnet(tmp_path / "f.safetensors", ours_t)
+    spec = C.ControlNetInput(m, colour_guide(), control_type=kind)
+    # a transformer the ControlNet does not fit: prepare stops at the next check, before any image work
+    fake = SimpleNamespace(transformer=SimpleNamespace(config=ours_t.config.replace(norm_eps=1e-3)))
+    with pytest.raises(RequestError) as e:
+        C.prepare(fake, [spec], 64, 64, 4)
+    if ok:  # passed the type check, stopped at the next one
+        assert e.value.field == "controlnets[0].model"
+    else:
+        assert e.value.field == "controlnets[0].control_type"
+        assert ("not a guide" in str(e.value)) == (kind in C.CONTROL_TYPES)
+
+
+def test_request_and_cli_control_type(small, tmp_path, capsys):
+    from tests.helpers import image_request
+    from zimage_core import cli
+    from zimage_core.errors import RequestError
+
+    ours, cn_pipe = small
+    C.store_for(ours).add("test:cn21", cn_pipe)
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    colour_guide(128, 128).save(buf, format="PNG")
+    entry = {"model": "test:cn21", "guideImage": base64.b64encode(buf.getvalue()).decode(), "controlType": "sketch"}
+    req = image_request(positivePrompt="a circle", width=128, height=128, steps=2, controlNet=[entry])
+    with pytest.raises(RequestError) as e:
+        ours.infer(req)
+    assert e.value.field == "controlNet[0].controlType" and "gray" in str(e.value)
+    entry["controlType"] = "gray"
+    out = ours.infer(image_request(positivePrompt="a circle", width=128, height=128, steps=2, seed=3,
+                                   outputType="base64Data", outputFormat="PNG", controlNet=[entry]))  # fmt: skip
+    assert len(out) == 1
+    colour_guide().save(tmp_path / "g.png")
+    args = ["generate", "a circle", "--steps", "1", "--width", "64", "--height", "64", "--quiet"]
+    args += ["--control-image", str(tmp_path / "g.png"), "--control-type", "sketch", "-o", str(tmp_path / "o.png")]
+    assert cli.main(args) == 2
+    assert "--control-type: must be one of canny" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()

@@ -55,6 +55,7 @@ from ..hooks import StackHook
 from ..model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
 from ..weights import CheckpointError
 from . import layouts
+from .layouts import CONTROL_TYPES
 
 MODES = ("balanced", "controlnet", "prompt")
 PROMPT_MODE_DECAY = 0.825  # "prompt" mode: the hint of the k-th of n control layers is scaled by 0.825^(n-1-k)
@@ -476,6 +477,9 @@ class ControlNetInput:
     inpaint_image: object = None
     mask_image: object = None
     field: str = "controlnets"  # the name errors use (the request maps it to controlNet[i])
+    # the guide's kind (layouts.CONTROL_TYPES; None: not said). "gray" turns the guide into luminance; a kind the
+    # ControlNet's layout was not trained on is refused (docs/controlnet-variants.md)
+    control_type: str | None = None
 
 
 @dataclass
@@ -549,6 +553,12 @@ def _pixels(pipe, image, width: int, height: int, field_name: str) -> torch.Tens
     return pipe.image_processor.preprocess(image.convert("RGB"), height=height, width=width)
 
 
+def _type_field(name: str) -> str:
+    if name.startswith("controlNet["):
+        return f"{name}.controlType"
+    return "--control-type" if name.startswith("--") else f"{name}.control_type"
+
+
 def prepare(
     pipe, controlnets: Sequence[ControlNetInput], width: int, height: int, steps: int, work=None
 ) -> list[_Prepared]:
@@ -560,6 +570,18 @@ def prepare(
             raise RequestError(f"{name}.model", "must be a loaded ZImageControlNet (zimage_core.controlnet)")
         if cn.mode not in MODES:
             raise RequestError(f"{name}.mode", f"must be one of {', '.join(MODES)}, got {show(cn.mode)}")
+        if cn.control_type is not None:
+            type_field = _type_field(name)
+            if cn.control_type not in layouts.CONTROL_TYPES:
+                allowed = ", ".join(layouts.CONTROL_TYPES)
+                raise RequestError(type_field, f"must be one of {allowed}, got {show(cn.control_type)}")
+            variant = cn.model.config.variant
+            if cn.control_type not in layouts.control_types(variant):
+                raise RequestError(
+                    type_field,
+                    f"{show(cn.control_type)} is not a guide this ControlNet's layout ({variant}) was trained on; "
+                    f"allowed: {', '.join(layouts.control_types(variant))}",
+                )
         if isinstance(cn.weight, bool) or not isinstance(cn.weight, (int, float)) or not -4 <= cn.weight <= 4:
             raise RequestError(f"{name}.weight", f"must be a number in [-4, 4], got {show(cn.weight)}")
         start = 0 if cn.start is None else cn.start
@@ -577,7 +599,11 @@ def prepare(
         except ControlNetError as e:
             raise RequestError(f"{name}.model", str(e)) from None
         latent_ch = pipe.transformer.config.in_channels
-        guide = pipe.encode_image(_pixels(pipe, cn.guide_image, width, height, f"{name}.guide_image"))
+        pixels = _pixels(pipe, cn.guide_image, width, height, f"{name}.guide_image")
+        if cn.control_type == "gray":  # luminance, ITU-R 601 weights (what PIL's convert("L") computes)
+            luma = torch.tensor([0.299, 0.587, 0.114], dtype=pixels.dtype, device=pixels.device)
+            pixels = torch.einsum("bchw,c->bhw", pixels, luma)[:, None].expand(-1, 3, -1, -1)
+        guide = pipe.encode_image(pixels)
         parts = [guide]
         inpaint_image = cn.inpaint_image if cn.inpaint_image is not None else (None if work is None else work.image)
         mask = cn.mask_image
@@ -905,6 +931,7 @@ __all__ = [
     "ControlNetInput",
     "ControlNetStore",
     "ControlState",
+    "CONTROL_TYPES",
     "MODES",
     "ZImageControlNet",
     "from_diffusers",

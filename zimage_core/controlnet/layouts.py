@@ -32,6 +32,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 EVERY_OTHER_OF_30 = tuple(range(0, 30, 2))
+# The guide kinds (``controlNet[].controlType``). Every kind but gray is the preprocessed map itself (we run no
+# detector); gray is the image in luminance, which the loader makes; tile is a low-resolution image of the target.
+CONTROL_TYPES = ("canny", "depth", "pose", "mlsd", "hed", "scribble", "gray", "tile")
+# gray and tile were trained only into releases of the 2.1 layouts (VideoX-Fun README: the base model's Union 2.1
+# lists Gray; the Tile releases are 2.1 and 2.1-lite files); the older layouts get the structural maps
+STRUCTURAL = ("canny", "depth", "pose", "mlsd", "hed", "scribble")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Layout:
     )  # diffusers' flag: None (1.0), "control_layers" (2.0), "control_noise_refiner"
     control_in_dim: int
     releases: tuple[str, ...]
+    control_types: tuple[str, ...] = CONTROL_TYPES
 
     @property
     def summary(self) -> str:
@@ -53,8 +60,10 @@ class Layout:
 
 
 LAYOUTS = (
-    Layout("union-1.0", (0, 5, 10, 15, 20, 25), None, 16, ("Z-Image-Turbo-Fun-Controlnet-Union",)),
-    Layout("union-2.0", EVERY_OTHER_OF_30, "control_layers", 33, ("Z-Image-Turbo-Fun-Controlnet-Union-2.0",)),
+    Layout("union-1.0", (0, 5, 10, 15, 20, 25), None, 16, ("Z-Image-Turbo-Fun-Controlnet-Union",), STRUCTURAL),
+    Layout(
+        "union-2.0", EVERY_OTHER_OF_30, "control_layers", 33, ("Z-Image-Turbo-Fun-Controlnet-Union-2.0",), STRUCTURAL
+    ),
     Layout(
         "union-2.1",
         EVERY_OTHER_OF_30,
@@ -143,6 +152,11 @@ def detect(keys: Iterable[str], block_keys: Iterable[str], zero_before_proj: boo
         + "; ".join(parts)
         + "; pass config= (a diffusers ZImageControlNetModel config) for another layout"
     )
+
+
+def control_types(name: str) -> tuple[str, ...]:
+    """The guide kinds a layout was trained on (every kind for a custom layout)."""
+    return BY_NAME[name].control_types if name in BY_NAME else CONTROL_TYPES
 
 
 def name_of(places: Iterable[int], add_control_noise_refiner: str | None) -> str:
