@@ -437,3 +437,21 @@ def test_controlnet_with_lora_and_each_cache_method(small, lora, method, with_lo
     assert hits, reuse.stats["cache"][0]["decisions"]
     assert reuse.stats["controlnet"][0]["control_layers_run"] < plain.stats["controlnet"][0]["control_layers_run"]
     assert torch.isfinite(reuse.latents).all()
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_drop_in_from_single_file_loads_each_release_offline(t30, name, tmp_path):
+    """The drop-in's from_single_file on a local release file: no hub config needed, the layout from the names."""
+    from zimage_core.diffusers import ZImageControlNetModel
+
+    tr, _ = t30
+    cn = diffusers_cn(name, tr, seed=12)
+    save_file(release_state_dict(name, cn), tmp_path / "release.safetensors")
+    m = ZImageControlNetModel.from_single_file(str(tmp_path / "release.safetensors"))
+    places, mode, in_dim = RELEASED[name]
+    assert list(m.config["control_layers_places"]) == places
+    assert m.config["add_control_noise_refiner"] == mode and m.config["control_in_dim"] == in_dim
+    assert m.config["n_heads"] == 2 and m.config["dim"] == 32
+    want = {k: v for k, v in cn.state_dict().items() if not k.startswith(SHARED)}
+    got = m.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

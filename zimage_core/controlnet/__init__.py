@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -766,6 +767,39 @@ def load_controlnet(
     read straight into a model built on the meta device (no second copy); the 2.0 layout's unused
     ``control_noise_refiner.*`` tensors are not read at all.
     """
+    return load_checked(
+        path, transformer.config, config, dtype or transformer.dtype, device or transformer.device,
+        lambda cfg: ZImageControlNet(cfg, transformer.config),
+    )  # fmt: skip
+
+
+def released_transformer_config(path: str | Path) -> ZImageConfig:
+    """For a single file loaded without a transformer (the drop-in's ``from_single_file``): the block shapes of
+    the released transformer the file's control blocks were made for (30 main layers, 2 refiner layers, the width
+    and head size read from the tensors)."""
+    path = Path(path).expanduser()
+    files, _ = _files(path)
+    from ..weights import read_header
+
+    try:
+        _, shapes, _ = read_header(files)
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+    key = "control_layers.0.attention.norm_q.weight"
+    emb = [k for k in shapes if re.fullmatch(r"control_all_x_embedder\.\d+-\d+\.weight", k)]
+    if key not in shapes or not emb or len(shapes[key]) != 1 or len(shapes[emb[0]]) != 2:
+        raise ControlNetError(f"{path}: no {key} / control_all_x_embedder: not a Z-Image ControlNet checkpoint")
+    head_dim, dim = shapes[key][0], shapes[emb[0]][0]
+    if head_dim < 1 or dim % head_dim:
+        raise ControlNetError(f"{path}: width {dim} is not a multiple of the head size {head_dim}")
+    return ZImageConfig(
+        dim=dim, n_layers=30, n_refiner_layers=layouts.N_REFINER, n_heads=dim // head_dim,
+        n_kv_heads=dim // head_dim, axes_dims=(head_dim,), axes_lens=(1,),
+    )  # fmt: skip
+
+
+def load_checked(path, transformer_cfg: ZImageConfig, config, dtype, device, build: Callable) -> nn.Module:
+    """load_controlnet's body; ``build(config)`` makes the (meta-device) model."""
     from ..weights import check_state_dict, read_header, read_json
 
     path = Path(path).expanduser()
@@ -798,10 +832,10 @@ def load_controlnet(
         if layouts.ZERO_CHECK_KEY in shapes:
             with safe_open(where[layouts.ZERO_CHECK_KEY], framework="pt") as h:
                 zero = bool((h.get_tensor(layouts.ZERO_CHECK_KEY) == 0).all())
-        config = infer_config(shapes, transformer.config, str(path), zero)
+        config = infer_config(shapes, transformer_cfg, str(path), zero)
         source = f"{path} (the layout read from its tensor names)"
     try:
-        _check_size(config, transformer.config, files, source)
+        _check_size(config, transformer_cfg, files, source)
     except ControlNetError as e:
         raise ControlNetError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
@@ -809,13 +843,11 @@ def load_controlnet(
     if config.add_control_noise_refiner == "control_layers":  # diffusers' 2.0 conversion drops these
         shapes = {k: v for k, v in shapes.items() if not k.startswith("control_noise_refiner.")}
     with torch.device("meta"):
-        model = ZImageControlNet(config, transformer.config)
+        model = build(config)
     try:
         check_state_dict(model, shapes, str(path))
     except CheckpointError as e:
         raise ControlNetError(str(e)) from None
-    dtype = dtype or transformer.dtype
-    device = device or transformer.device
     sd = {}
     for f in dict.fromkeys(where[k] for k in shapes):
         with safe_open(f, framework="pt") as h:
