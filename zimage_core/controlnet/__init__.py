@@ -1,5 +1,6 @@
-"""Z-Image ControlNet Union (1.0, 2.0, 2.1) on our transformer, computed as diffusers 0.42.1's
-``ZImageControlNetModel`` + ``ZImageControlNetPipeline`` / ``ZImageControlNetInpaintPipeline`` compute it.
+"""Z-Image ControlNet Union (1.0, 2.0, 2.1 and the 2.1 lite files; ``layouts.py``, docs/controlnet-variants.md) on
+our transformer, computed as diffusers 0.42.1's ``ZImageControlNetModel`` + ``ZImageControlNetPipeline`` /
+``ZImageControlNetInpaintPipeline`` compute it.
 
 What the ControlNet owns and what it shares::
 
@@ -966,10 +967,14 @@ __all__ = [
     "CONTROL_TYPES",
     "MODES",
     "ZImageControlNet",
+    "expected_parameters",
     "from_diffusers",
+    "layouts",
+    "load_checked",
     "layer_scales",
     "load_controlnet",
     "prepare",
+    "released_transformer_config",
     "resolve_local",
     "store_for",
     "save_controlnet",
