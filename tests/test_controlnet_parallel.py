@@ -61,7 +61,10 @@ def _model_cases(world: int):
 
 def _generate_cases(world: int):
     if world == 2:
-        return [("ulysses=2", "balanced"), ("ring=2", "controlnet"), ("cfg=2", "balanced"), ("cfg=2", "controlnet")]
+        return [
+            ("ulysses=2", "balanced"), ("ring=2", "controlnet"), ("cfg=2", "balanced"), ("cfg=2", "controlnet"),
+            ("ulysses=2", "balanced+fb"),
+        ]  # fmt: skip
     return [("ulysses=4", "balanced"), ("ulysses=2,cfg=2", "controlnet"), ("ulysses=2,cfg=2", "balanced")]
 
 
@@ -88,7 +91,12 @@ def guide_tensor():
 
 
 def generate_kwargs(cn, mode):
-    return dict(GEN, controlnets=[C.ControlNetInput(cn, guide_tensor(), weight=0.9, mode=mode)])
+    kw = dict(GEN, controlnets=[C.ControlNetInput(cn, guide_tensor(), weight=0.9, mode=mode.split("+")[0])])
+    if mode.endswith("+fb"):  # a step cache that reuses every step it may: the ranks take one process's decisions
+        from zimage_core.cache import CacheConfig
+
+        kw["cache"] = CacheConfig.for_method("fb", threshold=1e9, max_consecutive=2)
+    return kw
 
 
 def rank_main(rank: int, world: int):
@@ -131,9 +139,11 @@ def single():
                 ref[("model", layout, heads, mode)] = controlled_out(heads, layout, mode)
         pipe, cn = ControlPipe.build(layout)
         plain = pipe.generate(PROMPT, **GEN).latents
-        for mode in ("balanced", "controlnet"):
+        for mode in ("balanced", "controlnet", "balanced+fb"):
             res = pipe.generate(PROMPT, **generate_kwargs(cn, mode))
             assert rel_err(plain, res.latents) > 1e-3  # the ControlNet changes the result
+            if mode.endswith("+fb"):
+                assert any(not d["computed"] for d in res.stats["cache"][0]["decisions"])  # the cache reused steps
             ref[("generate", layout, mode)] = res.latents
     return ref
 
