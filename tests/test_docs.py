@@ -22,7 +22,6 @@ PENDING = {
     "docs/install.md",
     "docs/server-limits.md",
     "docs/dropin-lora.md",
-    "docs/controlnet-variants.md",
     "docs/cache-presets.md",
 }
 LINK = re.compile(r"(?<!\\)\[[^\]]*\]\(([^)\s]+)\)")

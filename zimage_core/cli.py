@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control-mode", choices=["balanced", "controlnet", "prompt"], default="balanced")
     g.add_argument("--control-start", type=int, help="first step with the ControlNet (absolute)")
     g.add_argument("--control-end", type=int, help="step at which the ControlNet stops (exclusive)")
+    g.add_argument(
+        "--control-type", action="append", help="guide kind (canny, depth, pose, ..., gray, tile), one or one per image"
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument(
         "--parallel",
@@ -377,6 +380,10 @@ def _controlnets(pipe, args) -> list:
     if len(weights) not in (1, len(images)):
         raise RequestError("--control-weight", f"give one value or one per --control-image ({len(images)})")
     weights = weights * len(images) if len(weights) == 1 else weights
+    types = args.control_type or [None]
+    if len(types) not in (1, len(images)):
+        raise RequestError("--control-type", f"give one value or one per --control-image ({len(images)})")
+    types = types * len(images) if len(types) == 1 else types
     return [
         cn_mod.ControlNetInput(
             cn_mod.resolve_local(pipe, m, "--control-model"),
@@ -386,8 +393,9 @@ def _controlnets(pipe, args) -> list:
             args.control_end,
             args.control_mode,
             field="--control",
+            control_type=t,
         )
-        for image, m, w in zip(images, models, weights)
+        for image, m, w, t in zip(images, models, weights, types)
     ]
 
 

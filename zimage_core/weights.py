@@ -136,6 +136,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], Path | None]:
     return files, config if config.exists() else None
 
 
+weight_files = _weight_files  # public name: the ControlNet loader reads its folders with the same checks
+
+
 def check_safetensors_component(folder: Path) -> None:
     """A text_encoder/ or vae/ folder must hold its weights as .safetensors (regular files): transformers and
     diffusers would otherwise unpickle a ``.bin``, which can execute arbitrary code."""

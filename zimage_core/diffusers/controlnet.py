@@ -129,9 +129,25 @@ class ZImageControlNetModel(ZImageControlNet, ModelMixin, ConfigMixin):
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path_or_dict=None, **kwargs) -> ZImageControlNetModel:
-        """diffusers' single-file loader (the Union 1.0 / 2.0 / 2.1 release files; its ``config=`` and other keyword
+        """A local release file without ``config=``: loaded offline, its layout told apart by the tensor names
+        (``zimage_core.controlnet.layouts``: Union 1.0, 2.0, 2.1 and the 2.1 lite files, which diffusers' own
+        detection takes for 1.0). Otherwise diffusers' single-file loader (its ``config=`` and other keyword
         arguments), converted to this class without a copy."""
+        from pathlib import Path
+
         from diffusers import ZImageControlNetModel as _Diffusers
+
+        from .. import controlnet as cn_mod
+
+        src = pretrained_model_link_or_path_or_dict
+        local = Path(src).expanduser() if isinstance(src, (str, Path)) else None
+        if local is not None and local.suffix == ".safetensors" and local.exists() and kwargs.get("config") is None:
+            tcfg = cn_mod.released_transformer_config(local)
+            model = cn_mod.load_checked(
+                local, tcfg, None, kwargs.get("torch_dtype") or torch.float32, "cpu",
+                lambda c: cls(**{k: v for k, v in c.to_dict().items() if not k.startswith("_")}),
+            )  # fmt: skip
+            return model.eval()
 
         return cls.from_diffusers(_Diffusers.from_single_file(pretrained_model_link_or_path_or_dict, **kwargs))
 

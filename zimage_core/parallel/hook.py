@@ -62,5 +62,6 @@ class SequenceParallelHook(StackHook):
         return out.transpose(0, 1)[:, :n_total]
 
     def around_stack(self, inner, hidden, inp, stack):
+        self.outer = (hidden, inp)  # the whole sequence, for inner hooks that need it (the ControlNet's hints)
         local, local_inp, n_total = self.shard(hidden, inp)
         return self.gather(inner(local, local_inp), n_total).contiguous()

@@ -49,7 +49,11 @@ class ParallelContext:
     def forward(self, transformer, x: Sequence[torch.Tensor], t, context, *, cfg_batch: bool, hooks=(), **kw):
         """``transformer.forward_with_context`` on this rank's part; returns the full batch's outputs."""
         self.report(None)
-        hooks = (*self.hooks(), *hooks)
+        sp_hooks = self.hooks()
+        for h in hooks:  # ControlNet hooks: their hints are sharded like the sequence
+            if hasattr(h, "sequence_parallel"):
+                h.sequence_parallel = sp_hooks[0] if sp_hooks else None
+        hooks = (*sp_hooks, *hooks)
         m = self.mesh
         if m.cfg == 1 or not cfg_batch:
             token = _METRIC_GROUP.set(m.sp_group if m.sp > 1 else None)
@@ -63,6 +67,7 @@ class ParallelContext:
         mine = list(range(m.cfg_index * b, (m.cfg_index + 1) * b))
         t = torch.as_tensor(t).reshape(-1).expand(len(x))
         token = _METRIC_GROUP.set(m.world_group)  # the whole world holds the CFG batch's tokens
+        hooks = tuple(h.for_rows(mine) if hasattr(h, "for_rows") else h for h in hooks)  # hooks made for the batch
         try:
             xs, ctx = [x[i] for i in mine], context.select(mine)
             out = transformer.forward_with_context(xs, t[mine], ctx, hooks=hooks, **kw)

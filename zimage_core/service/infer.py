@@ -208,7 +208,11 @@ def _controlnets(entries, steps: int, resolver, config: ServerConfig) -> list:
         model = resolver(e["model"], f"{name}.model")
         image = imgs.load_image(e["guideImage"], f"{name}.guideImage", config.outputs)
         start, end = resolve_window(e, "", steps, f"{name}.") or (None, None)
-        out.append(cn_mod.ControlNetInput(model, image, e["weight"], start, end, e["controlMode"], field=name))
+        out.append(
+            cn_mod.ControlNetInput(
+                model, image, e["weight"], start, end, e["controlMode"], field=name, control_type=e.get("controlType")
+            )
+        )
     return out
 
 

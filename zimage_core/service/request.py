@@ -16,6 +16,7 @@ from typing import Any
 
 from ..cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig
 from ..config import SEED_MAX
+from ..controlnet.layouts import CONTROL_TYPES
 from ..errors import RequestError, show
 from ..scheduler_table import SCHEDULER_NAMES as SCHEDULERS
 
@@ -117,6 +118,7 @@ SCHEMA: dict[str, Field] = {
         "guideImage": Field("str", required=True, min_len=1),
         "weight": Field("float", default=1.0, lo=-4, hi=4),
         "controlMode": Field("enum", default="balanced", choices=("balanced", "controlnet", "prompt")),
+        "controlType": Field("enum", choices=CONTROL_TYPES),  # ours, not in the spec: docs/controlnet-variants.md
         **{_window_key("", k): v for k, v in WINDOW.items()},
     })),
     "ultralytics": Field("object", fields={

@@ -1,5 +1,6 @@
-"""Z-Image ControlNet Union (1.0, 2.0, 2.1) on our transformer, computed as diffusers 0.42.1's
-``ZImageControlNetModel`` + ``ZImageControlNetPipeline`` / ``ZImageControlNetInpaintPipeline`` compute it.
+"""Z-Image ControlNet Union (1.0, 2.0, 2.1 and the 2.1 lite files; ``layouts.py``, docs/controlnet-variants.md) on
+our transformer, computed as diffusers 0.42.1's ``ZImageControlNetModel`` + ``ZImageControlNetPipeline`` /
+``ZImageControlNetInpaintPipeline`` compute it.
 
 What the ControlNet owns and what it shares::
 
@@ -36,6 +37,7 @@ in absolute steps; outside it, and at weight 0, the ControlNet is not run at all
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -49,11 +51,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 
-from .config import ZImageConfig
-from .errors import RequestError, show
-from .hooks import StackHook
-from .model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
-from .weights import CheckpointError
+from ..config import ZImageConfig
+from ..errors import RequestError, show
+from ..hooks import StackHook
+from ..model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
+from ..weights import CheckpointError
+from . import layouts
+from .layouts import CONTROL_TYPES
 
 MODES = ("balanced", "controlnet", "prompt")
 PROMPT_MODE_DECAY = 0.825  # "prompt" mode: the hint of the k-th of n control layers is scaled by 0.825^(n-1-k)
@@ -97,6 +101,25 @@ class ControlNetConfig:
     qk_norm: bool = True
 
     def __post_init__(self):
+        def count(name, v, lo):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ControlNetError(f"{name} must be an integer >= {lo}, got {show(v)}")
+
+        for name in ("control_layers_places", "all_patch_size", "all_f_patch_size"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ControlNetError(f"{name} must be a list of integers, got {show(getattr(self, name))}")
+        for name, lo in (("control_in_dim", 1), ("dim", 1), ("n_refiner_layers", 0), ("n_heads", 1), ("n_kv_heads", 1)):
+            count(name, getattr(self, name), lo)
+        for v in (*self.control_layers_places, *(self.control_refiner_layers_places or ())):
+            count("control_layers_places / control_refiner_layers_places entries", v, 0)
+        for v in (*self.all_patch_size, *self.all_f_patch_size):
+            count("all_patch_size / all_f_patch_size entries", v, 1)
+        if len(self.all_patch_size) != len(self.all_f_patch_size) or not self.all_patch_size:
+            raise ControlNetError("all_patch_size and all_f_patch_size must be non-empty lists of the same length")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ControlNetError(f"norm_eps must be a positive number, got {show(self.norm_eps)}")
+        if not isinstance(self.qk_norm, bool):
+            raise ControlNetError(f"qk_norm must be true or false, got {show(self.qk_norm)}")
         places = list(self.control_layers_places)
         if not places or places[0] != 0 or places != sorted(set(places)):
             raise ControlNetError(f"control_layers_places must be increasing and start at 0, got {places}")
@@ -111,11 +134,19 @@ class ControlNetConfig:
     def layout(self) -> str:
         return LAYOUTS[self.add_control_noise_refiner]
 
+    @property
+    def variant(self) -> str:
+        """The released layout this config is (``layouts.LAYOUTS``: union-1.0, -2.0, -2.1, -2.1-lite) or "custom"."""
+        return layouts.name_of(self.control_layers_places, self.add_control_noise_refiner)
+
     _TUPLES = ("control_layers_places", "control_refiner_layers_places", "all_patch_size", "all_f_patch_size")
 
     @classmethod
     def from_dict(cls, d: dict) -> ControlNetConfig:
         names = set(cls.__dataclass_fields__)
+        for k in cls._TUPLES:
+            if k in d and d[k] is not None and not isinstance(d[k], (list, tuple)):
+                raise ControlNetError(f"{k} must be a list of integers, got {show(d[k])}")
         kw = {k: (tuple(v) if k in cls._TUPLES and v is not None else v) for k, v in d.items() if k in names}
         return cls(**kw)
 
@@ -225,6 +256,7 @@ class ZImageControlNet(nn.Module):
         x: Sequence[torch.Tensor] | None = None,
         scale: float = 1.0,
         patch: tuple[int, int] = (2, 1),
+        sp=None,
     ):
         """The hints, one per control layer in order, each [B, N, dim] over the unified sequence, computed lazily:
         nothing runs until the first is asked for, and control layer k runs only when hint k is asked for.
@@ -232,7 +264,10 @@ class ZImageControlNet(nn.Module):
         ``unified``/``inp``: the main stream before the main layers and its inputs; ``img_plens``: the padded image
         token count of each sample; ``control``: control latents [control_in_dim, F, H, W] per sample; ``x``: the
         latents (needed for the 2.x layouts, whose own pass re-runs the noise refiner); ``scale`` multiplies the
-        refiner-stage hints of 2.x (diffusers scales them by ``conditioning_scale``).
+        refiner-stage hints of 2.x (diffusers scales them by ``conditioning_scale``). ``sp``: a
+        ``parallel.SequenceParallelHook``; then ``unified``/``inp`` are the whole sequence, every block runs on this
+        rank's shard of the tokens (the image-only stage on a shard of the image tokens, gathered before the caption
+        is joined) and each hint is this rank's shard, as the main stream the hook adds it to.
         """
         cfg = self.config
         key = f"{patch[0]}-{patch[1]}"
@@ -249,6 +284,9 @@ class ZImageControlNet(nn.Module):
         img_inp = BlockInputs(inp.ops, batch_lengths(list(img_plens), device), img_freqs, inp.adaln_input)
 
         main = unified
+        n_img = c.shape[1]
+        if sp is not None:  # the image-only stage on this rank's shard of the image tokens
+            c, img_inp, _ = sp.shard(c, img_inp)
         if cfg.add_control_noise_refiner is None:
             for layer in self.control_noise_refiner:
                 c = layer(c, img_inp)
@@ -258,6 +296,8 @@ class ZImageControlNet(nn.Module):
             feats = transformer.all_x_embedder[key](torch.cat([_tokens(xi.to(self.dtype), patch)[0] for xi in x]))
             feats = torch.where(is_pad, transformer.x_pad_token, feats)
             h = pad_sequence(list(feats.split(list(img_plens))), batch_first=True)
+            if sp is not None:
+                h = _shard_like(sp, h)
             stage = (
                 self.control_layers if cfg.add_control_noise_refiner == "control_layers" else self.control_noise_refiner
             )
@@ -270,13 +310,30 @@ class ZImageControlNet(nn.Module):
                 h = layer(h, img_inp)
                 if i in refiner_hints:
                     h = h + refiner_hints[i]
+            if sp is not None:
+                h = sp.gather(h, n_img)
             main = _splice(h, unified, img_plens)
+        if sp is not None:
+            c = sp.gather(c, n_img)
 
         # [control image tokens ‖ the caption tokens of the unified stream], batch-padded like the unified stream
         cu = _splice(c, unified, img_plens)
+        if sp is not None:  # the control layers on this rank's shard of the unified sequence
+            cu, inp, _ = sp.shard(cu, inp)
+            main = _shard_like(sp, main)
         for block in self.control_layers:
             cu, hint = block.step(cu, main, inp)
             yield hint
+
+
+def _shard_like(sp, t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``t`` [B, N, dim] along the tokens, padded as the sequence-parallel hook pads."""
+    N = t.shape[1]
+    pad = (-N) % sp.degree
+    if pad:
+        t = F.pad(t, (0, 0, 0, pad))
+    n = (N + pad) // sp.degree
+    return t[:, sp.rank * n : (sp.rank + 1) * n].contiguous()
 
 
 def _tokens(xi: torch.Tensor, patch: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -337,32 +394,48 @@ class ControlHook(StackHook):
         self._hints: dict[int, torch.Tensor] = {}
         self._pending = None  # the lazy hint iterator of this forward
         self._index: torch.Tensor | None = None
+        # set by parallel.ParallelContext.forward: this forward's SequenceParallelHook (the hints are then sharded)
+        self.sequence_parallel = None
+
+    def for_rows(self, rows: Sequence[int]) -> ControlHook:
+        """This hook for a sub-batch (a CFG-parallel rank's half): rows ``rows`` of the batch it was made for."""
+        new = copy.copy(self)
+        ctl = self.control if isinstance(self.control, (list, tuple)) else [self.control]
+        new.x = [self.x[i] for i in rows]
+        new.control = [ctl[i % len(ctl)] for i in rows]
+        new.rows = None if self.rows is None else [j for j, i in enumerate(rows) if i in set(self.rows)]
+        return new
 
     def before_stack(self, hidden, inp):
         p, pf = self.patch
         plens = [padded_len((xi.shape[1] // pf) * (xi.shape[2] // p) * (xi.shape[3] // p)) for xi in self.x]
         rows = self.rows if self.rows is not None and len(self.rows) < len(self.x) else None
-        h, sub, x = hidden, inp, self.x
+        self._pending, self._hints, self._index = None, {}, None
+        if rows == []:  # none of this forward's rows gets the control (the other CFG-parallel half)
+            return hidden, inp
+        sp = self.sequence_parallel
+        # under sequence parallelism: the whole sequence, as the sequence-parallel hook received it
+        h, sub = sp.outer if sp is not None else (hidden, inp)
+        x = self.x
         ctl = self.control if isinstance(self.control, (list, tuple)) else [self.control]
         ctl = [ctl[i % len(ctl)] for i in range(len(x))]  # a CFG batch repeats the rows: [cond..., uncond...]
         if rows is not None:
-            self._index = torch.tensor(rows, device=hidden.device)
-            h = hidden.index_select(0, self._index)
-            kv = None if inp.kv_lens is None else inp.kv_lens.index_select(0, self._index.to(inp.kv_lens.device))
+            self._index = torch.tensor(rows, device=h.device)
+            kv = None if sub.kv_lens is None else sub.kv_lens.index_select(0, self._index.to(sub.kv_lens.device))
             sub = BlockInputs(
-                inp.ops, kv, inp.freqs_cis.index_select(0, self._index), inp.adaln_input.index_select(0, self._index)
+                sub.ops, kv, sub.freqs_cis.index_select(0, self._index), sub.adaln_input.index_select(0, self._index)
             )
+            h = h.index_select(0, self._index)
             plens, x, ctl = [plens[i] for i in rows], [x[i] for i in rows], [ctl[i] for i in rows]
         self._pending = self.model.iter_hints(
-            self.transformer, h, sub, plens, ctl, x, scale=self.weight, patch=self.patch
+            self.transformer, h, sub, plens, ctl, x, scale=self.weight, patch=self.patch, sp=sp
         )
-        self._hints = {}
         if self.on_forward is not None:
             self.on_forward()
         return hidden, inp
 
     def after_layer(self, index, hidden, inp):
-        if index not in self._scale:
+        if index not in self._scale or self._pending is None:
             return hidden
         while index not in self._hints:  # run the control layers up to this place
             place = self._places[len(self._hints)]
@@ -406,6 +479,9 @@ class ControlNetInput:
     inpaint_image: object = None
     mask_image: object = None
     field: str = "controlnets"  # the name errors use (the request maps it to controlNet[i])
+    # the guide's kind (layouts.CONTROL_TYPES; None: not said). "gray" turns the guide into luminance; a kind the
+    # ControlNet's layout was not trained on is refused (docs/controlnet-variants.md)
+    control_type: str | None = None
 
 
 @dataclass
@@ -472,11 +548,17 @@ def _pixels(pipe, image, width: int, height: int, field_name: str) -> torch.Tens
         return t
     from PIL import Image
 
-    from . import images as imgs
+    from .. import images as imgs
 
     if not isinstance(image, Image.Image):
         image = imgs.load_image(image, field_name, None, allow_paths=True)  # the service decodes UUIDs
     return pipe.image_processor.preprocess(image.convert("RGB"), height=height, width=width)
+
+
+def _type_field(name: str) -> str:
+    if name.startswith("controlNet["):
+        return f"{name}.controlType"
+    return "--control-type" if name.startswith("--") else f"{name}.control_type"
 
 
 def prepare(
@@ -490,6 +572,18 @@ def prepare(
             raise RequestError(f"{name}.model", "must be a loaded ZImageControlNet (zimage_core.controlnet)")
         if cn.mode not in MODES:
             raise RequestError(f"{name}.mode", f"must be one of {', '.join(MODES)}, got {show(cn.mode)}")
+        if cn.control_type is not None:
+            type_field = _type_field(name)
+            if cn.control_type not in layouts.CONTROL_TYPES:
+                allowed = ", ".join(layouts.CONTROL_TYPES)
+                raise RequestError(type_field, f"must be one of {allowed}, got {show(cn.control_type)}")
+            variant = cn.model.config.variant
+            if cn.control_type not in layouts.control_types(variant):
+                raise RequestError(
+                    type_field,
+                    f"{show(cn.control_type)} is not a guide this ControlNet's layout ({variant}) was trained on; "
+                    f"allowed: {', '.join(layouts.control_types(variant))}",
+                )
         if isinstance(cn.weight, bool) or not isinstance(cn.weight, (int, float)) or not -4 <= cn.weight <= 4:
             raise RequestError(f"{name}.weight", f"must be a number in [-4, 4], got {show(cn.weight)}")
         start = 0 if cn.start is None else cn.start
@@ -507,7 +601,11 @@ def prepare(
         except ControlNetError as e:
             raise RequestError(f"{name}.model", str(e)) from None
         latent_ch = pipe.transformer.config.in_channels
-        guide = pipe.encode_image(_pixels(pipe, cn.guide_image, width, height, f"{name}.guide_image"))
+        pixels = _pixels(pipe, cn.guide_image, width, height, f"{name}.guide_image")
+        if cn.control_type == "gray":  # luminance, ITU-R 601 weights (what PIL's convert("L") computes)
+            luma = torch.tensor([0.299, 0.587, 0.114], dtype=pixels.dtype, device=pixels.device)
+            pixels = torch.einsum("bchw,c->bhw", pixels, luma)[:, None].expand(-1, 3, -1, -1)
+        guide = pipe.encode_image(pixels)
         parts = [guide]
         inpaint_image = cn.inpaint_image if cn.inpaint_image is not None else (None if work is None else work.image)
         mask = cn.mask_image
@@ -519,7 +617,7 @@ def prepare(
             if isinstance(mask, torch.Tensor):
                 m = mask if mask.dim() == 4 else mask[None]
             else:
-                from . import images as imgs
+                from .. import images as imgs
 
                 if not hasattr(mask, "convert"):
                     mask = imgs.load_image(mask, f"{name}.mask_image", None, allow_paths=True)
@@ -548,73 +646,109 @@ def prepare(
 
 
 def _files(path: Path) -> tuple[list[Path], Path | None]:
-    from .weights import INDEX_NAME, PICKLE_SUFFIXES
+    """(weight files, config.json or None), through weights.py's checks: shard names inside the folder, no pickles,
+    regular files only (a FIFO would block the loader)."""
+    from ..weights import PICKLE_SUFFIXES, check_regular_file, weight_files
 
-    if not path.exists():
-        raise ControlNetError(f"{path}: no such file or folder")
-    if path.is_dir():
-        if (path / "controlnet").is_dir() and not (path / "config.json").exists():
-            path = path / "controlnet"
-        index = path / INDEX_NAME
-        if index.exists():
-            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        elif (path / WEIGHTS_NAME).exists():
-            files = [path / WEIGHTS_NAME]
-        else:
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ControlNetError(f"{path}: no .safetensors weights")
-        config = path / "config.json"
-        return files, config if config.exists() else None
-    if path.suffix in PICKLE_SUFFIXES:
-        raise ControlNetError(f"{path}: pickle checkpoints are not supported (they can execute code); use safetensors")
-    if path.suffix != ".safetensors":
-        raise ControlNetError(f"{path}: expected a .safetensors file or a diffusers folder")
-    return [path], None
+    try:
+        if not path.exists():
+            raise ControlNetError(f"{path}: no such file or folder")
+        if path.is_dir():
+            if (path / "controlnet").is_dir() and not (path / "config.json").exists():
+                path = path / "controlnet"
+            return weight_files(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ControlNetError(
+                f"{path}: pickle checkpoints are not supported (they can execute code); use safetensors"
+            )
+        if path.suffix != ".safetensors":
+            raise ControlNetError(f"{path}: expected a .safetensors file or a diffusers folder")
+        check_regular_file(path)
+        return [path], None
+    except ControlNetError:
+        raise
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+
+
+def _config_from(data, where: str) -> ControlNetConfig:
+    if not isinstance(data, dict):
+        raise ControlNetError(f"{where}: a ControlNet config must be a JSON object, got {type(data).__name__}")
+    try:
+        return ControlNetConfig.from_dict(data)
+    except ControlNetError as e:
+        raise ControlNetError(f"{where}: {str(e)[:500]}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ControlNetError(f"{where}: invalid ControlNet config ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _block_keys(transformer_cfg: ZImageConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(TransformerBlock(transformer_cfg.replace(n_layers=1), True).state_dict())
 
 
 def infer_config(shapes: dict[str, tuple], transformer_cfg: ZImageConfig, where: str, zero_before_proj=None):
-    """A single-file release carries no config: read it from the tensor names and shapes.
-
-    Layout (as diffusers' single-file loader decides it): a ``control_noise_refiner.0.before_proj`` that is not all
-    zeros means 2.1; control-refiner blocks without ``before_proj`` mean 1.0; otherwise (none, or an all-zero one,
-    which the 2.0 conversion drops) 2.0. The n control layers sit every ``n_layers // n`` main layers (1.0: 6 over
-    30 = [0, 5, …, 25]; 2.x: 15 over 30 = [0, 2, …, 28]); the refiner-stage hints go after every refiner layer.
-    """
-    emb = [k for k in shapes if re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k)]
-    if not emb:
-        raise ControlNetError(f"{where}: no control_all_x_embedder.*.weight: not a Z-Image ControlNet checkpoint")
-    patches = sorted(
-        tuple(int(v) for v in re.fullmatch(r"control_all_x_embedder\.(\d+)-(\d+)\.weight", k).groups()) for k in emb
-    )
+    """A single-file release carries no config: find the released layout whose tensor names are exactly these
+    (``layouts.LAYOUTS``; never the file name) and take the widths from the shapes. A file matching no layout is a
+    ControlNetError naming the missing and extra tensors against the nearest one."""
+    layout, why = layouts.detect(shapes, _block_keys(transformer_cfg), zero_before_proj)
+    if layout is None:
+        raise ControlNetError(f"{where}: {why}")
+    patches = [tuple(int(v) for v in p.split("-")) for p in layouts.patch_keys(shapes)]
     p, fp = patches[0]
     dim, fan_in = shapes[f"control_all_x_embedder.{p}-{fp}.weight"]
-    n_control = len({int(m.group(1)) for k in shapes if (m := re.match(r"control_layers\.(\d+)\.", k))})
-    refiner_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"control_noise_refiner\.(\d+)\.", k))}
-    if "control_noise_refiner.0.before_proj.weight" in shapes:
-        mode = "control_layers" if zero_before_proj else "control_noise_refiner"
-    elif refiner_ids:
-        mode = None
-    else:
-        mode = "control_layers"
-    n_layers = transformer_cfg.n_layers
-    if n_control == 0 or n_layers // n_control == 0:
-        raise ControlNetError(f"{where}: {n_control} control layers do not fit {n_layers} main layers")
-    n_refiner = len(refiner_ids) if mode != "control_layers" and refiner_ids else transformer_cfg.n_refiner_layers
+    if fan_in % (p * p * fp):
+        raise ControlNetError(f"{where}: control_all_x_embedder.{p}-{fp}.weight has {fan_in} inputs, not a multiple "
+                              f"of the patch size {p}·{p}·{fp}")  # fmt: skip
     return ControlNetConfig(
-        control_layers_places=tuple(i * (n_layers // n_control) for i in range(n_control)),
+        control_layers_places=layout.control_layers_places,
         control_in_dim=fan_in // (p * p * fp),
-        control_refiner_layers_places=tuple(range(transformer_cfg.n_refiner_layers)),
-        add_control_noise_refiner=mode,
+        control_refiner_layers_places=tuple(range(layouts.N_REFINER)),
+        add_control_noise_refiner=layout.add_control_noise_refiner,
         all_patch_size=tuple(a for a, _ in patches),
         all_f_patch_size=tuple(b for _, b in patches),
         dim=dim,
-        n_refiner_layers=n_refiner,
+        n_refiner_layers=layouts.N_REFINER,
         n_heads=transformer_cfg.n_heads,
         n_kv_heads=transformer_cfg.n_kv_heads,
         norm_eps=transformer_cfg.norm_eps,
         qk_norm=transformer_cfg.qk_norm,
     )
+
+
+def expected_parameters(config: ControlNetConfig, transformer_cfg: ZImageConfig) -> int:
+    """The parameter count of a ControlNet config, without building it (one block of each kind on the meta device)."""
+    bcfg = block_config(config, transformer_cfg)
+
+    def count(module) -> int:
+        return sum(t.numel() for t in module.state_dict().values())
+
+    with torch.device("meta"):
+        first, other, plain = (
+            count(ControlBlock(bcfg, 0)),
+            count(ControlBlock(bcfg, 1)),
+            count(TransformerBlock(bcfg, True)),
+        )
+    n = len(config.control_layers_places)
+    total = first + (n - 1) * other
+    total += sum((fp * p * p * config.control_in_dim + 1) * config.dim
+                 for p, fp in zip(config.all_patch_size, config.all_f_patch_size))  # fmt: skip
+    if config.add_control_noise_refiner is None:
+        total += config.n_refiner_layers * plain
+    elif config.add_control_noise_refiner == "control_noise_refiner":
+        total += first + (config.n_refiner_layers - 1) * other
+    return total
+
+
+def _check_size(config: ControlNetConfig, transformer_cfg, files: list[Path], where: str) -> None:
+    """Refuse a config that promises more parameters than the files can hold, before building anything of that size."""
+    expected = expected_parameters(config, transformer_cfg)
+    file_bytes = sum(f.stat().st_size for f in files)
+    if expected > file_bytes:  # every parameter takes at least one byte on disk
+        raise ControlNetError(
+            f"{where}: the config describes {expected:,} parameters but the checkpoint files hold {file_bytes:,} "
+            "bytes; the config does not belong to these weights"
+        )
 
 
 def load_controlnet(
@@ -626,57 +760,109 @@ def load_controlnet(
     device: torch.device | str | None = None,
 ) -> ZImageControlNet:
     """Load a ControlNet for ``transformer``: a diffusers folder (config.json + safetensors, sharded or not) or a
-    single ``.safetensors`` release of the 1.0, 2.0 or 2.1 layout. Defaults: the transformer's dtype and device.
+    single ``.safetensors`` release of any released layout (``layouts.LAYOUTS``, told apart by the tensor names).
+    Defaults: the transformer's dtype and device.
 
-    Tensors are read straight into a model built on the meta device (no second copy); the 2.0 layout's unused
+    Files are found and read with ``weights.py``'s checks (shards inside the folder, regular files only, no
+    pickles); a config whose parameter count the files cannot hold is refused before anything is built. Tensors are
+    read straight into a model built on the meta device (no second copy); the 2.0 layout's unused
     ``control_noise_refiner.*`` tensors are not read at all.
     """
-    from .weights import check_state_dict
+    return load_checked(
+        path, transformer.config, config, dtype or transformer.dtype, device or transformer.device,
+        lambda cfg: ZImageControlNet(cfg, transformer.config),
+    )  # fmt: skip
+
+
+def released_transformer_config(path: str | Path) -> ZImageConfig:
+    """For a single file loaded without a transformer (the drop-in's ``from_single_file``): the block shapes of
+    the released transformer the file's control blocks were made for (30 main layers, 2 refiner layers, the width
+    and head size read from the tensors)."""
+    path = Path(path).expanduser()
+    files, _ = _files(path)
+    from ..weights import read_header
+
+    try:
+        _, shapes, _ = read_header(files)
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+    key = "control_layers.0.attention.norm_q.weight"
+    emb = [k for k in shapes if re.fullmatch(r"control_all_x_embedder\.\d+-\d+\.weight", k)]
+    if key not in shapes or not emb or len(shapes[key]) != 1 or len(shapes[emb[0]]) != 2:
+        raise ControlNetError(f"{path}: no {key} / control_all_x_embedder: not a Z-Image ControlNet checkpoint")
+    head_dim, dim = shapes[key][0], shapes[emb[0]][0]
+    if head_dim < 1 or dim % head_dim:
+        raise ControlNetError(f"{path}: width {dim} is not a multiple of the head size {head_dim}")
+    return ZImageConfig(
+        dim=dim, n_layers=30, n_refiner_layers=layouts.N_REFINER, n_heads=dim // head_dim,
+        n_kv_heads=dim // head_dim, axes_dims=(head_dim,), axes_lens=(1,),
+    )  # fmt: skip
+
+
+def load_checked(path, transformer_cfg: ZImageConfig, config, dtype, device, build: Callable) -> nn.Module:
+    """load_controlnet's body; ``build(config)`` makes the (meta-device) model."""
+    from ..weights import check_state_dict, read_header, read_json
 
     path = Path(path).expanduser()
     files, config_json = _files(path)
-    where, shapes, meta = {}, {}, {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as h:
-                meta.update(h.metadata() or {})
-                for k in h.keys():
-                    where[k] = f
-                    shapes[k] = tuple(h.get_slice(k).get_shape())
-        except Exception as e:
-            raise ControlNetError(f"{f}: not a readable safetensors file ({e})") from None
+    try:
+        where, shapes, meta = read_header(files)
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+    where = {k: f for k, (f, _) in where.items()}
+    source = "config"  # where the config came from, for the errors
     if isinstance(config, dict):
-        config = ControlNetConfig.from_dict(config)
+        config = _config_from(config, source)
     if config is None and config_json is not None:
-        config = ControlNetConfig.from_dict(json.loads(config_json.read_text()))
+        try:
+            data = read_json(config_json, "ControlNet config")
+        except CheckpointError as e:
+            raise ControlNetError(str(e)) from None
+        source = str(config_json)
+        config = _config_from(data, source)
     if config is None and CONFIG_KEY in meta:
-        config = ControlNetConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        try:
+            data = json.loads(meta[CONFIG_KEY])
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ControlNetError(f"{path}: invalid config in the safetensors metadata ({str(e)[:200]})") from None
+        source = f"{path} (metadata {CONFIG_KEY})"
+        config = _config_from(data, source)
+    shapes = {k: v for k, v in shapes.items() if not k.startswith(SHARED_PREFIXES)}
     if config is None:
         zero = None
-        if "control_noise_refiner.0.before_proj.weight" in shapes:
-            with safe_open(where["control_noise_refiner.0.before_proj.weight"], framework="pt") as h:
-                zero = bool((h.get_tensor("control_noise_refiner.0.before_proj.weight") == 0).all())
-        config = infer_config(shapes, transformer.config, str(path), zero)
-    shapes = {k: v for k, v in shapes.items() if not k.startswith(SHARED_PREFIXES)}
+        if layouts.ZERO_CHECK_KEY in shapes:
+            with safe_open(where[layouts.ZERO_CHECK_KEY], framework="pt") as h:
+                zero = bool((h.get_tensor(layouts.ZERO_CHECK_KEY) == 0).all())
+        config = infer_config(shapes, transformer_cfg, str(path), zero)
+        source = f"{path} (the layout read from its tensor names)"
+    try:
+        _check_size(config, transformer_cfg, files, source)
+    except ControlNetError as e:
+        raise ControlNetError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise ControlNetError(f"{source}: the config cannot be built ({type(e).__name__}: {str(e)[:200]})") from None
     if config.add_control_noise_refiner == "control_layers":  # diffusers' 2.0 conversion drops these
         shapes = {k: v for k, v in shapes.items() if not k.startswith("control_noise_refiner.")}
     with torch.device("meta"):
-        model = ZImageControlNet(config, transformer.config)
-    check_state_dict(model, shapes, str(path))
-    dtype = dtype or transformer.dtype
-    device = device or transformer.device
+        model = build(config)
+    try:
+        check_state_dict(model, shapes, str(path))
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
     sd = {}
-    for k in shapes:
-        with safe_open(where[k], framework="pt") as h:
-            t = h.get_tensor(k)
-        sd[k] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+    for f in dict.fromkeys(where[k] for k in shapes):
+        with safe_open(f, framework="pt") as h:
+            for k in shapes:
+                if where[k] == f:
+                    t = h.get_tensor(k)
+                    sd[k] = (t.to(dtype) if t.is_floating_point() else t).to(device)
     model.load_state_dict(sd, assign=True)
     return model.eval()
 
 
 def from_diffusers(module: nn.Module, transformer: ZImageTransformer) -> ZImageControlNet:
     """Our ControlNet sharing the parameters of a live diffusers ``ZImageControlNetModel`` (no copy)."""
-    from .weights import check_state_dict
+    from ..weights import check_state_dict
 
     config = ControlNetConfig.from_dict(dict(module.config))
     with torch.device("meta"):
@@ -714,7 +900,7 @@ def save_single_file(model: ZImageControlNet, path: str | Path, with_config: boo
 
 
 def builtin_path() -> Path:
-    from .default_model import ASSET_DIR
+    from ..default_model import ASSET_DIR
 
     return ASSET_DIR.parent / "default-controlnet"
 
@@ -778,12 +964,17 @@ __all__ = [
     "ControlNetInput",
     "ControlNetStore",
     "ControlState",
+    "CONTROL_TYPES",
     "MODES",
     "ZImageControlNet",
+    "expected_parameters",
     "from_diffusers",
+    "layouts",
+    "load_checked",
     "layer_scales",
     "load_controlnet",
     "prepare",
+    "released_transformer_config",
     "resolve_local",
     "store_for",
     "save_controlnet",
