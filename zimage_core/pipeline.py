@@ -289,12 +289,7 @@ class ZImage:
         ``hidden_states[-2]``, pad tokens dropped. Prompts are padded to the longest in the batch rather than to
         ``max_sequence_length``: under the causal mask the valid tokens' features are the same, at a fraction of
         the cost (truncation at ``max_sequence_length`` is kept)."""
-        texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-            )
-            for p in prompts
-        ]
+        texts = chat_texts(self.tokenizer, prompts)
         enc = self.tokenizer(
             texts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
@@ -480,12 +475,14 @@ class ZImage:
         cfg_norm = preset.cfg_normalization if cfg_normalization is None else cfg_normalization
         cfg_norm = _check_float("cfg_normalization", float(cfg_norm), 0, 100)
         cfg_trunc = _check_float("cfg_truncation", preset.cfg_truncation if cfg_truncation is None else cfg_truncation)
-        max_len = _check_int("max_sequence_length", max_sequence_length or preset.max_sequence_length, 1, 4096)
-        cap_positions = self.transformer.config.axes_lens[0] - 2  # caption tokens (padded to 32) + the image frame
-        if -(-max_len // 32) * 32 > cap_positions:
-            raise RequestError(
-                "max_sequence_length", f"must be <= {cap_positions // 32 * 32} for this model's RoPE table"
-            )
+        table = caption_capacity(self.transformer)
+        if max_sequence_length is None:  # a default never refuses: it is clamped to what the RoPE table holds
+            max_len = min(preset.max_sequence_length, table)
+        else:
+            max_len = _check_int("max_sequence_length", max_sequence_length, 1, 4096)
+            if max_len > table:  # refused only if a caption as tokenized (truncated at max_len) cannot fit
+                texts = [prompt] + ([negative_prompt or ""] if cfg_scale > 1.0 else [])
+                check_caption_fit(self.tokenizer, texts, max_len, table)
         if seed is None:
             seed = random.randrange(2**32)
         seed = _check_int("seed", seed, 0, SEED_MAX)
@@ -704,6 +701,36 @@ class ZImage:
 ZImage.generate.__doc__ = ZImage._generate.__doc__ + "\n\n" + (ZImage.generate.__doc__ or "")
 
 
+def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """The prompts in Z-Image's chat template (Qwen3, generation prompt, enable_thinking=True), as diffusers does."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        for p in prompts
+    ]
+
+
+def caption_capacity(transformer) -> int:
+    """The most caption tokens the transformer's RoPE table holds: a caption padded to a multiple of 32 takes
+    positions 1..Lp on axis 0 and the image frame Lp + 1, which must stay below ``axes_lens[0]``."""
+    return (transformer.config.axes_lens[0] - 2) // 32 * 32
+
+
+def check_caption_fit(tokenizer, prompts: Sequence[str], max_len: int, table: int, field="max_sequence_length"):
+    """Refuse (naming ``field``) a prompt whose tokenized caption, truncated at ``max_len`` and padded to a multiple
+    of 32, is longer than the ``table`` caption tokens the model's RoPE table holds."""
+    for text in chat_texts(tokenizer, prompts):
+        n = min(len(tokenizer(text).input_ids), max_len)
+        if -(-n // 32) * 32 > table:
+            raise RequestError(
+                field,
+                f"is {max_len}: a prompt's caption of {n} tokens does not fit this model's RoPE table (at most "
+                f"{table} caption tokens); use max_sequence_length <= {table} (longer prompts are then truncated) "
+                "or a shorter prompt",
+            )
+
+
 @torch.no_grad()
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> the VAE's image tensor in [-1, 1] (unscaled and unshifted as diffusers' Z-Image does)."""
@@ -728,4 +755,4 @@ def _counting(fn):
     return wrapped
 
 
-__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "vae_decode"]
+__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "caption_capacity", "chat_texts", "vae_decode"]

@@ -39,7 +39,7 @@ from .. import lora as lora_mod
 from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
 from ..hooks import StackHook
-from ..pipeline import ZImage, vae_decode
+from ..pipeline import ZImage, caption_capacity, vae_decode
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .transformer import ZImageTransformer2DModel
 
@@ -161,7 +161,16 @@ class _DropIn:
             return prompt_embeds
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return [f.to(device) for f in ZImage.encode_prompts(self, prompts, max_sequence_length)]
+        feats = ZImage.encode_prompts(self, prompts, max_sequence_length)
+        table = caption_capacity(self.transformer)
+        for f in feats:  # diffusers would fail deep in the RoPE lookup; refuse naming the field
+            if -(-len(f) // 32) * 32 > table:
+                raise RequestError(
+                    "max_sequence_length",
+                    f"is {max_sequence_length}: a prompt's caption of {len(f)} tokens does not fit this model's RoPE "
+                    f"table (at most {table} caption tokens); use max_sequence_length <= {table} or a shorter prompt",
+                )
+        return [f.to(device) for f in feats]
 
     # ---- LoRA: diffusers' loader reads and converts the file; adapters apply at run time, never merged -------
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
