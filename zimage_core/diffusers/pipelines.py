@@ -41,6 +41,7 @@ from ..errors import RequestError
 from ..hooks import StackHook
 from ..pipeline import ZImage, caption_capacity, vae_decode
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
+from .lora import LoraPipelineMixin, lora_scale_of
 from .transformer import ZImageTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -105,7 +106,7 @@ class _Interrupted(Exception):
         self.latents = latents
 
 
-class _DropIn:
+class _DropIn(LoraPipelineMixin):
     """The shared implementation; mixed in before the diffusers pipeline class it replaces."""
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
@@ -115,9 +116,6 @@ class _DropIn:
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
         )
         self.register_to_config(transformer=TRANSFORMER_ENTRY)
-        self._loras: dict[str, lora_mod.LoraWeights] = {}
-        self._active_loras: dict[str, float] = {}
-        self._loras_enabled = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -171,65 +169,6 @@ class _DropIn:
                     f"table (at most {table} caption tokens); use max_sequence_length <= {table} or a shorter prompt",
                 )
         return [f.to(device) for f in feats]
-
-    # ---- LoRA: diffusers' loader reads and converts the file; adapters apply at run time, never merged -------
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
-        """Load a LoRA (any format diffusers' ``lora_state_dict`` reads) and make it the active adapter."""
-        kwargs.pop("hotswap", None)
-        state_dict = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
-        if isinstance(state_dict, tuple):
-            state_dict = state_dict[0]
-        if any("lokr" in k for k in state_dict):
-            raise NotImplementedError("LoKr adapters are not supported by zimage_core (LoRA only)")
-        name = adapter_name or f"default_{len(self._loras)}"
-        if name in self._loras:
-            raise ValueError(f"Adapter name {name} already in use in the transformer - please select a new one")
-        weights = lora_mod.lora_from_state_dict(state_dict, name, source=f"LoRA {name!r}")
-        with lora_mod.apply_loras(self.transformer, [(weights, 1.0, "both")], field="lora"):
-            pass  # checks every target is a linear layer of this transformer with matching shapes
-        self._loras[name] = weights
-        self._active_loras = {name: 1.0}
-
-    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
-        if len(weights) != len(names):
-            raise ValueError(f"got {len(weights)} adapter weights for {len(names)} adapters")
-        missing = [n for n in names if n not in self._loras]
-        if missing:
-            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {list(self._loras)}.")
-        self._active_loras = {n: 1.0 if w is None else float(w) for n, w in zip(names, weights)}
-
-    def get_active_adapters(self) -> list[str]:
-        return list(self._active_loras) if self._loras_enabled else []
-
-    def get_list_adapters(self) -> dict[str, list[str]]:
-        return {"transformer": list(self._loras)} if self._loras else {}
-
-    def delete_adapters(self, adapter_names: list[str] | str):
-        for n in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            self._loras.pop(n, None)
-            self._active_loras.pop(n, None)
-
-    def unload_lora_weights(self):
-        self._loras, self._active_loras = {}, {}
-
-    def disable_lora(self):
-        self._loras_enabled = False
-
-    def enable_lora(self):
-        self._loras_enabled = True
-
-    def fuse_lora(self, *args, **kwargs):
-        raise NotImplementedError(
-            "zimage_core applies LoRA adapters at run time and never merges them into the weights; "
-            "use load_lora_weights / set_adapters (the result is the same)"
-        )
-
-    def _lora_list(self, scale: float):
-        if not self._loras_enabled:
-            return []
-        return [(self._loras[n], w * scale, "both") for n, w in self._active_loras.items()]
 
     # ---- the shared generation path ------------------------------------------------------------------------------
     def _check(self, prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt):
@@ -392,8 +331,7 @@ class _DropIn:
         self._cfg_normalization = cfg_normalization
         self._cfg_truncation = cfg_truncation
         use_cfg = self.do_classifier_free_guidance
-        lora_scale = float((joint_attention_kwargs or {}).get("scale", 1.0))
-        loras = self._lora_list(lora_scale)
+        loras = self._lora_list(lora_scale_of(joint_attention_kwargs))  # read once, at the start of the call
 
         # 2. encode prompts
         if prompt_embeds is not None and prompt is None:
