@@ -70,6 +70,15 @@ def load_component(kwargs: dict, name: str, model_cls: type, path) -> None:
         kwargs[name] = model_cls.from_pretrained(path, subfolder=name, **model_kwargs)
 
 
+def as_ours(transformer):
+    """Our transformer for a pipeline's ``transformer`` component: diffusers' own (as diffusers' loader builds it,
+    with every ``from_pretrained`` option applied: dtype maps, variants, device maps) becomes ours on the same
+    tensors; ``None`` (a pipeline built without it) stays ``None``."""
+    if transformer is None or isinstance(transformer, ZImageTransformer2DModel):
+        return transformer
+    return ZImageTransformer2DModel.from_diffusers(transformer)
+
+
 def _keyword_only(name: str, default, annotation) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -110,18 +119,20 @@ class _DropIn(LoraPipelineMixin):
     """The shared implementation; mixed in before the diffusers pipeline class it replaces."""
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
-        if not isinstance(transformer, ZImageTransformer2DModel):  # diffusers' own transformer: same weights, ours
-            transformer = ZImageTransformer2DModel.from_diffusers(transformer)
+        transformer = as_ours(transformer)
         super().__init__(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
         )
-        self.register_to_config(transformer=TRANSFORMER_ENTRY)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer."""
-        load_component(kwargs, "transformer", ZImageTransformer2DModel, pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    def __setattr__(self, name, value):
+        """Component swapping (``pipe.transformer = ...``, ``register_modules``) keeps our transformer: diffusers'
+        own is converted (same tensors), and ``model_index.json`` keeps diffusers' entry so saved folders load in
+        diffusers unchanged."""
+        if name == "transformer":
+            value = as_ours(value)
+        super().__setattr__(name, value)
+        if name == "transformer" and value is not None and "_internal_dict" in self.__dict__:
+            self.register_to_config(transformer=TRANSFORMER_ENTRY)
 
     # ---- prompts ---------------------------------------------------------------------------------------------------
     def encode_prompt(
