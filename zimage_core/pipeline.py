@@ -29,6 +29,7 @@ from PIL import Image
 from . import controlnet as cn_mod
 from . import images as imgs
 from . import lora as lora_mod
+from . import sampling
 from .components import SchedulerSettings, build_random_pipeline
 from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
@@ -636,27 +637,25 @@ class ZImage:
                 parallel=self.parallel,
                 control=cn_state,
             )
-            counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
 
-            def on_step(info, _x0=x0, _noise=noise, _cache=cache_state, _cn=cn_state):
-                out = None
-                if mask_lat is not None:  # inpainting: re-impose the known region at the next noise level
-                    sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32, device=self.device)
-                    proper = _x0 if float(sig_next) == 0 else sig_next * _noise + (1.0 - sig_next) * _x0
-                    out = (1 - mask_lat) * proper + mask_lat * info["x"]
-                if _cache is not None:
-                    _cache.end_step(info["i"])
-                if _cn is not None:
-                    _cn.end_step(info["i"])
+            def on_step(info):
                 if progress_bar is not None:
                     progress_bar.update(1)
                 if step_callback is not None:
                     step_callback(info)
-                return out
 
-            if len(a.sigmas) > 1:
-                x = a.spec.sample(counted, x, a.sigmas, generator=gens[0], callback=on_step, x0=x0)
-            stats.nfe_per_result = counted.calls
+            x, stats.nfe_per_result = sampling.run_sampler(
+                a.spec,
+                denoise,
+                x,
+                a.sigmas,
+                generator=gens[0],
+                x0=x0,
+                cache_state=cache_state,
+                control_state=cn_state,
+                inpaint=None if mask_lat is None else sampling.Inpaint(mask_lat, noise, x0),
+                on_step=on_step,
+            )
             if cache_state is not None:
                 stats.cache = [*(stats.cache or []), cache_state.summary()]
             if cn_state is not None:
@@ -744,15 +743,6 @@ def _phased_caption_lora(loras) -> bool:
         phase != "both" and any(n.startswith(("cap_embedder", "context_refiner")) for n in lw.modules)
         for lw, _, phase in loras
     )
-
-
-def _counting(fn):
-    def wrapped(x, sigma):
-        wrapped.calls += 1
-        return fn(x, sigma)
-
-    wrapped.calls = 0
-    return wrapped
 
 
 __all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "caption_capacity", "chat_texts", "vae_decode"]

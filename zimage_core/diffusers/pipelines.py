@@ -36,6 +36,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
 
 from .. import controlnet as cn_mod
 from .. import lora as lora_mod
+from .. import sampling
 from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
 from ..hooks import StackHook
@@ -452,35 +453,23 @@ class _DropIn(LoraPipelineMixin):
                 control=cn_state,  # ControlNet hints, added after their main layers through the hook chain
             )
 
-        def denoise(x, sigma):
+        def denoise(x, sigma):  # through ``current``: a callback that replaces the embeddings rebuilds it
             return current["denoise"](x, sigma)
 
-        if cache_state is not None:
-            denoise = cache_state.observe(denoise)
-
+        inpaint = sampling.Inpaint(tensors["mask"], noise, image_latents) if mode == "inpaint" else None
         with self.progress_bar(total=len(timesteps)) as progress_bar:
 
-            def on_step(info):
-                i, x = info["i"], info["x"]
-                if mode == "inpaint":
-                    sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32)
-                    proper = (
-                        image_latents
-                        if i == len(timesteps) - 1
-                        else sig_next * noise + (1.0 - sig_next) * image_latents
-                    )
-                    x = (1 - tensors["mask"]) * proper + tensors["mask"] * x
-                tensors["latents"] = x
-                if cache_state is not None:
-                    cache_state.end_step(i)
-                if cn_state is not None:
-                    cn_state.end_step(i)
+            def on_step(info):  # diffusers' callback_on_step_end, progress bar and interrupt
+                i = info["i"]
+                tensors["latents"] = info["x"]
                 if callback_on_step_end is not None:
                     kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, timesteps[i], kwargs) or {}
                     for k in ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"):
                         if k in outputs:
                             tensors[k] = outputs.pop(k)
+                    if inpaint is not None:
+                        inpaint.mask = tensors["mask"]
                     pos, neg = current["embeds"]
                     if tensors["prompt_embeds"] is not pos or tensors["negative_prompt_embeds"] is not neg:
                         build_denoiser()  # the caption branch follows embeddings a callback replaced
@@ -493,7 +482,17 @@ class _DropIn(LoraPipelineMixin):
                 lora_mod.set_sigma(1.0)
                 build_denoiser()
                 try:
-                    latents = spec.sample(denoise, latents, run_sigmas, generator=sampler_generator, callback=on_step)
+                    latents, _ = sampling.run_sampler(
+                        spec,
+                        denoise,
+                        latents,
+                        run_sigmas,
+                        generator=sampler_generator,
+                        cache_state=cache_state,
+                        control_state=cn_state,
+                        inpaint=inpaint,
+                        on_step=on_step,
+                    )
                 except _Interrupted as stop:
                     latents = stop.latents
         stats.nfe_per_result = stats.forwards
