@@ -386,3 +386,114 @@ def test_controlnet_pipelines_lora_parity(folder):
             assert rel(lora, plain) > 1e-3
             outs.append(lora)
         assert rel(outs[1], outs[0]) <= TOL
+
+
+# ---- PEFT adapters added to the transformer itself: the route diffusers' own LoRA tests take -------------------------
+def add_peft(pipe, name, seed, lora_alpha=RANK):
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)  # PEFT draws the random (init_lora_weights=False) adapter weights from the global RNG
+    config = LoraConfig(r=RANK, lora_alpha=lora_alpha, target_modules=list(TARGETS), init_lora_weights=False)
+    pipe.transformer.add_adapter(config, adapter_name=name)
+    return config
+
+
+def test_peft_multi_adapter_set_get_disable(impl, folder):
+    pipe = fresh(impl.T2I, folder)
+    base = out(pipe)
+    add_peft(pipe, "adapter-1", 1)
+    assert pipe.get_active_adapters() == ["adapter-1"]
+    add_peft(pipe, "adapter-2", 2)
+    assert pipe.get_active_adapters() == ["adapter-2"]
+    assert pipe.get_list_adapters() == {"transformer": ["adapter-1", "adapter-2"]}
+    pipe.set_adapters("adapter-1")
+    o1 = out(pipe)
+    pipe.set_adapters("adapter-2")
+    o2 = out(pipe)
+    pipe.set_adapters(["adapter-1", "adapter-2"])
+    assert pipe.get_active_adapters() == ["adapter-1", "adapter-2"]
+    mixed = out(pipe)
+    for a, b in ((o1, base), (o2, base), (mixed, base), (o1, o2), (o1, mixed), (o2, mixed)):
+        assert rel(a, b) > 1e-3
+    with pytest.raises(ValueError, match="not in the list of present adapters"):
+        pipe.set_adapters("test")
+    pipe.disable_lora()
+    assert rel(out(pipe), base) <= TOL
+    pipe.enable_lora()
+    assert rel(out(pipe), mixed) <= TOL
+
+
+def test_peft_fuse_unfuse_and_scale(impl, folder):
+    pipe = fresh(impl.T2I, folder)
+    add_peft(pipe, "adapter-1", 1)
+    add_peft(pipe, "adapter-2", 2)
+    pipe.set_adapters(["adapter-1", "adapter-2"])
+    both = out(pipe)
+    pipe.set_adapters(["adapter-1"])
+    one = out(pipe)
+    scaled = out(pipe, joint_attention_kwargs={"scale": 0.8})
+    assert rel(scaled, one) > 1e-4
+    pipe.fuse_lora(adapter_names=["adapter-1"])
+    assert pipe.num_fused_loras == 1
+    assert rel(out(pipe), one) <= 1e-4
+    pipe.unfuse_lora()
+    assert pipe.num_fused_loras == 0
+    pipe.fuse_lora(components=["transformer"], adapter_names=["adapter-2", "adapter-1"])
+    assert pipe.num_fused_loras == 2
+    assert rel(out(pipe), both) <= 1e-4
+    pipe.unfuse_lora()
+    assert pipe.num_fused_loras == 0
+    again = fresh(impl.T2I, folder)
+    add_peft(again, "adapter-1", 1)
+    again.fuse_lora(adapter_names=["adapter-1"], lora_scale=0.8)
+    assert rel(out(again), scaled) <= 1e-4  # joint_attention_kwargs scale == fuse_lora(lora_scale=)
+
+
+def test_peft_delete_and_unload(impl, folder):
+    pipe = fresh(impl.T2I, folder)
+    base = out(pipe)
+    add_peft(pipe, "adapter-1", 1)
+    add_peft(pipe, "adapter-2", 2)
+    pipe.set_adapters("adapter-2")
+    o2 = out(pipe)
+    pipe.set_adapters(["adapter-1", "adapter-2"])
+    pipe.delete_adapters("adapter-1")
+    assert pipe.get_list_adapters() == {"transformer": ["adapter-2"]}
+    assert rel(out(pipe), o2) <= TOL
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {}
+    assert rel(out(pipe), base) <= TOL
+    add_peft(pipe, "adapter-1", 1)  # unload -> add works
+    out(pipe)
+
+
+@pytest.mark.parametrize("lora_alpha", [4, 8])
+def test_peft_metadata_save_load_inference(impl, folder, tmp_path, lora_alpha):
+    """Adapters trained with PEFT on the transformer, saved with diffusers' save_lora_weights and their metadata,
+    loaded back with load_lora_weights (into our adapter set on our pipelines): the same output."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = fresh(impl.T2I, folder)
+    add_peft(pipe, "default", 1, lora_alpha=lora_alpha)
+    want = out(pipe)
+    layers = get_peft_model_state_dict(pipe.transformer)
+    metadata = pipe.transformer.peft_config["default"].to_dict()
+    impl.T2I.save_lora_weights(tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
+    pipe.unload_lora_weights()
+    _, parsed = pipe.lora_state_dict(tmp_path, return_lora_metadata=True)
+    assert parsed["transformer.lora_alpha"] == lora_alpha
+    pipe.load_lora_weights(tmp_path)
+    assert rel(out(pipe), want) <= 1e-4
+
+
+def test_peft_adapters_parity(both):
+    theirs, ours = both
+    outs = []
+    for p in both:
+        p.unload_lora_weights()
+        add_peft(p, "p1", 11, lora_alpha=8)
+        add_peft(p, "p2", 12)
+        p.set_adapters(["p1", "p2"], [0.6, 1.1])
+        outs.append((out(p), out(p, joint_attention_kwargs={"scale": 0.5})))
+        p.unload_lora_weights()
+    assert rel(outs[1][0], outs[0][0]) <= TOL and rel(outs[1][1], outs[0][1]) <= TOL

@@ -11,7 +11,8 @@ call, so ``set_adapters`` in another thread does not change a call already runni
 ``fuse_lora`` does merge (that is what it is for): ``W += lora_scale · w · (alpha/r) · B·A`` into the weights, undone
 exactly by ``unfuse_lora``; while adapters are fused, no adapter is applied at run time (as with PEFT's merged
 layers). Not here: LoKr and DoRA files, per-block weight dicts, adapters of the text encoder (Z-Image has none).
-A transformer's own ``add_adapter`` (PEFT) still works as in diffusers, outside this mechanism.
+PEFT adapters added to the transformer itself (``transformer.add_adapter``, as diffusers' own LoRA tests do) are
+PEFT's layers, global as in diffusers; the pipeline methods hand them to diffusers' own implementation.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import lora as lora_mod
@@ -52,6 +54,11 @@ def adapter_set(transformer) -> AdapterSet:
         s = AdapterSet()
         transformer.__dict__["_zimage_adapters"] = s
     return s
+
+
+def _peft_names(transformer) -> list[str]:
+    """Names of PEFT adapters added to the transformer itself (``transformer.add_adapter``), if any."""
+    return list(getattr(transformer, "peft_config", None) or {})
 
 
 def _alpha_for(module: str, metadata: dict | None, rank: int) -> float:
@@ -111,6 +118,10 @@ class LoraPipelineMixin:
             )
             return
         adapters = adapter_set(transformer)
+        if adapter_name in _peft_names(transformer) and not hotswap:
+            raise ValueError(
+                f"Adapter name {adapter_name} already in use in the model - please select a new adapter name."
+            )
         if adapter_name in adapters.adapters and not hotswap:
             raise ValueError(
                 f"Adapter name {adapter_name} already in use in the model - please select a new adapter name."
@@ -168,10 +179,18 @@ class LoraPipelineMixin:
                 f"Length of adapter names {len(names)} is not equal to the length of the weights {len(weights)}"
             )
         adapters = adapter_set(self.transformer)
-        present = set(adapters.adapters)
+        peft = set(_peft_names(self.transformer))
+        present = set(adapters.adapters) | peft
         missing = set(names) - present
         if missing:
             raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {present}.")
+        if peft:  # PEFT adapters added with transformer.add_adapter: diffusers' own method handles them
+            if not set(names) <= peft:
+                raise ValueError(
+                    f"set_adapters({names}) mixes adapters loaded with load_lora_weights ({sorted(adapters.adapters)})"
+                    f" and PEFT adapters added with transformer.add_adapter ({sorted(peft)}): use one kind at a time"
+                )
+            return super().set_adapters(adapter_names, adapter_weights)
         active = {}
         for i, (n, w) in enumerate(zip(names, weights)):
             if isinstance(w, dict):
@@ -185,21 +204,32 @@ class LoraPipelineMixin:
         adapters.active = active
 
     def get_active_adapters(self) -> list[str]:
-        return list(adapter_set(self.transformer).active)
+        adapters = adapter_set(self.transformer)
+        if not adapters.adapters and _peft_names(self.transformer):
+            return super().get_active_adapters()
+        return list(adapters.active)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
-        adapters = adapter_set(self.transformer).adapters
-        return {PREFIX: list(adapters)} if adapters else {}
+        names = [*adapter_set(self.transformer).adapters, *_peft_names(self.transformer)]
+        return {PREFIX: names} if names else {}
 
     def disable_lora(self):
         adapter_set(self.transformer).enabled = False
+        if _peft_names(self.transformer):
+            super().disable_lora()
 
     def enable_lora(self):
         adapter_set(self.transformer).enabled = True
+        if _peft_names(self.transformer):
+            super().enable_lora()
 
     def delete_adapters(self, adapter_names):
         adapters = adapter_set(self.transformer)
-        for n in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        peft = [n for n in names if n in _peft_names(self.transformer)]
+        if peft:
+            super().delete_adapters(peft)
+        for n in names:
             if n in adapters.fused:
                 raise ValueError(f"Adapter '{n}' is fused into the weights: call unfuse_lora() before deleting it")
             adapters.adapters.pop(n, None)
@@ -210,11 +240,18 @@ class LoraPipelineMixin:
         """Remove every adapter. Fused weights stay fused (as in diffusers, where unloading keeps the base layers)."""
         adapters = adapter_set(self.transformer)
         adapters.adapters, adapters.metadata, adapters.active, adapters.fused = {}, {}, {}, {}
+        if _peft_names(self.transformer):
+            super().unload_lora_weights()
         self._merged_adapters = set()
 
     def set_lora_device(self, adapter_names, device) -> None:
         adapters = adapter_set(self.transformer)
+        peft = [n for n in adapter_names if n in _peft_names(self.transformer)]
+        if peft:
+            super().set_lora_device(peft, device)
         for n in adapter_names:
+            if n in peft:
+                continue
             if n not in adapters.adapters:
                 raise ValueError(
                     f"Adapter name(s) {{'{n}'}} not in the list of present adapters: {set(adapters.adapters)}."
@@ -231,17 +268,27 @@ class LoraPipelineMixin:
             if c not in self._lora_loadable_modules:
                 raise ValueError(f"{c} is not found in self._lora_loadable_modules={self._lora_loadable_modules}.")
         adapters = adapter_set(self.transformer)
+        peft = set(_peft_names(self.transformer))
         names = list(adapters.active) if adapter_names is None else list(adapter_names)
-        present = set(adapters.adapters)
+        present = set(adapters.adapters) | peft
         if set(names) - present:
             raise ValueError(f"Adapter name(s) {set(names) - present} not in the list of present adapters: {present}.")
-        for n in names:
+        peft_merged = set()
+        if peft and (adapter_names is None or set(names) & peft):
+            super().fuse_lora(
+                components=components,
+                lora_scale=lora_scale,
+                safe_fusing=safe_fusing,
+                adapter_names=None if adapter_names is None else [n for n in names if n in peft],
+            )
+            peft_merged = set(self._merged_adapters)
+        for n in [n for n in names if n not in peft]:
             if n in adapters.fused:
                 continue
             factor = float(lora_scale) * adapters.active.get(n, 1.0)
             lora_mod.fuse(self.transformer, adapters.adapters[n], factor, safe=safe_fusing)
             adapters.fused[n] = factor
-        self._merged_adapters = set(adapters.fused)
+        self._merged_adapters = peft_merged | set(adapters.fused)
 
     def unfuse_lora(self, components=("transformer",), **kwargs):
         adapters = adapter_set(self.transformer)
@@ -249,11 +296,28 @@ class LoraPipelineMixin:
             lora_mod.fuse(self.transformer, adapters.adapters[n], -factor)
             del adapters.fused[n]
         self._merged_adapters = set()
+        if _peft_names(self.transformer):
+            super().unfuse_lora(components=list(components))
 
     # ---- one call ---------------------------------------------------------------------------------------------
     def _lora_list(self, scale: float = 1.0):
         """The adapters of one call, read once at its start (``joint_attention_kwargs={"scale": s}`` scales them)."""
         return adapter_set(self.transformer).run_list(scale)
+
+    @contextmanager
+    def _peft_scale(self, scale: float):
+        """``joint_attention_kwargs={"scale": s}`` for PEFT adapters added with ``transformer.add_adapter`` (diffusers
+        scales them around the transformer's ``forward``; our pipelines call the model below it)."""
+        if scale == 1.0 or not _peft_names(self.transformer):
+            yield
+            return
+        from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+
+        scale_lora_layers(self.transformer, scale)
+        try:
+            yield
+        finally:
+            unscale_lora_layers(self.transformer, scale)
 
 
 def lora_scale_of(joint_attention_kwargs) -> float:

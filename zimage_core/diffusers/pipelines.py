@@ -343,7 +343,8 @@ class _DropIn(LoraPipelineMixin):
         self._cfg_normalization = cfg_normalization
         self._cfg_truncation = cfg_truncation
         use_cfg = self.do_classifier_free_guidance
-        loras = self._lora_list(lora_scale_of(joint_attention_kwargs))  # read once, at the start of the call
+        lora_scale = lora_scale_of(joint_attention_kwargs)
+        loras = self._lora_list(lora_scale)  # read once, at the start of the call
 
         # 2. encode prompts
         if prompt_embeds is not None and prompt is None:
@@ -478,7 +479,7 @@ class _DropIn(LoraPipelineMixin):
                     raise _Interrupted(tensors["latents"])
                 return tensors["latents"]
 
-            with torch.no_grad(), lora_mod.apply_loras(self.transformer, loras):
+            with torch.no_grad(), lora_mod.apply_loras(self.transformer, loras), self._peft_scale(lora_scale):
                 lora_mod.set_sigma(1.0)
                 build_denoiser()
                 try:
