@@ -133,3 +133,31 @@ def test_saved_folder_round_trip_same_latents(impl, folder, tmp_path):
     assert torch.equal(latents(impl.classes[0].from_pretrained(tmp_path)), want)
     ref = latents(diffusers.ZImagePipeline.from_pretrained(tmp_path))  # diffusers loads the folder ours saved
     assert float((ref.double() - want.double()).norm() / ref.double().norm()) <= 1e-5
+
+
+def test_model_cpu_offload_hooks(impl, folder):
+    """diffusers' model offload (accelerate hooks; on this CPU-only machine with device="cpu"): the hooks sit on the
+    pipeline's transformer and the result is unchanged."""
+    want = latents(impl.classes[0].from_pretrained(folder))
+    pipe = impl.classes[0].from_pretrained(folder)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert isinstance(pipe.transformer, impl.Transformer)
+    assert getattr(pipe.transformer, "_hf_hook", None) is not None
+    assert torch.equal(latents(pipe), want)
+
+
+def test_lora_loaded_under_model_offload(folder):
+    """diffusers' test_lora_loading_model_cpu_offload, ours only: diffusers' load_lora_weights re-enables offload
+    without a device, which needs an accelerator (it raises on this machine). Ours keeps the hooks (its adapters
+    are not modules) and equals diffusers' pipeline without offload with the same LoRA."""
+    from tests.test_diffusers_lora import lora_sd
+
+    ref = diffusers.ZImagePipeline.from_pretrained(folder)
+    ref.load_lora_weights(lora_sd(ref.transformer, 1), adapter_name="a")
+    want = latents(ref)
+    pipe = zd.ZImagePipeline.from_pretrained(folder)
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.load_lora_weights(lora_sd(pipe.transformer, 1), adapter_name="a")
+    assert getattr(pipe.transformer, "_hf_hook", None) is not None
+    got = latents(pipe)
+    assert float((got.double() - want.double()).norm() / want.double().norm()) <= 1e-5
