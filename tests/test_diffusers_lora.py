@@ -497,3 +497,26 @@ def test_peft_adapters_parity(both):
         outs.append((out(p), out(p, joint_attention_kwargs={"scale": 0.5})))
         p.unload_lora_weights()
     assert rel(outs[1][0], outs[0][0]) <= TOL and rel(outs[1][1], outs[0][1]) <= TOL
+
+
+def test_bad_lora_arguments_are_request_errors(folder):
+    """Ours only (diffusers takes a NaN or huge weight and returns NaN or garbage): a clear error naming the field."""
+    from zimage_core.errors import RequestError
+
+    pipe = fresh(zd.ZImagePipeline, folder)
+    pipe.load_lora_weights(lora_sd(pipe.transformer, 1), adapter_name="a")
+    for bad in (float("nan"), float("inf"), 100.0, "1", True):
+        with pytest.raises(RequestError) as e:
+            pipe.set_adapters("a", bad)
+        assert e.value.field == "adapter_weights[0]" and "[-16, 16]" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        out(pipe, joint_attention_kwargs={"scale": float("nan")})
+    assert e.value.field == "joint_attention_kwargs.scale"
+    pipe.set_adapters("a", 4.0)
+    with pytest.raises(RequestError) as e:  # weight 4 x scale 10 = 40: past the bound
+        out(pipe, joint_attention_kwargs={"scale": 10.0})
+    assert e.value.field.startswith("adapter_weights") and "[-16, 16]" in str(e.value)
+    with pytest.raises(ValueError, match="not a linear layer|shape"):  # a LoRA for another architecture
+        pipe.load_lora_weights({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 7),
+                                "transformer.layers.0.attention.to_q.lora_B.weight": torch.zeros(7, 4)})  # fmt: skip
+    assert pipe.get_list_adapters() == {"transformer": ["a"]}  # the refused LoRA was not added

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import lora as lora_mod
+from ..errors import RequestError
 
 # diffusers logs "No LoRA keys associated to ..." on this logger (``diffusers.loaders.peft``); we log the same there.
 _peft_logger = logging.getLogger("diffusers.loaders.peft")
@@ -198,8 +199,16 @@ class LoraPipelineMixin:
                 if isinstance(w, dict):
                     raise ValueError(f"adapter_weights[{i}]: per-block LoRA weights are not supported in Z-Image")
             w = 1.0 if w is None else w
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(float(w)):
-                raise ValueError(f"adapter_weights[{i}] must be a finite number, got {w!r}")
+            if (
+                isinstance(w, bool)
+                or not isinstance(w, (int, float))
+                or not math.isfinite(float(w))
+                or abs(float(w)) > lora_mod.MAX_WEIGHT
+            ):
+                raise RequestError(
+                    f"adapter_weights[{i}]",
+                    f"must be a finite number in [-{lora_mod.MAX_WEIGHT:g}, {lora_mod.MAX_WEIGHT:g}], got {w!r}",
+                )
             active[n] = float(w)
         adapters.active = active
 
@@ -324,8 +333,6 @@ def lora_scale_of(joint_attention_kwargs) -> float:
     """``joint_attention_kwargs["scale"]`` (default 1.0), checked: a finite number."""
     scale = (joint_attention_kwargs or {}).get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
-        from ..errors import RequestError
-
         raise RequestError("joint_attention_kwargs.scale", f"must be a finite number, got {scale!r}")
     return float(scale)
 

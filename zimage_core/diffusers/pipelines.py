@@ -479,7 +479,11 @@ class _DropIn(LoraPipelineMixin):
                     raise _Interrupted(tensors["latents"])
                 return tensors["latents"]
 
-            with torch.no_grad(), lora_mod.apply_loras(self.transformer, loras), self._peft_scale(lora_scale):
+            with (
+                torch.no_grad(),
+                lora_mod.apply_loras(self.transformer, loras, field="adapter_weights"),
+                self._peft_scale(lora_scale),
+            ):
                 lora_mod.set_sigma(1.0)
                 build_denoiser()
                 try:
