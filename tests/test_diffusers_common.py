@@ -1,6 +1,6 @@
 """Checks of diffusers' Z-Image pipeline tests (``tests/pipelines/z_image/test_z_image.py`` and
-``test_z_image_img2img.py`` in diffusers' repository) that the drop-in suite did not have yet: VAE tiling, the
-img2img ``strength`` parameter and its bounds (on diffusers' classes and on ours), VAE tiling (ours against diffusers).
+``test_z_image_img2img.py`` in diffusers' repository) that the drop-in suite did not have yet: the img2img
+``strength`` parameter and its bounds (on diffusers' classes and on ours) and VAE tiling (ours against diffusers).
 """
 
 from __future__ import annotations
