@@ -482,8 +482,8 @@ class ZImage:
         else:
             max_len = _check_int("max_sequence_length", max_sequence_length, 1, 4096)
             if max_len > table:  # refused only if a caption as tokenized (truncated at max_len) cannot fit
-                texts = [prompt] + ([negative_prompt or ""] if cfg_scale > 1.0 else [])
-                check_caption_fit(self.tokenizer, texts, max_len, table)
+                texts = chat_texts(self.tokenizer, [prompt] + ([negative_prompt or ""] if cfg_scale > 1.0 else []))
+                check_caption_fit([len(self.tokenizer(t).input_ids) for t in texts], max_len, table)
         if seed is None:
             seed = random.randrange(2**32)
         seed = _check_int("seed", seed, 0, SEED_MAX)
@@ -716,11 +716,11 @@ def caption_capacity(transformer) -> int:
     return (transformer.config.axes_lens[0] - 2) // 32 * 32
 
 
-def check_caption_fit(tokenizer, prompts: Sequence[str], max_len: int, table: int, field="max_sequence_length"):
-    """Refuse (naming ``field``) a prompt whose tokenized caption, truncated at ``max_len`` and padded to a multiple
-    of 32, is longer than the ``table`` caption tokens the model's RoPE table holds."""
-    for text in chat_texts(tokenizer, prompts):
-        n = min(len(tokenizer(text).input_ids), max_len)
+def check_caption_fit(lengths: Sequence[int], max_len: int, table: int, field="max_sequence_length") -> None:
+    """Refuse (naming ``field``) a caption of ``lengths[i]`` tokens (as tokenized, truncated at ``max_len``) that,
+    padded to a multiple of 32, is longer than the ``table`` caption tokens of the model's RoPE table."""
+    for n in lengths:
+        n = min(n, max_len)
         if -(-n // 32) * 32 > table:
             raise RequestError(
                 field,
@@ -745,4 +745,13 @@ def _phased_caption_lora(loras) -> bool:
     )
 
 
-__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "caption_capacity", "chat_texts", "vae_decode"]
+__all__ = [
+    "MODEL_PRESETS",
+    "Defaults",
+    "GenerationResult",
+    "ZImage",
+    "caption_capacity",
+    "chat_texts",
+    "check_caption_fit",
+    "vae_decode",
+]

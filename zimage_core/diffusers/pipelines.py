@@ -40,7 +40,7 @@ from .. import sampling
 from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
 from ..hooks import StackHook
-from ..pipeline import ZImage, caption_capacity, vae_decode
+from ..pipeline import ZImage, caption_capacity, check_caption_fit, vae_decode
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
 from .lora import LoraPipelineMixin, lora_scale_of
 from .transformer import ZImageTransformer2DModel
@@ -172,14 +172,8 @@ class _DropIn(LoraPipelineMixin):
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         feats = ZImage.encode_prompts(self, prompts, max_sequence_length)
-        table = caption_capacity(self.transformer)
-        for f in feats:  # diffusers would fail deep in the RoPE lookup; refuse naming the field
-            if -(-len(f) // 32) * 32 > table:
-                raise RequestError(
-                    "max_sequence_length",
-                    f"is {max_sequence_length}: a prompt's caption of {len(f)} tokens does not fit this model's RoPE "
-                    f"table (at most {table} caption tokens); use max_sequence_length <= {table} or a shorter prompt",
-                )
+        # diffusers would fail deep in the RoPE lookup; refuse naming the field
+        check_caption_fit([len(f) for f in feats], max_sequence_length, caption_capacity(self.transformer))
         return [f.to(device) for f in feats]
 
     # ---- the shared generation path ------------------------------------------------------------------------------
