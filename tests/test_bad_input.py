@@ -180,8 +180,8 @@ def test_sizes_past_the_rope_table_are_request_errors(pipe):
     with pytest.raises(RequestError) as e:
         pipe.generate("a red circle", width=max_w + 16, height=128, steps=1)
     assert e.value.field == "width" and "RoPE" in e.value.message
-    with pytest.raises(RequestError) as e:
-        pipe.generate("a red circle", width=128, height=128, steps=1, max_sequence_length=4096)
+    with pytest.raises(RequestError) as e:  # a caption longer than the table's 1504 tokens (a short one would run)
+        pipe.generate("a red circle " * 800, width=128, height=128, steps=1, max_sequence_length=4096)
     assert e.value.field == "max_sequence_length"
 
 

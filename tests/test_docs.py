@@ -21,7 +21,6 @@ COMMANDS = (
 PENDING = {
     "docs/install.md",
     "docs/server-limits.md",
-    "docs/dropin-lora.md",
     "docs/cache-presets.md",
 }
 LINK = re.compile(r"(?<!\\)\[[^\]]*\]\(([^)\s]+)\)")

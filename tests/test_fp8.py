@@ -366,8 +366,8 @@ def test_cli_generate_with_quantize_fp8(tmp_path):
 
 
 def test_serve_loader_passes_quantize_through():
-    from zimage_core.service import engine
     from zimage_core.server.app import Settings
+    from zimage_core.service import engine
 
     assert Settings(quantize="fp8").quantize == "fp8"
     pipe = engine.load(None, "cpu", None, None, "fp8")

@@ -227,3 +227,27 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float, str]
         yield
     finally:
         _local.adapters = previous
+
+
+@torch.no_grad()
+def fuse(model: nn.Module, lw: LoraWeights, factor: float, safe: bool = False) -> None:
+    """Merge ``factor · (alpha/r) · B·A`` of every module of ``lw`` into ``model``'s weights (a negative factor
+    undoes an earlier fuse). Unlike :func:`apply_loras` this changes the shared weights, for every thread: it is
+    diffusers' ``fuse_lora``. ``safe``: refuse (changing nothing) if a merged weight would be non-finite."""
+    modules = dict(model.named_modules())
+    flat = {n.replace(".", "_"): m for n, m in modules.items()}
+    merged = []
+    for name, ada in lw.modules.items():
+        mod = modules.get(name, flat.get(name))
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"LoRA {lw.name!r} targets {name!r}, which is not a linear layer of this model")
+        w = mod.weight
+        delta = (ada.up.double() @ ada.down.double()).to(w.device) * (float(factor) * ada.scale)
+        new = w.double() + delta
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {lw.name} seems to be broken (module {name})"
+            )
+        merged.append((w, new.to(w.dtype)))
+    for w, new in merged:
+        w.copy_(new)

@@ -29,6 +29,7 @@ from PIL import Image
 from . import controlnet as cn_mod
 from . import images as imgs
 from . import lora as lora_mod
+from . import sampling
 from .components import SchedulerSettings, build_random_pipeline
 from .config import SEED_MAX
 from .denoiser import Denoiser, GenerationStats
@@ -297,12 +298,7 @@ class ZImage:
         ``hidden_states[-2]``, pad tokens dropped. Prompts are padded to the longest in the batch rather than to
         ``max_sequence_length``: under the causal mask the valid tokens' features are the same, at a fraction of
         the cost (truncation at ``max_sequence_length`` is kept)."""
-        texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-            )
-            for p in prompts
-        ]
+        texts = chat_texts(self.tokenizer, prompts)
         enc = self.tokenizer(
             texts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
@@ -488,12 +484,14 @@ class ZImage:
         cfg_norm = preset.cfg_normalization if cfg_normalization is None else cfg_normalization
         cfg_norm = _check_float("cfg_normalization", float(cfg_norm), 0, 100)
         cfg_trunc = _check_float("cfg_truncation", preset.cfg_truncation if cfg_truncation is None else cfg_truncation)
-        max_len = _check_int("max_sequence_length", max_sequence_length or preset.max_sequence_length, 1, 4096)
-        cap_positions = self.transformer.config.axes_lens[0] - 2  # caption tokens (padded to 32) + the image frame
-        if -(-max_len // 32) * 32 > cap_positions:
-            raise RequestError(
-                "max_sequence_length", f"must be <= {cap_positions // 32 * 32} for this model's RoPE table"
-            )
+        table = caption_capacity(self.transformer)
+        if max_sequence_length is None:  # a default never refuses: it is clamped to what the RoPE table holds
+            max_len = min(preset.max_sequence_length, table)
+        else:
+            max_len = _check_int("max_sequence_length", max_sequence_length, 1, 4096)
+            if max_len > table:  # refused only if a caption as tokenized (truncated at max_len) cannot fit
+                texts = chat_texts(self.tokenizer, [prompt] + ([negative_prompt or ""] if cfg_scale > 1.0 else []))
+                check_caption_fit([len(self.tokenizer(t).input_ids) for t in texts], max_len, table)
         if seed is None:
             seed = random.randrange(2**32)
         seed = _check_int("seed", seed, 0, SEED_MAX)
@@ -647,27 +645,25 @@ class ZImage:
                 parallel=self.parallel,
                 control=cn_state,
             )
-            counted = _counting(denoise if cache_state is None else cache_state.observe(denoise))
 
-            def on_step(info, _x0=x0, _noise=noise, _cache=cache_state, _cn=cn_state):
-                out = None
-                if mask_lat is not None:  # inpainting: re-impose the known region at the next noise level
-                    sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32, device=self.device)
-                    proper = _x0 if float(sig_next) == 0 else sig_next * _noise + (1.0 - sig_next) * _x0
-                    out = (1 - mask_lat) * proper + mask_lat * info["x"]
-                if _cache is not None:
-                    _cache.end_step(info["i"])
-                if _cn is not None:
-                    _cn.end_step(info["i"])
+            def on_step(info):
                 if progress_bar is not None:
                     progress_bar.update(1)
                 if step_callback is not None:
                     step_callback(info)
-                return out
 
-            if len(a.sigmas) > 1:
-                x = a.spec.sample(counted, x, a.sigmas, generator=gens[0], callback=on_step, x0=x0)
-            stats.nfe_per_result = counted.calls
+            x, stats.nfe_per_result = sampling.run_sampler(
+                a.spec,
+                denoise,
+                x,
+                a.sigmas,
+                generator=gens[0],
+                x0=x0,
+                cache_state=cache_state,
+                control_state=cn_state,
+                inpaint=None if mask_lat is None else sampling.Inpaint(mask_lat, noise, x0),
+                on_step=on_step,
+            )
             if cache_state is not None:
                 stats.cache = [*(stats.cache or []), cache_state.summary()]
             if cn_state is not None:
@@ -712,6 +708,36 @@ class ZImage:
 ZImage.generate.__doc__ = ZImage._generate.__doc__ + "\n\n" + (ZImage.generate.__doc__ or "")
 
 
+def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """The prompts in Z-Image's chat template (Qwen3, generation prompt, enable_thinking=True), as diffusers does."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        for p in prompts
+    ]
+
+
+def caption_capacity(transformer) -> int:
+    """The most caption tokens the transformer's RoPE table holds: a caption padded to a multiple of 32 takes
+    positions 1..Lp on axis 0 and the image frame Lp + 1, which must stay below ``axes_lens[0]``."""
+    return (transformer.config.axes_lens[0] - 2) // 32 * 32
+
+
+def check_caption_fit(lengths: Sequence[int], max_len: int, table: int, field="max_sequence_length") -> None:
+    """Refuse (naming ``field``) a caption of ``lengths[i]`` tokens (as tokenized, truncated at ``max_len``) that,
+    padded to a multiple of 32, is longer than the ``table`` caption tokens of the model's RoPE table."""
+    for n in lengths:
+        n = min(n, max_len)
+        if -(-n // 32) * 32 > table:
+            raise RequestError(
+                field,
+                f"is {max_len}: a prompt's caption of {n} tokens does not fit this model's RoPE table (at most "
+                f"{table} caption tokens); use max_sequence_length <= {table} (longer prompts are then truncated) "
+                "or a shorter prompt",
+            )
+
+
 @torch.no_grad()
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> the VAE's image tensor in [-1, 1] (unscaled and unshifted as diffusers' Z-Image does)."""
@@ -727,13 +753,13 @@ def _phased_caption_lora(loras) -> bool:
     )
 
 
-def _counting(fn):
-    def wrapped(x, sigma):
-        wrapped.calls += 1
-        return fn(x, sigma)
-
-    wrapped.calls = 0
-    return wrapped
-
-
-__all__ = ["MODEL_PRESETS", "Defaults", "GenerationResult", "ZImage", "vae_decode"]
+__all__ = [
+    "MODEL_PRESETS",
+    "Defaults",
+    "GenerationResult",
+    "ZImage",
+    "caption_capacity",
+    "chat_texts",
+    "check_caption_fit",
+    "vae_decode",
+]

@@ -69,7 +69,6 @@ class _ControlNetDropIn(_DropIn):
                 vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
             )
         self.register_to_config(transformer=TRANSFORMER_ENTRY, controlnet=CONTROLNET_ENTRY)
-        self._loras, self._active_loras, self._loras_enabled = {}, {}, True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -36,12 +36,14 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
 
 from .. import controlnet as cn_mod
 from .. import lora as lora_mod
+from .. import sampling
 from ..denoiser import Denoiser, GenerationStats
 from ..errors import RequestError
 from ..fp8 import validate_quantize
 from ..hooks import StackHook
-from ..pipeline import ZImage, vae_decode
+from ..pipeline import ZImage, caption_capacity, check_caption_fit, vae_decode
 from ..scheduler_table import UnknownSchedulerError, resolve_scheduler
+from .lora import LoraPipelineMixin, lora_scale_of
 from .transformer import ZImageTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -68,6 +70,15 @@ def load_component(kwargs: dict, name: str, model_cls: type, path) -> None:
     if name not in kwargs:
         model_kwargs = {k: kwargs[k] for k in _MODEL_LOAD_KEYS if k in kwargs}
         kwargs[name] = model_cls.from_pretrained(path, subfolder=name, **model_kwargs)
+
+
+def as_ours(transformer):
+    """Our transformer for a pipeline's ``transformer`` component: diffusers' own (as diffusers' loader builds it,
+    with every ``from_pretrained`` option applied: dtype maps, variants, device maps) becomes ours on the same
+    tensors; ``None`` (a pipeline built without it) stays ``None``."""
+    if transformer is None or isinstance(transformer, ZImageTransformer2DModel):
+        return transformer
+    return ZImageTransformer2DModel.from_diffusers(transformer)
 
 
 def _keyword_only(name: str, default, annotation) -> inspect.Parameter:
@@ -106,30 +117,34 @@ class _Interrupted(Exception):
         self.latents = latents
 
 
-class _DropIn:
+class _DropIn(LoraPipelineMixin):
     """The shared implementation; mixed in before the diffusers pipeline class it replaces."""
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
-        if not isinstance(transformer, ZImageTransformer2DModel):  # diffusers' own transformer: same weights, ours
-            transformer = ZImageTransformer2DModel.from_diffusers(transformer)
+        transformer = as_ours(transformer)
         super().__init__(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
         )
-        self.register_to_config(transformer=TRANSFORMER_ENTRY)
-        self._loras: dict[str, lora_mod.LoraWeights] = {}
-        self._active_loras: dict[str, float] = {}
-        self._loras_enabled = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loader, with the ``transformer/`` subfolder loaded as our transformer. Extra keyword
+        """diffusers' loader (the transformer becomes ours through ``__setattr__``). Extra keyword
         ``quantize="fp8"``: the transformer's main layers in e4m3 W8A8 (``zimage_core.fp8``, docs/fp8.md)."""
         quantize = validate_quantize(kwargs.pop("quantize", None))
-        load_component(kwargs, "transformer", ZImageTransformer2DModel, pretrained_model_name_or_path)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if quantize != "none":
             pipe.transformer.quantize(quantize)
         return pipe
+
+    def __setattr__(self, name, value):
+        """Component swapping (``pipe.transformer = ...``, ``register_modules``) keeps our transformer: diffusers'
+        own is converted (same tensors), and ``model_index.json`` keeps diffusers' entry so saved folders load in
+        diffusers unchanged."""
+        if name == "transformer":
+            value = as_ours(value)
+        super().__setattr__(name, value)
+        if name == "transformer" and value is not None and "_internal_dict" in self.__dict__:
+            self.register_to_config(transformer=TRANSFORMER_ENTRY)
 
     # ---- prompts ---------------------------------------------------------------------------------------------------
     def encode_prompt(
@@ -167,66 +182,10 @@ class _DropIn:
             return prompt_embeds
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return [f.to(device) for f in ZImage.encode_prompts(self, prompts, max_sequence_length)]
-
-    # ---- LoRA: diffusers' loader reads and converts the file; adapters apply at run time, never merged -------
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
-        """Load a LoRA (any format diffusers' ``lora_state_dict`` reads) and make it the active adapter."""
-        kwargs.pop("hotswap", None)
-        state_dict = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
-        if isinstance(state_dict, tuple):
-            state_dict = state_dict[0]
-        if any("lokr" in k for k in state_dict):
-            raise NotImplementedError("LoKr adapters are not supported by zimage_core (LoRA only)")
-        name = adapter_name or f"default_{len(self._loras)}"
-        if name in self._loras:
-            raise ValueError(f"Adapter name {name} already in use in the transformer - please select a new one")
-        weights = lora_mod.lora_from_state_dict(state_dict, name, source=f"LoRA {name!r}")
-        with lora_mod.apply_loras(self.transformer, [(weights, 1.0, "both")], field="lora"):
-            pass  # checks every target is a linear layer of this transformer with matching shapes
-        self._loras[name] = weights
-        self._active_loras = {name: 1.0}
-
-    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
-        if len(weights) != len(names):
-            raise ValueError(f"got {len(weights)} adapter weights for {len(names)} adapters")
-        missing = [n for n in names if n not in self._loras]
-        if missing:
-            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {list(self._loras)}.")
-        self._active_loras = {n: 1.0 if w is None else float(w) for n, w in zip(names, weights)}
-
-    def get_active_adapters(self) -> list[str]:
-        return list(self._active_loras) if self._loras_enabled else []
-
-    def get_list_adapters(self) -> dict[str, list[str]]:
-        return {"transformer": list(self._loras)} if self._loras else {}
-
-    def delete_adapters(self, adapter_names: list[str] | str):
-        for n in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            self._loras.pop(n, None)
-            self._active_loras.pop(n, None)
-
-    def unload_lora_weights(self):
-        self._loras, self._active_loras = {}, {}
-
-    def disable_lora(self):
-        self._loras_enabled = False
-
-    def enable_lora(self):
-        self._loras_enabled = True
-
-    def fuse_lora(self, *args, **kwargs):
-        raise NotImplementedError(
-            "zimage_core applies LoRA adapters at run time and never merges them into the weights; "
-            "use load_lora_weights / set_adapters (the result is the same)"
-        )
-
-    def _lora_list(self, scale: float):
-        if not self._loras_enabled:
-            return []
-        return [(self._loras[n], w * scale, "both") for n, w in self._active_loras.items()]
+        feats = ZImage.encode_prompts(self, prompts, max_sequence_length)
+        # diffusers would fail deep in the RoPE lookup; refuse naming the field
+        check_caption_fit([len(f) for f in feats], max_sequence_length, caption_capacity(self.transformer))
+        return [f.to(device) for f in feats]
 
     # ---- the shared generation path ------------------------------------------------------------------------------
     def _check(self, prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt):
@@ -389,8 +348,8 @@ class _DropIn:
         self._cfg_normalization = cfg_normalization
         self._cfg_truncation = cfg_truncation
         use_cfg = self.do_classifier_free_guidance
-        lora_scale = float((joint_attention_kwargs or {}).get("scale", 1.0))
-        loras = self._lora_list(lora_scale)
+        lora_scale = lora_scale_of(joint_attention_kwargs)
+        loras = self._lora_list(lora_scale)  # read once, at the start of the call
 
         # 2. encode prompts
         if prompt_embeds is not None and prompt is None:
@@ -500,35 +459,23 @@ class _DropIn:
                 control=cn_state,  # ControlNet hints, added after their main layers through the hook chain
             )
 
-        def denoise(x, sigma):
+        def denoise(x, sigma):  # through ``current``: a callback that replaces the embeddings rebuilds it
             return current["denoise"](x, sigma)
 
-        if cache_state is not None:
-            denoise = cache_state.observe(denoise)
-
+        inpaint = sampling.Inpaint(tensors["mask"], noise, image_latents) if mode == "inpaint" else None
         with self.progress_bar(total=len(timesteps)) as progress_bar:
 
-            def on_step(info):
-                i, x = info["i"], info["x"]
-                if mode == "inpaint":
-                    sig_next = torch.as_tensor(info["sigma_next"], dtype=torch.float32)
-                    proper = (
-                        image_latents
-                        if i == len(timesteps) - 1
-                        else sig_next * noise + (1.0 - sig_next) * image_latents
-                    )
-                    x = (1 - tensors["mask"]) * proper + tensors["mask"] * x
-                tensors["latents"] = x
-                if cache_state is not None:
-                    cache_state.end_step(i)
-                if cn_state is not None:
-                    cn_state.end_step(i)
+            def on_step(info):  # diffusers' callback_on_step_end, progress bar and interrupt
+                i = info["i"]
+                tensors["latents"] = info["x"]
                 if callback_on_step_end is not None:
                     kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, timesteps[i], kwargs) or {}
                     for k in ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"):
                         if k in outputs:
                             tensors[k] = outputs.pop(k)
+                    if inpaint is not None:
+                        inpaint.mask = tensors["mask"]
                     pos, neg = current["embeds"]
                     if tensors["prompt_embeds"] is not pos or tensors["negative_prompt_embeds"] is not neg:
                         build_denoiser()  # the caption branch follows embeddings a callback replaced
@@ -537,11 +484,25 @@ class _DropIn:
                     raise _Interrupted(tensors["latents"])
                 return tensors["latents"]
 
-            with torch.no_grad(), lora_mod.apply_loras(self.transformer, loras):
+            with (
+                torch.no_grad(),
+                lora_mod.apply_loras(self.transformer, loras, field="adapter_weights"),
+                self._peft_scale(lora_scale),
+            ):
                 lora_mod.set_sigma(1.0)
                 build_denoiser()
                 try:
-                    latents = spec.sample(denoise, latents, run_sigmas, generator=sampler_generator, callback=on_step)
+                    latents, _ = sampling.run_sampler(
+                        spec,
+                        denoise,
+                        latents,
+                        run_sigmas,
+                        generator=sampler_generator,
+                        cache_state=cache_state,
+                        control_state=cn_state,
+                        inpaint=inpaint,
+                        on_step=on_step,
+                    )
                 except _Interrupted as stop:
                     latents = stop.latents
         stats.nfe_per_result = stats.forwards
