@@ -553,3 +553,82 @@ def test_image_urls_are_random_uuids(server):
     stems = [u.rsplit("/", 1)[1].split(".")[0] for u in urls]
     assert len(set(stems)) == 3 and all(uuid.UUID(x).version == 4 for x in stems)
     assert _get(f"{server.base}/image/{uuid.uuid4()}.png")[0] == 404
+
+
+# ---- 3. the library items -------------------------------------------------------------------------------------
+def _library_request(**kw) -> dict:
+    return {**task(steps=4), **kw}
+
+
+def test_a_lora_whose_alpha_overflows_is_an_error_on_its_entry(tiny_pipe, tmp_path):
+    """alpha 3e38 on a rank-4 LoRA: RequestError on lora[0].model before any step (today: FloatingPointError
+    from non-finite latents after the run)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from zimage_core import RequestError
+    from zimage_core.lora import LoraStore
+    from zimage_core.service import ServerConfig
+
+    layer = tiny_pipe.transformer.layers[0].attention.to_q
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "transformer.layers.0.attention.to_q.lora_A.weight": torch.randn(4, layer.in_features, generator=g),
+            "transformer.layers.0.attention.to_q.lora_B.weight": torch.randn(layer.out_features, 4, generator=g),
+            "transformer.layers.0.attention.to_q.alpha": torch.tensor(3e38),
+        },
+        tmp_path / "civitai_7_1.safetensors",
+    )
+    cfg = ServerConfig(lora_resolver=LoraStore(tmp_path))
+    with pytest.raises(RequestError) as e:
+        tiny_pipe.infer(_library_request(lora=[{"model": "civitai:7@1"}]), cfg)
+    assert e.value.field == "lora[0].model" and "at most" in e.value.message
+
+
+def test_a_window_end_percentage_that_rounds_to_step_0_names_the_end_field(tiny_pipe):
+    """4 steps, cacheStartStepPercentage 0, cacheEndStepPercentage 10 (floor(0.4) = step 0): the error names the
+    end field (today: the start field)."""
+    from zimage_core import RequestError
+
+    acc = {"fbCache": True, "cacheStartStepPercentage": 0, "cacheEndStepPercentage": 10}
+    with pytest.raises(RequestError) as e:
+        tiny_pipe.infer(_library_request(acceleratorOptions=acc))
+    assert e.value.field == "acceleratorOptions.cacheEndStepPercentage"
+    cn = {"model": "cn", "guideImage": _png(128, 128), "startStepPercentage": 0, "endStepPercentage": 10}
+    with pytest.raises(RequestError) as e:
+        tiny_pipe.infer(_library_request(controlNet=[cn]))
+    assert e.value.field == "controlNet[0].endStepPercentage", e.value.field
+
+
+def test_a_one_character_face_prompt_is_refused_like_the_main_prompt(tiny_pipe):
+    """ultralytics.positivePrompt needs 2 characters, as positivePrompt does (today: 1 is accepted)."""
+    from zimage_core import RequestError
+    from zimage_core.service import ServerConfig
+
+    cfg = ServerConfig(face_detector=lambda im: [])
+    with pytest.raises(RequestError) as e:
+        tiny_pipe.infer(_library_request(positivePrompt="a"), cfg)
+    assert e.value.field == "positivePrompt"
+    with pytest.raises(RequestError) as e:
+        tiny_pipe.infer(_library_request(ultralytics={"positivePrompt": "a"}), cfg)
+    assert e.value.field == "ultralytics.positivePrompt"
+
+
+def test_the_library_async_registry_holds_results_by_bytes():
+    """The request API's async registry (max_bytes 1,000 here): five finished results of 400 characters each keep
+    at most 1,000 bytes + the newest; the oldest reads as "no task", the newest is answered."""
+    from zimage_core import RequestError
+    from zimage_core.service import TaskRegistry
+
+    reg = TaskRegistry(capacity=100, ttl_s=60, max_bytes=1000)
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    for i, tid in enumerate(ids):
+        reg.submit(tid, None, lambda i=i: [{"taskUUID": "t", "imageBase64Data": str(i) * 400}])
+        end = time.monotonic() + 10
+        while reg.get(tid)["status"] == "processing" and time.monotonic() < end:
+            time.sleep(0.01)
+    assert reg.nbytes <= 1000 + 401, reg.nbytes
+    with pytest.raises(RequestError):
+        reg.get(ids[0])
+    assert reg.get(ids[-1])["data"][0]["imageBase64Data"] == "4" * 400
