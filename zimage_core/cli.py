@@ -256,8 +256,6 @@ def _serve(args) -> int:
     except ValueError as e:
         msg = f"zimage serve: --outbound-allow-net: {str(e)[:200]} (give a network like 10.1.2.0/24)"
         raise SystemExit(msg) from None
-    if not 0 < args.outbound_timeout <= 3600:
-        raise SystemExit(f"zimage serve: --outbound-timeout must be in (0, 3600] seconds, got {args.outbound_timeout}")
     settings = Settings(
         host=args.host,
         port=args.port,

@@ -96,6 +96,9 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise SystemExit(f"zimage serve: {flag} must be a number in [{lo}, {hi}], got {clip(repr(value))}")
+        deadline = self.outbound.deadline_s
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0.001 <= deadline <= 3600:
+            raise SystemExit(f"zimage serve: --outbound-timeout must be a number in [0.001, 3600], got {deadline!r}")
         if self.host.startswith("[") and self.host.endswith("]"):
             self.host = self.host[1:-1]  # [::1]: the address inside the URL brackets
         if not self.api_keys and not _is_loopback(self.host):
