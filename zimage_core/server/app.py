@@ -77,7 +77,7 @@ class Settings:
     auth_failures: int = 10  # failed authentications per client address per auth_window_s; more: rateLimited
     auth_window_s: float = 60.0
     held_result_bytes: int = 1 * 2**30  # finished results kept for resends/getResponse, all keys together
-    held_result_bytes_per_key: int = 256 * 2**20  # ... and per API key (the newest result of a key is always kept)
+    held_result_bytes_per_key: int = 256 * 2**20  # ... and per API key (the result that just finished is kept)
     upload_bytes: int = 512 * 2**20  # decoded uploads kept in memory for seedImage/maskImage references
     pending_polls: int = 8  # getResponse calls one WebSocket may have waiting; more are answered at once
     metrics_key: bool = False  # /metrics needs an API key (Authorization: Bearer) when keys are configured
@@ -464,7 +464,9 @@ class Service:
 
     def _hold(self, task: Task) -> None:
         """Count a finished task's result bytes; past the per-key or the global budget, the oldest finished results
-        are forgotten (their getResponse then answers taskNotFound). The newest result of a key is always kept."""
+        are forgotten (their getResponse then answers taskNotFound). The result that just finished is kept."""
+        if self.registry.get(task.owner, task.task_uuid) is not task:
+            return  # already dropped from the table: nothing is held for it
         task.held = sum(len(v) for it in task.items for v in it.values() if isinstance(v, str))
         self.held_bytes[task.owner] = self.held_bytes.get(task.owner, 0) + task.held
         s = self.settings
