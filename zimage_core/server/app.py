@@ -338,7 +338,9 @@ class Service:
         """A frame's tasks, its size, depth and task count checked before ``json.loads`` builds anything."""
         s = self.settings
         limit = s.max_frame_bytes if authenticated else s.preauth_frame_bytes
-        if raw is None or len(raw) > limit:
+        if raw is None:
+            raise ApiError("invalidJSON", "the frame is empty")
+        if len(raw) > limit:
             raise ApiError("payloadTooLarge", f"the frame is larger than {limit} bytes" + ("" if authenticated else
                            " (before authentication)"))  # fmt: skip
         try:
