@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Run one test tier with pytest: ``cpu`` (unmarked tests), ``interpret`` (Triton on CPU), ``gpu`` or ``fuzz`` (the
-long fuzz campaign, tests/test_fuzz.py).
+"""Run one test tier with pytest: ``cpu`` (unmarked tests), ``interpret`` (Triton on CPU), ``gpu``, ``fuzz`` (the
+long fuzz campaign, tests/test_fuzz.py) or ``attack`` (the server attack suite and soak).
 
 Exit code 77 means "this tier cannot run on this machine" (the gpu tier without CUDA); CMakeLists.txt maps it to
 a skipped CTest test. Extra arguments go to pytest.
@@ -10,7 +10,13 @@ import os
 import subprocess
 import sys
 
-TIERS = {"cpu": "not interpret and not gpu and not fuzz", "interpret": "interpret", "gpu": "gpu", "fuzz": "fuzz"}
+TIERS = {
+    "cpu": "not interpret and not gpu and not fuzz and not attack",
+    "interpret": "interpret",
+    "gpu": "gpu",
+    "fuzz": "fuzz",
+}
+TIERS["attack"] = "attack"  # the server attack suite (tests/test_attack.py, tests/test_attack_soak.py)
 
 
 def main() -> int:

@@ -187,15 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     s = sub.add_parser("serve", parents=[common], help="serve the hosted API's WebSocket + REST protocol on /v1")
     s.add_argument("--host", default=env("ZIMAGE_HOST", "127.0.0.1"), help="bind address (non-loopback needs keys)")
-    s.add_argument("--port", type=int, default=int(env("ZIMAGE_PORT", "8000")))
+    s.add_argument("--port", type=_serve_int("--port"), default=env("ZIMAGE_PORT", "8000"))
     s.add_argument("--api-keys", metavar="FILE", default=env("ZIMAGE_API_KEYS_FILE"), help="one API key per line")
-    s.add_argument("--queue", type=int, default=int(env("ZIMAGE_QUEUE", "16")), help="tasks waiting for the model")
-    s.add_argument("--task-timeout", type=float, default=float(env("ZIMAGE_TASK_TIMEOUT", "300")), help="seconds")
-    s.add_argument("--idle-timeout", type=float, default=60.0, help="close a WebSocket silent this long (s)")
+    s.add_argument("--queue", type=_serve_int("--queue"), default=env("ZIMAGE_QUEUE", "16"), help="tasks waiting")
+    s.add_argument("--task-timeout", type=_serve_float("--task-timeout"), default=env("ZIMAGE_TASK_TIMEOUT", "300"))
+    s.add_argument("--idle-timeout", type=_serve_float("--idle-timeout"), default=60.0, help="close a silent WS (s)")
     s.add_argument("--public-url", default=env("ZIMAGE_PUBLIC_URL"), help="base of imageURL (default http://HOST:PORT)")
     s.add_argument("--output-dir", default=env("ZIMAGE_OUTPUT_DIR"), help="where URL outputs are kept")
-    s.add_argument("--output-ttl", type=int, default=3600, help="seconds a URL output without ttl is kept")
-    s.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds the running task gets on SIGTERM")
+    s.add_argument("--output-ttl", type=_serve_int("--output-ttl"), default=3600, help="s a URL output is kept")
+    s.add_argument("--shutdown-grace", type=_serve_float("--shutdown-grace"), default=30.0, help="s on SIGTERM")
     s.add_argument(
         "--allow-outbound",
         action="store_true",
@@ -203,12 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow webhookURL / uploadEndpoint (public addresses only, unless --outbound-allow-net)",
     )
     s.add_argument("--outbound-allow-net", action="append", default=[], metavar="CIDR", help="also allow this network")
-    s.add_argument("--outbound-timeout", type=float, default=10.0, help="total deadline of one outbound call (s)")
+    s.add_argument("--outbound-timeout", type=_serve_float("--outbound-timeout"), default=10.0, help="deadline (s)")
     s.add_argument("--ray", action="store_true", help="run as replicas on Ray Serve (needs the [ray] extra)")
-    s.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with its own model and device")
+    s.add_argument("--replicas", type=_serve_int("--replicas"), default=2, help="with --ray: replicas")
     s.add_argument("--autoscale", action="store_true", help="with --ray: 1..--max-replicas on queue length")
-    s.add_argument("--max-replicas", type=int, default=None, help="with --ray --autoscale (default --replicas)")
+    s.add_argument("--max-replicas", type=_serve_int("--max-replicas"), default=None, help="with --ray --autoscale")
+    s.add_argument("--max-connections", type=_serve_int("--max-connections"), default=256, help="open connections")
+    s.add_argument("--metrics-key", action="store_true", help="/metrics needs an API key (Authorization: Bearer)")
     return p
+
+
+def _serve_number(flag: str, kind):
+    """argparse type for a zimage serve number: a bad value ends the command with one line naming the flag."""
+
+    def convert(text):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            what = "an integer" if kind is int else "a number"
+            raise SystemExit(f"zimage serve: {flag} must be {what}, got {str(text)[:40]!r}") from None
+
+    return convert
+
+
+def _serve_int(flag: str):
+    return _serve_number(flag, int)
+
+
+def _serve_float(flag: str):
+    return _serve_number(flag, float)
 
 
 def _serve(args) -> int:
@@ -222,8 +245,22 @@ def _serve(args) -> int:
 
     keys = [k.strip() for k in os.environ.get("ZIMAGE_API_KEYS", "").split(",") if k.strip()]
     if args.api_keys:
-        lines = Path(args.api_keys).read_text().splitlines()
-        keys += [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+        try:
+            lines = Path(args.api_keys).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or type(e).__name__
+            raise SystemExit(f"zimage serve: --api-keys: cannot read {args.api_keys[:200]!r}: {why}") from None
+        file_keys = [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+        if not file_keys:
+            raise SystemExit(f"zimage serve: --api-keys: {args.api_keys[:200]!r} holds no key (one per line)")
+        keys += file_keys
+    try:
+        outbound = OutboundPolicy.from_strings(
+            args.allow_outbound, args.outbound_allow_net, deadline_s=args.outbound_timeout
+        )
+    except ValueError as e:
+        msg = f"zimage serve: --outbound-allow-net: {str(e)[:200]} (give a network like 10.1.2.0/24)"
+        raise SystemExit(msg) from None
     settings = Settings(
         host=args.host,
         port=args.port,
@@ -235,9 +272,9 @@ def _serve(args) -> int:
         output_dir=args.output_dir,
         output_ttl_s=args.output_ttl,
         shutdown_grace_s=args.shutdown_grace,
-        outbound=OutboundPolicy.from_strings(
-            args.allow_outbound, args.outbound_allow_net, deadline_s=args.outbound_timeout
-        ),
+        outbound=outbound,
+        max_connections=args.max_connections,
+        metrics_key=args.metrics_key,
         model=args.model,
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
@@ -249,8 +286,11 @@ def _serve(args) -> int:
 
         if args.replicas < 1:
             raise SystemExit("zimage serve: --replicas must be >= 1")
+        if args.max_replicas is not None and args.max_replicas < args.replicas:
+            raise SystemExit("zimage serve: --max-replicas must be >= --replicas")
         ray_app.run(settings, replicas=args.replicas, autoscale=args.autoscale, max_replicas=args.max_replicas)
         return 0
+    settings.check()  # every range, before anything starts (one line naming the flag)
     return serve(settings)
 
 

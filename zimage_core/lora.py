@@ -41,6 +41,7 @@ MAX_WEIGHT = (
     16.0  # |weight| of one adapter (the request API allows [-4, 4]); beyond it the output is numerically broken
 )
 HIGH_NOISE_SIGMA = 0.5
+MAX_DELTA = 1e4  # largest change a LoRA may make to one weight (bound); real LoRAs change weights by far under 1
 _local = threading.local()
 
 
@@ -53,6 +54,13 @@ class LoraModule:
     @property
     def scale(self) -> float:
         return self.alpha / self.down.shape[0]
+
+    def max_delta(self) -> float:
+        """An upper bound of ``|scale·(B A)_ij|`` (rank × max|A| × max|B| × |alpha/r|); inf when it overflows."""
+        try:
+            return abs(self.scale) * self.down.shape[0] * float(self.down.abs().max()) * float(self.up.abs().max())
+        except OverflowError:
+            return math.inf
 
 
 @dataclass
@@ -203,6 +211,12 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float, str]
         if not ok:
             raise RequestError(f"{field}[{i}].weight", f"must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
         for name, ada in lw.modules.items():
+            if not ada.max_delta() * abs(float(weight)) <= MAX_DELTA:  # a huge alpha would overflow the activations
+                raise RequestError(
+                    f"{field}[{i}].model",
+                    f"LoRA {lw.name!r}: {name} changes weights by up to {ada.max_delta():.3g} (alpha/rank "
+                    f"{ada.scale:.3g}); at most {MAX_DELTA:g} per weight is accepted",
+                )
             mod = modules.get(name, flat.get(name))
             if not isinstance(mod, (nn.Linear, FP8Linear)):
                 raise RequestError(

@@ -3,6 +3,9 @@
 - ``app.py``: the ASGI app (Starlette on uvicorn), its settings, connections, authentication and the routes;
 - ``protocol.py``: frames, error codes and the official clients' spellings;
 - ``tasks.py``: the server's task table (by API key and taskUUID) and the bounded work queue in front of the model;
+- ``limits.py``: budgets checked before work (frame depth and task count, the pre-authentication frame limit),
+  the failed-authentication throttle, the log limiter, the HTTP protocol with read deadlines and a connection cap
+  (docs/server-limits.md);
 - ``progress.py``, ``metrics.py``, ``playground.py`` (+ ``static/``): progress frames, ``/metrics``, ``GET /``;
 - ``ray_app.py``: the same app as replicas on Ray Serve.
 

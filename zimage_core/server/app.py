@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 import time
 import uuid
@@ -29,14 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ..service import engine
 from ..service.engine import RequestError
-from . import playground, progress
+from . import limits, playground, progress
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .protocol import ApiError, clip, normalize_inference, parse_frame
@@ -65,6 +66,22 @@ class Settings:
     output_dir: str | None = None
     public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
     max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
+    preauth_frame_bytes: int = 64 * 2**10  # the same limit until the connection's key is checked
+    max_json_depth: int = 16  # nesting of a frame (a task is 5 deep at most), checked before parsing
+    max_tasks_per_frame: int = 64  # task objects in one frame, checked before parsing
+    max_connections: int = 256  # open connections (HTTP + WebSocket) for any route
+    health_headroom: int = 16  # more connections that may only ask /healthz
+    header_timeout_s: float = 10.0  # an HTTP request's headers must arrive within this
+    body_timeout_s: float = 60.0  # ... and its body within this
+    http_idle_timeout_s: float = 5.0  # a kept-alive HTTP connection idle this long is closed
+    auth_failures: int = 10  # failed authentications per client address per auth_window_s; more: rateLimited
+    auth_window_s: float = 60.0
+    held_result_bytes: int = 1 * 2**30  # finished results kept for resends/getResponse, all keys together
+    held_result_bytes_per_key: int = 256 * 2**20  # ... and per API key (the result that just finished is kept)
+    upload_bytes: int = 512 * 2**20  # decoded uploads kept in memory for seedImage/maskImage references
+    pending_polls: int = 8  # getResponse calls one WebSocket may have waiting; more are answered at once
+    metrics_key: bool = False  # /metrics needs an API key (Authorization: Bearer) when keys are configured
+    log_burst: int = 20  # lines of one kind per 10 s in the log; more are counted, not written
     shutdown_grace_s: float = 30.0  # on SIGTERM the running task gets this long to finish
     outbound: engine.OutboundPolicy = field(default_factory=engine.OutboundPolicy)
     model: str | None = None
@@ -74,7 +91,17 @@ class Settings:
     quantize: str | None = None  # "fp8": e4m3 W8A8 main layers (docs/fp8.md)
 
     def check(self) -> None:
-        """Refuse configurations the server must not run with (no keys on a non-loopback address)."""
+        """Refuse configurations the server must not run with, in one line naming the flag: a value out of its
+        range (:data:`RANGES`), no keys on a non-loopback address."""
+        for name, (flag, lo, hi) in RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise SystemExit(f"zimage serve: {flag} must be a number in [{lo}, {hi}], got {clip(repr(value))}")
+        deadline = self.outbound.deadline_s
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0.001 <= deadline <= 3600:
+            raise SystemExit(f"zimage serve: --outbound-timeout must be a number in [0.001, 3600], got {deadline!r}")
+        if self.host.startswith("[") and self.host.endswith("]"):
+            self.host = self.host[1:-1]  # [::1]: the address inside the URL brackets
         if not self.api_keys and not _is_loopback(self.host):
             raise SystemExit(
                 f"zimage serve: refusing to bind {self.host} without API keys; give --api-keys FILE or "
@@ -82,13 +109,57 @@ class Settings:
             )
 
 
+# Settings field -> (the zimage serve flag that sets it, lowest, highest): the one range table of the server.
+_DAY = 86400.0
+RANGES: dict[str, tuple[str, float, float]] = {
+    "port": ("--port", 1, 65535),
+    "queue": ("--queue", 1, 100000),
+    "task_timeout_s": ("--task-timeout", 0.001, 7 * _DAY),
+    "idle_timeout_s": ("--idle-timeout", 0.001, _DAY),
+    "poll_hold_s": ("poll_hold_s", 0, 3600),
+    "registry_size": ("registry_size", 1, 10**7),
+    "registry_ttl_s": ("registry_ttl_s", 0.001, 30 * _DAY),
+    "output_ttl_s": ("--output-ttl", 1, 30 * _DAY),
+    "output_items": ("output_items", 1, 10**7),
+    "output_bytes": ("output_bytes", 1, 2**50),
+    "max_frame_bytes": ("max_frame_bytes", 1024, 2**31),
+    "preauth_frame_bytes": ("preauth_frame_bytes", 1024, 2**31),
+    "max_json_depth": ("max_json_depth", 4, 1000),
+    "max_tasks_per_frame": ("max_tasks_per_frame", 1, 100000),
+    "shutdown_grace_s": ("--shutdown-grace", 0, _DAY),
+    "max_connections": ("--max-connections", 1, 10**6),
+    "health_headroom": ("health_headroom", 1, 10**6),
+    "header_timeout_s": ("header_timeout_s", 0.001, 3600),
+    "body_timeout_s": ("body_timeout_s", 0.001, _DAY),
+    "http_idle_timeout_s": ("http_idle_timeout_s", 0.001, 3600),
+    "auth_failures": ("auth_failures", 0, 10**6),
+    "auth_window_s": ("auth_window_s", 0.001, _DAY),
+    "held_result_bytes": ("held_result_bytes", 1, 2**50),
+    "held_result_bytes_per_key": ("held_result_bytes_per_key", 1, 2**50),
+    "upload_bytes": ("upload_bytes", 1, 2**50),
+    "pending_polls": ("pending_polls", 0, 10**6),
+    "log_burst": ("log_burst", 1, 10**6),
+}
+
+
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+    """Loopback in every spelling a bind address may take: localhost (a trailing dot too), 127.x.y.z and its short
+    forms (127.1, 0x7f.1), ::1 (with brackets, zeros written out, a zone) and ::ffff:127.0.0.1."""
+    h = host.strip().lower().rstrip(".")
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h == "localhost" or h.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(h.split("%", 1)[0])
     except ValueError:
-        return False
+        try:
+            ip = ipaddress.ip_address(socket.inet_aton(h))  # the inet_aton forms getaddrinfo also accepts
+        except (OSError, ValueError):
+            return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def decode_image(value, field_name: str):
@@ -140,6 +211,8 @@ class Connection:
         self.closed = False
         self.tasks: set[Task] = set()
         self.senders: set[asyncio.Task] = set()
+        self.polls = 0  # getResponse calls waiting on this socket
+        self.address: str | None = None  # the client's IP address (failed authentications are counted by it)
         self._lock = asyncio.Lock()
 
     async def send(self, frame: dict) -> None:
@@ -182,6 +255,7 @@ class Service:
             settings.output_dir is None,
         )
         self.registry = TaskTable(settings.registry_size, settings.registry_ttl_s)
+        self.registry.on_drop = self._release
         self.queue: WorkQueue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -189,6 +263,8 @@ class Service:
         self._outbound = ThreadPoolExecutor(4, thread_name_prefix="zimage-outbound")
         self._background: set[asyncio.Task] = set()
         self.metrics = Metrics()
+        self.throttle = limits.AuthThrottle(settings.auth_failures, settings.auth_window_s)
+        self.held_bytes: dict[str, int] = {}  # API key id -> bytes of finished results held
         self.ray = None  # a ray_app.RayLink when this is one replica under Ray Serve
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -203,6 +279,7 @@ class Service:
             self._spawn(self._load())
 
     def _model_ready(self) -> None:
+        engine.limit_remembered_images(self.pipe, self.settings.upload_bytes)
         self.queue.ready.set()
 
     async def _load(self) -> None:
@@ -238,18 +315,40 @@ class Service:
         return t
 
     # ---- authentication ----------------------------------------------------------------------------------------
-    def authenticate(self, api_key) -> str:
-        """The owner id (a digest) of a valid key; every configured key is compared, in constant time each."""
-        if not isinstance(api_key, str) or not api_key:
-            raise ApiError("missingApiKey")
-        digest = hashlib.sha256(api_key.encode()).digest()
+    def authenticate(self, api_key, address: str | None = None) -> str:
+        """The owner id (a digest) of a valid key; every configured key is compared, in constant time each. An
+        address with too many recent failures is refused (``rateLimited``) before its key is looked at."""
+        if self._key_digests and self.throttle.blocked(address):
+            raise ApiError("rateLimited", parameter="apiKey")
+        if api_key is None or api_key == "":
+            raise ApiError("missingApiKey", parameter="apiKey")
+        if not isinstance(api_key, str) or len(api_key) > 4096:
+            self.throttle.failed(address)
+            raise ApiError("invalidApiKey", parameter="apiKey")
+        digest = hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()  # any JSON string hashes
         if self._key_digests:
             ok = False
             for d in self._key_digests:
                 ok |= hmac.compare_digest(d, digest)
             if not ok:
-                raise ApiError("invalidApiKey")
+                self.throttle.failed(address)
+                raise ApiError("invalidApiKey", parameter="apiKey")
         return digest.hex()[:32]
+
+    def parse(self, raw, authenticated: bool):
+        """A frame's tasks, its size, depth and task count checked before ``json.loads`` builds anything."""
+        s = self.settings
+        limit = s.max_frame_bytes if authenticated else s.preauth_frame_bytes
+        if raw is None:
+            raise ApiError("invalidJSON", "the frame is empty")
+        if len(raw) > limit:
+            raise ApiError("payloadTooLarge", f"the frame is larger than {limit} bytes" + ("" if authenticated else
+                           " (before authentication)"))  # fmt: skip
+        try:
+            limits.scan_frame(raw, s.max_json_depth, s.max_tasks_per_frame)
+        except limits.FrameRefused as e:
+            raise ApiError("invalidJSON" if e.what == "depth" else "payloadTooLarge", e.message) from None
+        return parse_frame(raw).tasks
 
     # ---- tasks -------------------------------------------------------------------------------------------------
     async def dispatch(self, owner: str, item: dict, conn: Connection | None) -> Task | list[dict]:
@@ -315,6 +414,11 @@ class Service:
         except RequestError as e:
             raise ApiError.from_request_error(e) from None
         hooks = {f: fields_.pop(f) for f in ("webhookURL", "uploadEndpoint") if f in fields_}
+        for f, url in hooks.items():  # refused before any work, exactly as infer() does
+            try:
+                await asyncio.to_thread(engine.check_target, url, f, self.settings.outbound)
+            except RequestError as e:
+                raise ApiError.from_request_error(e) from None
         task = Task(owner, task_uuid, fp, connection=None if async_ else conn)
         self.registry.add(task)
         pipe, store = self.pipe, self.store
@@ -352,6 +456,7 @@ class Service:
     async def _observe(self, task: Task, async_: bool) -> None:
         """Metrics of a finished task; under Ray, an async task's outcome is published for the other replicas."""
         await task.done.wait()
+        self._hold(task)
         code = None if task.error is None else task.error.code
         outcome = "success" if task.error is None else "error"
         self.metrics.task_finished("imageInference", outcome, code, seconds=task.finished - task.created)
@@ -360,7 +465,34 @@ class Service:
             err = None if task.error is None else task.error.item(None, None)
             self.ray.publish_result(task.owner, task.task_uuid, task.items, err)
 
-    async def get_response(self, owner: str, item: dict) -> list[dict]:
+    def _hold(self, task: Task) -> None:
+        """Count a finished task's result bytes; past the per-key or the global budget, the oldest finished results
+        are forgotten (their getResponse then answers taskNotFound). The result that just finished is kept."""
+        if self.registry.get(task.owner, task.task_uuid) is not task:
+            return  # already dropped from the table: nothing is held for it
+        task.held = sum(len(v) for it in task.items for v in it.values() if isinstance(v, str))
+        self.held_bytes[task.owner] = self.held_bytes.get(task.owner, 0) + task.held
+        s = self.settings
+        for old in self.registry.finished():  # oldest first
+            key_over = self.held_bytes.get(task.owner, 0) > s.held_result_bytes_per_key
+            total_over = sum(self.held_bytes.values()) > s.held_result_bytes
+            if not (key_over or total_over):
+                break
+            if old is task or (not total_over and old.owner != task.owner):
+                continue
+            self.registry.remove(old)  # calls _release
+
+    def _release(self, task: Task) -> None:
+        held = getattr(task, "held", 0)
+        if held:
+            task.held = 0
+            left = self.held_bytes.get(task.owner, 0) - held
+            if left > 0:
+                self.held_bytes[task.owner] = left
+            else:
+                self.held_bytes.pop(task.owner, None)
+
+    async def get_response(self, owner: str, item: dict, hold: bool = True) -> list[dict]:
         task_uuid = item.get("taskUUID")
         if not isinstance(task_uuid, str):
             raise ApiError("invalidParameter", "taskUUID: is required", "taskUUID")
@@ -376,8 +508,9 @@ class Service:
                 return [{**it, "status": "success"} for it in items]
         if task is None:
             raise ApiError("taskNotFound", parameter="taskUUID")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task.done.wait()), self.settings.poll_hold_s)
+        if hold:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task.done.wait()), self.settings.poll_hold_s)
         if not task.done.is_set():
             return [_ack(task_uuid)]
         if task.error is not None:
@@ -479,28 +612,47 @@ def _error_item(err: ApiError, item: dict) -> dict:
 # ---- WebSocket ---------------------------------------------------------------------------------------------------
 async def websocket_endpoint(ws: WebSocket) -> None:
     service: Service = ws.app.state.service
+    s = service.settings
+    limits.set_frame_limit(ws, s.preauth_frame_bytes + 1024)  # before accept: no frame arrives under the large one
     await ws.accept()
     conn = Connection(ws)
+    conn.address = ws.client.host if ws.client else None
     try:
         while True:
             try:
-                message = await asyncio.wait_for(ws.receive(), service.settings.idle_timeout_s)
+                message = await asyncio.wait_for(ws.receive(), s.idle_timeout_s)
             except asyncio.TimeoutError:
-                log.info("closing a WebSocket silent for %.0f s", service.settings.idle_timeout_s)
+                log.info("closing a WebSocket silent for %.0f s", s.idle_timeout_s)
                 await ws.close(code=1001)
                 break
             if message["type"] == "websocket.disconnect":
                 break
             text = message.get("text") if message.get("text") is not None else message.get("bytes")
             try:
-                frame = parse_frame(text)
+                size = len(text) if text is not None else 0
+                if size > 2**20:  # large frames are scanned and parsed off the event loop
+                    tasks = await asyncio.to_thread(service.parse, text, conn.owner is not None)
+                else:
+                    tasks = service.parse(text, conn.owner is not None)
             except ApiError as e:
                 await conn.send({"errors": [e.item(None, None)]})
+                if e.code == "payloadTooLarge" and conn.owner is None:
+                    await ws.close(code=1009)
+                    break
                 continue
-            for item in frame.tasks:
+            finally:
+                text = message = None  # the raw frame is not kept while its tasks run
+            pongs = []
+            for item in tasks:
+                if item.get("taskType") == "ping":  # answered together, in one frame, after the others
+                    pongs.append({"taskType": "ping", "pong": True})
+                    continue
                 await _handle_ws_item(service, conn, item)
-    except Exception:  # noqa: BLE001 - the socket broke; clean up below
-        log.warning("WebSocket ended by an error", exc_info=True)
+                await asyncio.sleep(0)  # one frame of many tasks does not hold the event loop
+            if pongs:
+                await conn.send({"data": pongs})
+    except Exception as e:  # noqa: BLE001 - the socket broke; clean up below
+        log.warning("WebSocket ended by an error: %s", type(e).__name__)
     finally:
         service.disconnected(conn)
 
@@ -508,7 +660,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
 async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> None:
     try:
         if item.get("taskType") == "authentication":
-            conn.owner = service.authenticate(item.get("apiKey"))
+            conn.owner = service.authenticate(item.get("apiKey"), conn.address)
+            limits.set_frame_limit(conn.ws, service.settings.max_frame_bytes + 1024)
             resumed = item.get("connectionSessionUUID")
             if isinstance(resumed, str) and engine.is_image_uuid(resumed):
                 conn.session = resumed
@@ -520,6 +673,9 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
         if conn.owner is None:
             raise ApiError("notAuthenticated", "send an authentication task first")
         if item.get("taskType") == "getResponse":  # may wait for the task: answer without blocking the socket
+            if conn.polls >= service.settings.pending_polls:  # enough waiting already: answer now, hold nothing
+                await conn.send({"data": await service.get_response(conn.owner, item, hold=False)})
+                return
             conn.spawn(_answer_later(service, conn, item))
             return
         result = await service.dispatch(conn.owner, item, conn)
@@ -539,10 +695,13 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
 
 
 async def _answer_later(service: Service, conn: Connection, item: dict) -> None:
+    conn.polls += 1
     try:
         await conn.send({"data": await service.get_response(conn.owner, item)})
     except ApiError as e:
         await conn.send({"errors": [_error_item(e, item)]})
+    finally:
+        conn.polls -= 1
 
 
 async def _deliver(conn: Connection, task: Task, item: dict) -> None:
@@ -561,30 +720,53 @@ async def _deliver(conn: Connection, task: Task, item: dict) -> None:
 # ---- REST --------------------------------------------------------------------------------------------------------
 async def rest_endpoint(request: Request) -> Response:
     service: Service = request.app.state.service
-    limit = service.settings.max_frame_bytes
-    if int(request.headers.get("content-length") or 0) > limit:
-        return _rest_errors([ApiError("payloadTooLarge").item(None, None)], 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return _rest_errors([ApiError("payloadTooLarge").item(None, None)], 413)
-    try:
-        tasks = parse_frame(bytes(body)).tasks
-    except ApiError as e:
-        return _rest_errors([e.item(None, None)], e.http_status)
-    key = None
+    s = service.settings
+    address = request.client.host if request.client else None
+    key, owner = None, None
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         key = auth[7:].strip()
-    for t in tasks:
-        if t.get("taskType") == "authentication" and key is None:
-            key = t.get("apiKey")
+        try:  # a header key is checked before the body is read: the large limit is for known keys only
+            owner = service.authenticate(key, address)
+        except ApiError as e:
+            return _rest_errors([e.item(None, None)], e.http_status)
+    limit = s.max_frame_bytes if owner is not None else s.preauth_frame_bytes
+    too_large = ApiError("payloadTooLarge", f"the body is larger than {limit} bytes")
     try:
-        owner = service.authenticate(key)
+        if int(request.headers.get("content-length") or 0) > limit:
+            return _rest_errors([too_large.item(None, None)], 413)
+    except ValueError:
+        return _rest_errors([ApiError("invalidJSON", "Content-Length is not a number").item(None, None)], 400)
+    body = bytearray()
+
+    async def read() -> bool:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                return False
+        return True
+
+    try:
+        if not await asyncio.wait_for(read(), s.body_timeout_s):
+            return _rest_errors([too_large.item(None, None)], 413)
+    except asyncio.TimeoutError:
+        return _rest_errors([ApiError("timeout", "the request body did not arrive in time").item(None, None)], 408)
+    except ClientDisconnect:
+        return Response(status_code=499)  # nobody reads it; no traceback for a client that went away
+    try:
+        tasks = service.parse(body, owner is not None)
     except ApiError as e:
-        first = tasks[0] if tasks else {}
-        return _rest_errors([_error_item(e, first)], e.http_status)
+        return _rest_errors([e.item(None, None)], e.http_status)
+    body.clear()
+    if owner is None:
+        for t in tasks:
+            if t.get("taskType") == "authentication" and key is None:
+                key = t.get("apiKey")
+        try:
+            owner = service.authenticate(key, address)
+        except ApiError as e:
+            first = tasks[0] if tasks else {}
+            return _rest_errors([_error_item(e, first)], e.http_status)
 
     data, errors, statuses, waits = [], [], [], []
     for item in tasks:
@@ -673,6 +855,13 @@ async def playground_page(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     service: Service = request.app.state.service
+    if service.settings.metrics_key and service.settings.api_keys:
+        auth = request.headers.get("authorization", "")
+        try:
+            service.authenticate(auth[7:].strip() if auth.lower().startswith("bearer ") else None,
+                                 request.client.host if request.client else None)  # fmt: skip
+        except ApiError as e:
+            return _rest_errors([e.item(None, None)], e.http_status)
     body = await service.ray.metrics_text() if service.ray is not None else service.metrics.render()[0]
     return Response(body, media_type=METRICS_CONTENT_TYPE)
 
@@ -709,11 +898,15 @@ def make_server(settings: Settings, pipe=None):
         build_app(service),
         host=settings.host,
         port=settings.port,
-        ws_max_size=settings.max_frame_bytes,
+        ws_max_size=settings.max_frame_bytes + 1024,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         log_level=os.environ.get("ZIMAGE_LOG_LEVEL", "info"),
         timeout_graceful_shutdown=5,
+        http=limits.guarded_http(
+            settings.max_connections, settings.health_headroom, settings.header_timeout_s, settings.body_timeout_s
+        ),
+        timeout_keep_alive=settings.http_idle_timeout_s,
     )
 
     class _Server(uvicorn.Server):
@@ -736,6 +929,7 @@ def make_server(settings: Settings, pipe=None):
 def serve(settings: Settings, pipe=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     server, _ = make_server(settings, pipe)
+    limits.install_log_limits(settings.log_burst)
     if not settings.api_keys:
         log.warning("no API keys configured: any apiKey is accepted, and the server binds %s only", settings.host)
     server.run()

@@ -25,6 +25,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "taskNotFound": (404, "no task with this taskUUID is visible to this API key (unknown, expired or not yours)"),
     "conflictTaskUUID": (409, "this taskUUID was already used by this key for a different request"),
     "serverBusy": (429, "the queue is full; retry later"),
+    "rateLimited": (429, "too many failed authentications from this address; retry later"),
     "timeout": (504, "the task did not finish before its deadline"),
     "cancelled": (499, "the task was cancelled before it started (its client disconnected)"),
     "shuttingDown": (503, "the server is shutting down and did not run (or finish) this task"),
@@ -147,6 +148,8 @@ def parse_frame(text: str | bytes) -> Frame:
         obj = json.loads(text)
     except (ValueError, UnicodeDecodeError):
         raise ApiError("invalidJSON", "the frame is not valid JSON") from None
+    except RecursionError:
+        raise ApiError("invalidJSON", "the frame is nested too deep") from None
     if isinstance(obj, dict):  # a single task object is accepted as a one-element array
         obj = [obj]
     if not isinstance(obj, list) or not all(isinstance(t, dict) for t in obj):

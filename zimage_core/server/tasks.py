@@ -39,6 +39,7 @@ class Task:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     connection: object | None = None  # the connection whose disconnect cancels it before it starts (sync tasks)
     cancelled: bool = False
+    held: int = 0  # bytes of its result counted against the server's held-result budget
 
     def finish(self, items: list | None = None, error: ApiError | None = None) -> None:
         if self.done.is_set():
@@ -56,6 +57,16 @@ class TaskTable:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._tasks: OrderedDict[tuple[str, str], Task] = OrderedDict()
+        self.on_drop: Callable[[Task], None] | None = None  # told of each task the table forgets
+
+    def _drop(self, key) -> None:
+        task = self._tasks.pop(key)
+        if self.on_drop is not None:
+            self.on_drop(task)
+
+    def finished(self) -> list[Task]:
+        """The finished tasks, oldest first."""
+        return [t for t in self._tasks.values() if t.done.is_set()]
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -68,7 +79,7 @@ class TaskTable:
         self.evict()
         if len(self._tasks) >= self.capacity:  # drop the oldest finished tasks before refusing
             for key in [k for k, t in self._tasks.items() if t.done.is_set()][: len(self._tasks) - self.capacity + 1]:
-                del self._tasks[key]
+                self._drop(key)
         if len(self._tasks) >= self.capacity:
             raise ApiError("serverBusy", "the task registry is full; retry later")
         self._tasks[(task.owner, task.task_uuid.lower())] = task
@@ -76,13 +87,13 @@ class TaskTable:
     def remove(self, task: Task) -> None:
         key = (task.owner, task.task_uuid.lower())
         if self._tasks.get(key) is task:
-            del self._tasks[key]
+            self._drop(key)
 
     def evict(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         old = [k for k, t in self._tasks.items() if t.finished is not None and now - t.finished > self.ttl_s]
         for k in old:
-            del self._tasks[k]
+            self._drop(k)
         return len(old)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "check_target",
     "fields",
     "is_image_uuid",
+    "limit_remembered_images",
     "load",
     "model_menu",
     "outbound_call",
@@ -120,6 +121,13 @@ def model_menu(pipe=None) -> dict:
         "defaultModel": next(iter(presets)) if pipe is None else pipe.default_model,
         "examplePrompts": [] if pipe is None else list(getattr(pipe, "meta", {}).get("prompts", []))[:8],
     }
+
+
+def limit_remembered_images(pipe, max_bytes: int) -> None:
+    """Bound the decoded bytes of the images :func:`remember_image` keeps for this pipeline."""
+    from .infer import default_config
+
+    default_config(pipe).outputs.max_bytes = max_bytes
 
 
 class _StepHook:

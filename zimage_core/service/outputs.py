@@ -21,19 +21,33 @@ FORMATS = {
 
 
 class OutputCache:
-    """Earlier outputs of one ZImage by imageUUID (bounded, thread-safe), so requests can reference them."""
+    """Earlier outputs of one ZImage by imageUUID (bounded in count and in decoded bytes, thread-safe), so requests
+    can reference them. Past either bound the oldest go first; an image larger than ``max_bytes`` alone is kept
+    until the next ``put``."""
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int = 64, max_bytes: int = 1 << 30):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, Image.Image] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def put(self, uuid: str, image: Image.Image) -> None:
+    @property
+    def nbytes(self) -> int:
         with self._lock:
-            self._items[uuid.lower()] = image
-            self._items.move_to_end(uuid.lower())
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            return sum(self._sizes.values())
+
+    def put(self, uuid: str, image: Image.Image) -> None:
+        key = uuid.lower()
+        with self._lock:
+            self._items[key] = image
+            self._items.move_to_end(key)
+            self._sizes[key] = image.width * image.height * len(image.getbands())
+            while len(self._items) > 1 and (
+                len(self._items) > self.capacity or sum(self._sizes.values()) > self.max_bytes
+            ):
+                old, _ = self._items.popitem(last=False)
+                self._sizes.pop(old, None)
 
     def get(self, uuid: str) -> Image.Image | None:
         with self._lock:

@@ -127,7 +127,7 @@ SCHEMA: dict[str, Field] = {
         "maskBlur": Field("int", default=5, lo=0, hi=100),
         "maskPadding": Field("int", default=5, lo=0, hi=20),
         "negativePrompt": Field("str", max_len=3000),
-        "positivePrompt": Field("str", max_len=3000),
+        "positivePrompt": Field("str", min_len=2, max_len=3000),  # as the main prompt
         "steps": Field("int", default=20, lo=1, hi=100),
         "strength": Field("float", default=0.3, lo=0, hi=1),
     }),
@@ -247,8 +247,12 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
     if end > steps:
         raise RequestError(f"{path}{keys['End']}", f"must be <= steps ({steps}), got {show(end)}")
     if start >= end:
-        key = keys.get("Start", keys.get("End"))
-        raise RequestError(f"{path}{key}", f"must be < the end step ({show(end)}), got start step {show(start)}")
+        if "End" in keys and (end <= 0 or "Start" not in keys):  # an end that rounds to step 0 is the end's fault
+            raise RequestError(
+                f"{path}{keys['End']}", f"must give an end step > the start step ({show(start)}), got {show(end)}"
+            )
+        msg = f"must be < the end step ({show(end)}), got start step {show(start)}"
+        raise RequestError(f"{path}{keys['Start']}", msg)
     return start, end
 
 
