@@ -28,6 +28,7 @@ FA3 kernel of ``attention_fa3.py`` compiles through the same binder, from its Gl
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import subprocess
@@ -52,6 +53,7 @@ ELEMENTWISE = (
 )
 
 
+@functools.cache
 def nvidia_tools(arch: int = 90) -> dict:
     """The assembler and disassembler Triton itself uses for ``arch`` (compute capability x10), with its name for
     the target: whatever this Triton's NVIDIA backend selects (``get_ptxas``, ``TRITON_PTXAS_PATH`` /
@@ -268,7 +270,10 @@ def facts(compiled, options, arch: int = 90) -> dict:
         m = re.search(pattern, log)
         return int(m.group(1)) if m else None
 
+    ptx_version = re.search(r"^\.version (\d+\.\d+)", ptx, re.MULTILINE)
     return {
+        "ptx_version": ptx_version.group(1) if ptx_version else None,
+        "ptxas_version": nvidia_tools(arch)["ptxas_version"],
         "ptxas_ok": ok,
         "ptxas_error": None if ok else log[-400:],
         "registers": num(r"Used (\d+) registers"),
