@@ -98,7 +98,8 @@ def venv(dists, tmp_path_factory) -> Path:
     _run([base, "-m", "venv", root / "v"], cwd=root)
     py = root / "v" / "bin" / "python"
     wheel = dists["wheel"]
-    cmd = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"zimage-fast[serve] @ {wheel.as_uri()}"]
+    cmd = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
+    cmd += [f"zimage-fast[serve] @ {wheel.as_uri()}"]
     _run([*cmd, "kernels"], cwd=root, timeout=1500, env=_clean_env())
     return root / "v" / "bin"
 
