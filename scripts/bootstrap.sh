@@ -5,8 +5,8 @@
 #   scripts/bootstrap.sh --dev    plus the test/bench tools (pytest, hypothesis, ruff, cmake, ...)
 #   scripts/bootstrap.sh --current [--dev]
 #                                 the "current" set instead (requirements/lock-current.txt: the newest torch, triton,
-#                                 diffusers, transformers and Hugging Face's kernels; PyPI's CUDA torch, 5.6 GB installed) into
-#                                 .venv-current; see docs/install.md
+#                                 diffusers, transformers and Hugging Face's kernels; PyPI's CUDA torch, 5.6 GB
+#                                 installed) into .venv-current; see docs/install.md
 #
 # Environment: ZIMAGE_VENV (default .venv, .venv-current with --current), PYTHON (default python3).
 #
