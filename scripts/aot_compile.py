@@ -3,12 +3,12 @@
 
     TRITON_INTERPRET=0 python scripts/aot_compile.py [--arch 90] [--quick] [--json out.jsonl]
 
-Triton lowers to PTX and its bundled ``ptxas`` assembles a cubin without a device, so this checks what the interpreter
-cannot: that the kernels compile for sm_90a (TMA descriptors, wgmma, warp specialization). Each op's own launcher is
-called at Z-Image's shapes with shape-only tensors and its launch is compiled through Triton's JIT binder, so the
-binaries carry the same specialization (divisibility-by-16 hints on pointers, strides and sizes) as the ones the JIT
-builds at run time (``zimage_kernels/compiled.py``). It does not run anything: compiling is not a correctness or speed
-result.
+Triton lowers to PTX and the bundled ``ptxas`` Triton selects for the target assembles a cubin without a device, so this
+checks what the interpreter cannot: that the kernels compile for sm_90a (TMA descriptors, wgmma, warp specialization).
+Each op's own launcher is called at Z-Image's shapes with shape-only tensors and its launch is compiled through Triton's
+JIT binder, so the binaries carry the same specialization (divisibility-by-16 hints on pointers, strides and sizes) as
+the ones the JIT builds at run time (``zimage_kernels/compiled.py``). It does not run anything: compiling is not a
+correctness or speed result.
 
 Reported per (kernel, config): registers, spills, shared memory and SASS facts (global access widths, HGMMA,
 setmaxnreg, MUFU, SHFL). Exit status 1 if a config fails to compile or breaks a guarantee of ``compiled.check``:
@@ -40,7 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one warp-specialized and one plain attention config (CI)")
     ap.add_argument("--json", help="also write one JSON line per config here")
     args = ap.parse_args(argv)
-    print(f"triton {triton.__version__}, target sm_{args.arch}a, Z-Image shapes (JIT specialization)")
+    tools = compiled.nvidia_tools(args.arch)
+    print(
+        f"triton {triton.__version__}, target {tools['gpu_name']}, Z-Image shapes (JIT specialization); "
+        f"assembler chosen by Triton for the target: {tools['ptxas']} (CUDA {tools['ptxas_version']})"
+    )
     rows = compiled.inspect_all(args.arch, args.quick)
     print(compiled.table(rows))
     bad = [(r, compiled.check(r)) for r in rows]

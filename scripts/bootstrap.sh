@@ -4,8 +4,12 @@
 #   scripts/bootstrap.sh          runtime install with the [serve] extra (`zimage generate` and `zimage serve`)
 #   scripts/bootstrap.sh --dev    plus the test/bench tools (pytest, hypothesis, ruff, cmake, ...)
 #   scripts/bootstrap.sh --lib    the library alone (no server libraries: `zimage generate` only)
+#   scripts/bootstrap.sh --current [--dev]
+#                                 the "current" set instead (requirements/lock-current.txt: the newest torch, triton,
+#                                 diffusers, transformers and Hugging Face's kernels; PyPI's CUDA torch, 5.6 GB
+#                                 installed) into .venv-current; see docs/install.md
 #
-# Environment: ZIMAGE_VENV (default .venv), PYTHON (default python3).
+# Environment: ZIMAGE_VENV (default .venv, .venv-current with --current), PYTHON (default python3).
 #
 # torch: on a machine whose python3 already has a CUDA build of torch, the venv is created with
 # --system-site-packages and that torch/triton are kept (never replaced by the CPU lock). Otherwise the lock
@@ -14,12 +18,34 @@
 #   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/bootstrap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${ZIMAGE_VENV:-.venv}
 PY=${PYTHON:-python3}
 EXTRAS="[serve]"
-[[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
-[[ "${1:-}" == "--lib" ]] && EXTRAS=""
+CURRENT=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) EXTRAS="[dev]" ;;
+        --lib) EXTRAS="" ;;
+        --current) CURRENT=1 ;;
+        *) echo "bootstrap: unknown option $arg (allowed: --dev, --lib, --current)" >&2; exit 2 ;;
+    esac
+done
 LOCK=requirements/lock-cpu.txt
+
+if [[ $CURRENT == 1 ]]; then
+    # The lock is the only constraint (PIP_CONSTRAINT replaces a machine-wide one such as a torch cap, which would
+    # make the set unresolvable); the venv never borrows the system's torch.
+    VENV=${ZIMAGE_VENV:-.venv-current}
+    LOCK=requirements/lock-current.txt
+    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+    PIP=(env PIP_CONSTRAINT="$PWD/$LOCK" "$VENV/bin/python" -m pip --disable-pip-version-check -q)
+    "${PIP[@]}" install torch triton kernels
+    "${PIP[@]}" install -e ".$EXTRAS"
+    "$VENV/bin/python" -c 'import torch, triton, transformers, zimage_core
+print("bootstrap: ok (current set), torch", torch.__version__, "triton", triton.__version__, "transformers",
+      transformers.__version__)'
+    exit 0
+fi
+VENV=${ZIMAGE_VENV:-.venv}
 
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
     echo "bootstrap: keeping the CUDA build of torch found in $PY"

@@ -4,7 +4,8 @@
 Steps (each under its own wall-clock budget, killed at the budget; a failed or timed-out step does not stop the
 next one):
 
-1. ``env``        device, driver, CUDA, torch / triton / diffusers versions, git sha          -> env.json
+1. ``env``        device, driver, CUDA, torch / triton / diffusers / transformers / kernels versions, the ptxas
+                  Triton selects for the device, git sha                                       -> env.json
 2. ``gpu-tests``  the GPU test tier (bf16 kernels at Z-Image shapes against fp64, torch.compile and CUDA-graph
                   capture of a forward and of a sampling step, determinism)                    -> gpu_tests.log, .xml
 3. ``kernels``    ``python -m zimage_bench kernels`` at Z-Image's shapes: ours against torch SDPA's flash / cuDNN /
@@ -71,7 +72,7 @@ def _run_text(cmd: list[str], timeout: float = 20) -> str | None:
 def environment(py: str) -> dict:
     """Versions and device, read by the interpreter the steps use (it may differ from the one running this)."""
     probe = (
-        "import json, platform, torch\n"
+        "import importlib.metadata as md, json, platform, torch\n"
         "d = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,\n"
         "     'cuda_available': torch.cuda.is_available()}\n"
         "for name in ('triton', 'diffusers', 'transformers', 'flash_attn'):\n"
@@ -79,12 +80,27 @@ def environment(py: str) -> dict:
         "        d[name] = __import__(name).__version__\n"
         "    except Exception as e:\n"
         "        d[name] = None\n"
+        "# installed distributions (Hugging Face's kernels, which current transformers needs; our own package)\n"
+        "d['distributions'] = {}\n"
+        "for dist in ('torch', 'triton', 'diffusers', 'transformers', 'kernels', 'accelerate', 'zimage-fast'):\n"
+        "    try:\n"
+        "        d['distributions'][dist] = md.version(dist)\n"
+        "    except md.PackageNotFoundError:\n"
+        "        d['distributions'][dist] = None\n"
+        "arch = 90\n"
         "if torch.cuda.is_available():\n"
         "    p = torch.cuda.get_device_properties(0)\n"
         "    d.update(device=p.name, capability=f'{p.major}.{p.minor}', sms=p.multi_processor_count,\n"
         "             memory_gib=round(p.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version())\n"
+        "    arch = p.major * 10 + p.minor\n"
         "else:\n"
         "    d['device'] = 'cpu: ' + (platform.processor() or platform.machine())\n"
+        "try:  # the assembler this Triton selects for the device (sm_90 on a CPU host), and the Gluon names in use\n"
+        "    from zimage_kernels import _gluon, compiled\n"
+        "    d['triton_ptxas'] = compiled.nvidia_tools(arch)\n"
+        "    d['gluon'] = {'tma_load': _gluon.TMA_LOAD_NAME, 'tma_store': _gluon.TMA_STORE_NAME}\n"
+        "except Exception as e:\n"
+        "    d['triton_ptxas'] = f'{type(e).__name__}: {e}'[:300]\n"
         "print(json.dumps(d))\n"
     )
     out = _run_text([py, "-c", probe], timeout=120)
@@ -242,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# gpu_check ({env['mode']})",
         "",
         f"device {env.get('device')}, driver {env.get('driver')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
-        f"triton {env.get('triton')}, diffusers {env.get('diffusers')}, git {env.get('git_sha')}",
+        f"triton {env.get('triton')}, diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, "
+        f"git {env.get('git_sha')}",
         "",
         "| step | status | exit code | seconds |",
         "|---|---|---|---|",

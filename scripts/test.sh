@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install into a fresh-or-existing .venv (with dev tools) and run every test tier through CTest:
-# cpu, interpret (Triton on CPU), gpu (skipped without CUDA) and lint.
+# cpu, interpret (Triton on CPU), gpu (skipped without CUDA), fuzz, lint and current (the current dependency set in
+# its own .venv-current, scripts/current_tier.sh; `scripts/test.sh -LE current` leaves it out). Extra arguments go to
+# ctest.
 #
 # The server-operations tests also need (installed here; once installed they are required, so they fail
 # rather than skip):

@@ -126,3 +126,51 @@ def test_sass_parser_on_a_hand_written_listing():
     assert f["instructions"] == 8
     assert f["global_access_bits"] == {"ldg128": 1, "ldg16": 1, "ldg32": 1, "stg64": 1}
     assert (f["mufu"], f["shfl"], f["local_memory"], f["hgmma"]) == (1, 1, 1, 1)
+
+
+# PTX ISA version -> the first CUDA release whose ptxas accepts it (NVIDIA's PTX ISA release notes): 8.0-8.5 came with
+# CUDA 12.0-12.5, 8.6 with 12.7, 8.7 with 12.8, 8.8 with 12.9; 9.x with 13.x.
+def _cuda_for_ptx(ptx: str) -> tuple[int, int]:
+    major, minor = map(int, ptx.split("."))
+    if major == 8:
+        return (12, minor) if minor <= 5 else (12, minor + 1)
+    assert major == 9, ptx
+    return (13, minor)
+
+
+def test_checker_assembles_with_a_ptxas_that_accepts_this_tritons_ptx(rows):
+    """The issue's failure on triton 3.9: PTX .version 9.4 handed to the CUDA 12.9 ptxas (accepts up to 8.8)."""
+    _, rows = rows
+    for r in rows:
+        need = _cuda_for_ptx(r["ptx_version"])
+        have = tuple(map(int, r["ptxas_version"].split(".")))
+        assert have >= need, (r["kernel"], r["ptx_version"], r["ptxas_version"])
+
+
+def test_checker_follows_tritons_choice_of_assembler(tmp_path):
+    """Triton's overrides (TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH) reach the checker: it asks Triton."""
+    fake = tmp_path / "fake-ptxas"
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 77.7, V77.7.1'\n")
+    fake.chmod(0o755)
+    probe = "from zimage_kernels import compiled; t = compiled.nvidia_tools(90); print(t['ptxas'], t['ptxas_version'])"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
+    env.update(TRITON_PTXAS_PATH=str(fake), TRITON_PTXAS_BLACKWELL_PATH=str(fake))
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [str(fake), "77.7"], res.stdout
+
+
+def test_gluon_seam_picks_the_first_name_this_triton_has():
+    import types
+
+    from zimage_kernels import _gluon
+
+    new, old = object(), object()
+    assert _gluon._pick(types.SimpleNamespace(async_load=new, async_copy_global_to_shared=old), "async_load",
+                        "async_copy_global_to_shared") == ("async_load", new)  # fmt: skip
+    assert _gluon._pick(types.SimpleNamespace(async_copy_global_to_shared=old), "async_load",
+                        "async_copy_global_to_shared") == ("async_copy_global_to_shared", old)  # fmt: skip
+    with pytest.raises(ImportError, match="async_load"):
+        _gluon._pick(types.SimpleNamespace(__name__="tma"), "async_load")
+    # on the installed Triton (3.8 in the lock, 3.9 in the current set) the kernel uses the builtins named async_*
+    assert (_gluon.TMA_LOAD_NAME, _gluon.TMA_STORE_NAME) == ("async_load", "async_store")

@@ -112,3 +112,24 @@ def test_the_gpu_commands_are_valid_for_the_bench_parsers(tmp_path):
     assert set(thr[thr.index("--configs") + 1].split(",")) <= set(ALL_CONFIGS)
     assert thr[thr.index("--model") + 1] == "synthetic"
     assert sum(gpu_check.BUDGETS.values()) <= 560  # with start-up and env, under the GPU machine's 10 minutes
+
+
+def test_environment_records_the_versions_and_tritons_assembler():
+    """env.json says which torch/Triton/transformers/kernels ran, and which ptxas Triton picks for the device (here
+    sm_90): read against importlib.metadata and Triton's own backend, for whatever set this interpreter has."""
+    import importlib.metadata as md
+
+    import torch
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    env = gpu_check.environment(sys.executable)
+    assert env["torch"] == torch.__version__ and env["triton"] == triton.__version__, env
+    for dist in ("torch", "triton", "diffusers", "transformers", "kernels", "zimage-fast"):
+        try:
+            want = md.version(dist)
+        except md.PackageNotFoundError:
+            want = None
+        assert env["distributions"][dist] == want, (dist, env["distributions"])
+    assert env["triton_ptxas"]["ptxas"] == get_ptxas(90).path, env["triton_ptxas"]
+    assert env["triton_ptxas"]["gpu_name"] == "sm_90a"

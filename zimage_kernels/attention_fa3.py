@@ -36,16 +36,19 @@ import math
 
 import torch
 import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
+
+from ._gluon import (  # the installed Triton's Gluon API, resolved in one place (triton 3.8 and 3.9)
+    TensorDescriptor,
     fence_async_shared,
+    gl,
+    gluon,
     mbarrier,
     tma,
+    tma_load,
+    tma_store,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._triton import LOG2E
 
@@ -112,14 +115,14 @@ def _fa3_loader(
             mbarrier.wait(q_empty.index(wg), (t & 1) ^ 1)  # the consumer's previous tile no longer reads Q
             mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
             coord = [row_q + wg * BM, h * HEAD_DIM]
-            tma.async_copy_global_to_shared(q_desc, coord, q_ready.index(wg), q_smem.index(wg))
+            tma_load(q_desc, coord, q_ready.index(wg), q_smem.index(wg))
         row_k = b * N_KV
         for j in range(0, gl.cdiv(kv_len, BN)):
             s = c % NSTAGE
             mbarrier.wait(kv_empty.index(s), ((c // NSTAGE) & 1) ^ 1)
             mbarrier.expect(kv_ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row_k + j * BN, h * HEAD_DIM], kv_ready.index(s), k_smem.index(s))
-            tma.async_copy_global_to_shared(v_desc, [row_k + j * BN, h * HEAD_DIM], kv_ready.index(s), v_smem.index(s))
+            tma_load(k_desc, [row_k + j * BN, h * HEAD_DIM], kv_ready.index(s), k_smem.index(s))
+            tma_load(v_desc, [row_k + j * BN, h * HEAD_DIM], kv_ready.index(s), v_smem.index(s))
             c += 1
         t += 1
 
@@ -224,7 +227,7 @@ def _fa3_consumer(
             o_buf = o_smem.index(WG)
             o_buf.store(out)
             fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [b * N_Q + m0, h * HEAD_DIM], o_buf)
+            tma_store(o_desc, [b * N_Q + m0, h * HEAD_DIM], o_buf)
         elif m0 < N_Q:  # tail tile: rows past N_Q belong to the next sample, masked pointer store
             rows = m0 + gl.arange(0, BM, row_o)
             cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
@@ -342,6 +345,6 @@ def _launch(q, k, v, kv_lens=None, scale=None, *, lse=False):
         kv_lens if kv_lens is not None else out, lse_out if lse else out,
         N_Q, N_KV, H, n_m_tiles, n_tiles, qk_scale,
         HEAD_DIM=D, HAS_KV_LENS=kv_lens is not None, RETURN_LSE=lse, BM=BLOCK_M, BN=BLOCK_N, NSTAGE=STAGES,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=True,  # explicit: triton 3.10 turns the default off
     )  # fmt: skip
     return (out, lse_out) if lse else out

@@ -1,12 +1,15 @@
 """What the kernels compile to for a GPU, read on any host (no GPU): registers, spills, shared memory, SASS facts.
 
-Triton lowers to PTX, and the ``ptxas`` / ``cuobjdump`` bundled with Triton's CUDA backend assemble and disassemble
-it without a device. The point of this module is to compile **the same specialization the JIT applies at run
-time**: each op's own launcher is called at Z-Image's shapes with ``meta`` tensors (shapes and strides, no data)
-while the kernel launch is recorded instead of executed, and the recorded arguments go through Triton's own JIT
-binder (``create_function_from_signature`` + ``JITFunction._pack_args``), which decides the divisibility-by-16
-attributes of pointers and integers exactly as a launch does. Autotuned kernels are compiled once per curated
-config, with their ``triton.heuristics`` applied as at run time.
+Triton lowers to PTX, and the ``ptxas`` / ``cuobjdump`` bundled with Triton's CUDA backend assemble and disassemble it
+without a device. The assembler is the one Triton itself picks for the target (``get_ptxas(arch)`` of its NVIDIA
+backend: triton 3.8 uses the CUDA 12.x ``ptxas`` for sm_90 and ``ptxas-blackwell`` from sm_100, triton 3.9
+``ptxas-blackwell`` (CUDA 13.x) from sm_90), run through the backend's own ``make_cubin`` so that the flags are Triton's
+too; the facts are read from that run's ``ptxas -v`` log and from the cubin it returns. The point of this module is to
+compile **the same specialization the JIT applies at run time**: each op's own launcher is called at Z-Image's shapes
+with ``meta`` tensors (shapes and strides, no data) while the kernel launch is recorded instead of executed, and the
+recorded arguments go through Triton's own JIT binder (``create_function_from_signature`` + ``JITFunction._pack_args``),
+which decides the divisibility-by-16 attributes of pointers and integers exactly as a launch does. Autotuned kernels are
+compiled once per curated config, with their ``triton.heuristics`` applied as at run time.
 
 Facts read per (kernel, config):
 
@@ -25,6 +28,8 @@ FA3 kernel of ``attention_fa3.py`` compiles through the same binder, from its Gl
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import re
 import subprocess
 import tempfile
@@ -50,8 +55,23 @@ FP8_QUANT = ("_rms_norm_modulate_fp8_kernel", "_swiglu_fp8_kernel", "_quantize_r
 FP8_GEMM = "_fp8_gemm_kernel"
 
 
-def _bin(name: str) -> Path:
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+@functools.cache
+def nvidia_tools(arch: int = 90) -> dict:
+    """The assembler and disassembler Triton itself uses for ``arch`` (compute capability x10), with its name for
+    the target: whatever this Triton's NVIDIA backend selects (``get_ptxas``, ``TRITON_PTXAS_PATH`` /
+    ``TRITON_PTXAS_BLACKWELL_PATH`` overrides included), never a binary chosen here."""
+    from triton import knobs
+    from triton.backends.nvidia import compiler as nv
+
+    ptxas = nv.get_ptxas(arch)
+    version = re.search(r"release (\d+\.\d+)", subprocess.run([ptxas.path, "--version"], capture_output=True,
+                                                                text=True).stdout)  # fmt: skip
+    return {
+        "ptxas": ptxas.path,
+        "ptxas_version": version.group(1) if version else None,
+        "cuobjdump": knobs.nvidia.cuobjdump.path,
+        "gpu_name": nv.sm_arch_from_capability(arch),
+    }
 
 
 @dataclass
@@ -167,7 +187,7 @@ def _unwrap(kernel):
 
 def compile_launch(launch: Launch, arch: int = 90, config=None):
     """Compile a recorded launch (with ``config`` for an autotuned kernel) through the JIT's own specialization.
-    Returns (jit function, kwargs used, CompiledKernel)."""
+    Returns (jit function, kwargs used, CompiledKernel, the backend's compile options)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -189,7 +209,8 @@ def compile_launch(launch: Launch, arch: int = 90, config=None):
     if jit.is_gluon():  # Gluon kernels compile from their own AST source (TTGIR, layouts explicit)
         from triton.experimental.gluon._runtime import GluonASTSource as src_cls
     src = src_cls(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
-    return jit, kwargs, triton.compile(src, target=target, options=options.__dict__)
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    return jit, kwargs, compiled, backend.parse_options(options.__dict__)
 
 
 _LDST = re.compile(r"\b(LDG|STG)\.E(?:\.[A-Z0-9_]+)*")
@@ -226,26 +247,49 @@ def sass_facts(sass: str) -> dict:
     }
 
 
-def facts(compiled, arch: int = 90, fmad: bool = True) -> dict:
-    """ptxas -v and SASS facts of one CompiledKernel."""
+def ptxas_run(ptx: str, options, arch: int = 90) -> tuple[bool, str, bytes]:
+    """Assemble ``ptx`` exactly as Triton does for ``arch``: its backend's ``make_cubin`` (its ptxas, its flags, its
+    ``--gpu-name``), with the ``ptxas -v`` log captured. Returns (ok, log, cubin)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    out = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True  # make_cubin prints the -v log of a successful run
+    try:
+        with contextlib.redirect_stdout(out):
+            cubin = backend.make_cubin(ptx, {}, options, arch)
+        return True, out.getvalue(), cubin
+    except Exception as e:  # noqa: BLE001 - PTXASError carries ptxas' stderr and the repro command
+        return False, str(e), b""
+    finally:
+        knobs.nvidia.dump_ptxas_log = saved
+
+
+def facts(compiled, options, arch: int = 90) -> dict:
+    """ptxas -v and SASS facts of one CompiledKernel compiled with ``options`` (as returned by ``compile_launch``)."""
     ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        ptx_path, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
-        ptx_path.write_text(ptx)
-        cmd = [str(_bin("ptxas")), "-v", f"--gpu-name=sm_{arch}a", str(ptx_path), "-o", str(cubin)]
-        res = subprocess.run(cmd + ([] if fmad else ["--fmad=false"]), capture_output=True, text=True)
-        log = res.stderr
-        sass = ""
-        if res.returncode == 0:
-            sass = subprocess.run([str(_bin("cuobjdump")), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    ok, log, cubin = ptxas_run(ptx, options, arch)
+    sass = ""
+    if ok:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "k.cubin"
+            path.write_bytes(cubin)
+            cmd = [nvidia_tools(arch)["cuobjdump"], "-sass", str(path)]
+            sass = subprocess.run(cmd, capture_output=True, text=True).stdout
 
     def num(pattern):
         m = re.search(pattern, log)
         return int(m.group(1)) if m else None
 
+    ptx_version = re.search(r"^\.version (\d+\.\d+)", ptx, re.MULTILINE)
     return {
-        "ptxas_ok": res.returncode == 0,
-        "ptxas_error": None if res.returncode == 0 else log[-400:],
+        "ptx_version": ptx_version.group(1) if ptx_version else None,
+        "ptxas_version": nvidia_tools(arch)["ptxas_version"],
+        "ptxas_ok": ok,
+        "ptxas_error": None if ok else log[-400:],
         "registers": num(r"Used (\d+) registers"),
         "spill_bytes": (num(r"(\d+) bytes spill stores") or 0) + (num(r"(\d+) bytes spill loads") or 0),
         "stack_bytes": num(r"(\d+) bytes stack frame"),
@@ -279,14 +323,14 @@ def inspect_all(arch: int = 90, quick: bool = False) -> list[dict]:
             t0 = time.perf_counter()
             row = {"case": case, "kernel": jit.__name__}
             try:
-                _, kwargs, compiled = compile_launch(launch, arch, cfg)
+                _, kwargs, compiled, options = compile_launch(launch, arch, cfg)
             except Exception as e:  # noqa: BLE001 - report every failure, keep going
                 rows.append({**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
                 continue
             row["config"] = config_label(kwargs)
-            row.update(facts(compiled, arch, fmad=kwargs.get("enable_fp_fusion", True)))
+            row.update(facts(compiled, options, arch))
             row["ok"] = row["ptxas_ok"]
-            row["fp_fusion"] = kwargs.get("enable_fp_fusion", True)
+            row["fp_fusion"] = options.enable_fp_fusion
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
     return rows
