@@ -49,7 +49,6 @@ from ._gluon import (  # the installed Triton's Gluon API, resolved in one place
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-
 from ._triton import LOG2E
 
 HEAD_DIMS = (64, 128)
