@@ -455,3 +455,64 @@ def test_drop_in_from_single_file_loads_each_release_offline(t30, name, tmp_path
     want = {k: v for k, v in cn.state_dict().items() if not k.startswith(SHARED)}
     got = m.state_dict()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---- the same matrix on the drop-in: diffusers' LoRA API on our ControlNet pipeline, against diffusers' own ----------
+@pytest.fixture(scope="module")
+def dropin_lora_pair(tmp_path_factory):
+    """(diffusers' ControlNet pipeline, ours, diffusers' result without the LoRA): the same small random components
+    and ControlNet (2.0 layout); on both the same LoRA through diffusers' API (``load_lora_weights`` + ``set_adapters``
+    with a weight; PEFT layers on diffusers', our run-time LoRA on ours)."""
+    import diffusers
+
+    import zimage_core.diffusers as zd
+    from zimage_core.components import build_random_pipeline
+
+    from .test_controlnet import diffusers_controlnet
+    from .test_diffusers_lora import lora_sd
+
+    folder = build_random_pipeline(tmp_path_factory.mktemp("cnlora_dropin") / "pipe", seed=3)
+    base = diffusers.ZImagePipeline.from_pretrained(folder)
+    cn = diffusers_controlnet("2.0", base.transformer, seed=21, places=[0, 1])
+    theirs = diffusers.ZImageControlNetPipeline(**base.components, controlnet=cn)
+    ours = zd.ZImageControlNetPipeline(**diffusers.ZImagePipeline.from_pretrained(folder).components, controlnet=cn)
+    theirs.set_progress_bar_config(disable=True)
+    no_lora = _dropin_run(theirs)
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+        p.load_lora_weights(lora_sd(p.transformer, 9), adapter_name="c")
+        p.set_adapters("c", 0.8)
+    return theirs, ours, no_lora
+
+
+def _dropin_run(pipe, **kw):
+    from .test_controlnet import guide
+
+    return pipe(
+        "a white circle", control_image=guide(64, 64), height=64, width=64, num_inference_steps=6, guidance_scale=2.0,
+        controlnet_conditioning_scale=1.0, generator=torch.Generator().manual_seed(5), output_type="latent", **kw,
+    ).images  # fmt: skip
+
+
+@pytest.mark.parametrize("method", CACHE_METHODS)
+def test_dropin_controlnet_with_diffusers_lora_api_and_each_cache_method(dropin_lora_pair, method):
+    """Per cache method, on ``zimage_core.diffusers.ZImageControlNetPipeline`` with a LoRA loaded through diffusers'
+    API: (a) without a cache and with the cache at threshold 0 (never reuses), the result equals diffusers' ControlNet
+    pipeline with the same LoRA on PEFT (<= 1e-5), and the LoRA changes it; (b) a cache that reuses steps runs
+    fewer control layers than none, and the result stays finite."""
+    from zimage_core.cache import CacheConfig
+
+    theirs, ours, no_lora = dropin_lora_pair
+    want = _dropin_run(theirs)
+    assert rel_err(want, no_lora) > 1e-3  # the LoRA does something
+    plain = _dropin_run(ours)
+    plain_layers = ours._last_stats.controlnet[0]["control_layers_run"]
+    assert rel_err(plain, want) <= 1e-5
+    never = _dropin_run(ours, cache=CacheConfig.for_method(method, threshold=0.0))
+    assert rel_err(never, want) <= 1e-5
+    assert ours._last_stats.controlnet[0]["control_layers_run"] == plain_layers
+    reuse = _dropin_run(ours, cache=CacheConfig.for_method(method, threshold=1e9, max_consecutive=2))
+    stats = ours._last_stats
+    assert [d for d in stats.cache[0]["decisions"] if not d["computed"]], stats.cache[0]["decisions"]
+    assert stats.controlnet[0]["control_layers_run"] < plain_layers
+    assert torch.isfinite(reuse).all()

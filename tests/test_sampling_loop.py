@@ -111,3 +111,53 @@ def test_loop_order_count_and_replacement():
         ("step", 1),
     ]
     torch.testing.assert_close(x, torch.full((3,), 2.0 * (1 - 0.5)))  # replaced by 2, then one step of −0.5·x
+
+
+def test_every_path_builds_its_denoiser_and_states_in_the_core(folder, monkeypatch):
+    """``ZImage`` and the drop-in build their denoiser, cache state and ControlNet state only through
+    ``sampling.SamplingRun``: with the core's ``Denoiser`` and ``ControlState`` replaced by recording ones, every model
+    call of each path goes through a recorded denoiser, and a callback that replaces the embeddings rebuilds it."""
+    from zimage_core import denoiser as den_mod
+    from zimage_core.cache import FBCacheConfig
+    from zimage_core.diffusers import ZImagePipeline
+    from zimage_core.pipeline import ZImage
+
+    built, calls = [], []
+
+    class Recording(den_mod.Denoiser):
+        def __call__(self, x, sigma):
+            calls.append(id(self))
+            return super().__call__(x, sigma)
+
+    real = den_mod.Denoiser.build
+
+    def build(*args, **kwargs):
+        d = real(*args, **kwargs)
+        built.append((Recording(**vars(d)), kwargs))
+        return built[-1][0]
+
+    monkeypatch.setattr(sampling, "Denoiser", type("D", (), {"build": staticmethod(build)}))
+    core = ZImage.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    res = core.generate(
+        "a red circle", width=64, height=64, steps=3, seed=1, output_type="latent", number_results=2,
+        cache=FBCacheConfig(threshold=0.0),
+    )  # fmt: skip
+    assert len(built) == 2 and len(calls) == res.stats.forwards == 6  # one run per result, every call recorded
+    states = [kw["hooks"][-1] for _, kw in built]  # the cache state, innermost hook
+    assert all(hasattr(s, "summary") for s in states) and states[0] is not states[1]  # a fresh one per result
+    assert len(res.stats.cache) == 2
+
+    built.clear(), calls.clear()
+    pipe = ZImagePipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def replace(p, i, t, tensors):
+        return {"prompt_embeds": [e * 0.5 for e in tensors["prompt_embeds"]]} if i == 0 else {}
+
+    pipe(
+        "a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=0.0, output_type="latent",
+        callback_on_step_end=replace, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )  # fmt: skip
+    assert len(built) == 2  # built once, rebuilt after the callback replaced the embeddings
+    assert calls == [id(built[0][0])] + [id(built[1][0])] * 2
+    assert pipe._last_stats.forwards == 3

@@ -11,7 +11,7 @@ Data path of one ``generate`` call::
 The Z-Image conventions live in one wrapper, ``zimage_core.denoiser.Denoiser``: the model sees ``t = 1 − σ``
 (computed as diffusers does), its output is negated into the flow velocity, CFG uses diffusers' formulation
 ``pos + g·(pos − neg)`` with ``g = CFGScale − 1``, and latents stay fp32. The hooks of every model call are
-assembled in one place, :meth:`ZImage._sample`: the caller's ``hooks`` first, a step cache's state last.
+assembled in one place, ``zimage_core.sampling.SamplingRun``: the caller's ``hooks`` first, a step cache's state last.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from . import lora as lora_mod
 from . import sampling
 from .components import SchedulerSettings, build_random_pipeline
 from .config import SEED_MAX
-from .denoiser import Denoiser, GenerationStats
+from .denoiser import GenerationStats
 from .errors import RequestError, show
 from .fp8 import validate_quantize
 from .hooks import StackHook
@@ -624,26 +624,26 @@ class ZImage:
         for group in [a.seeds] if stats.batched else [[s] for s in a.seeds]:
             gens = [torch.Generator("cpu").manual_seed(s) for s in group]
             x, noise, x0 = self._prepare_latents(a, gens)
-            # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
-            cache_state = cache.new_state(num_steps=a.steps, start_step=a.t_start) if cache is not None else None
-            if cache_state is not None and self.parallel is not None:  # every rank takes the same decision
-                cache_state.reduce_metric = self.parallel.reduce_metric
             rep = [0] * len(group)
-            cn_state = cn_mod.ControlState(controls, self.transformer, a.t_start, a.t_start) if controls else None
-            denoise = Denoiser.build(
+            # per result: a fresh cache state that knows the schedule (absolute step indices, first/last step)
+            run = sampling.SamplingRun(
                 self.transformer,
-                contexts.pos.select(rep),
-                None if contexts.neg is None else contexts.neg.select(rep),
+                a.spec,
+                stats=stats,
                 guidance=a.guidance,
                 cfg_normalization=a.cfg_normalization,
                 cfg_truncation=a.cfg_truncation,
-                stats=stats,
-                hooks=[*hooks, *([] if cache_state is None else [cache_state])],  # the cache is the innermost hook
-                ctx_low=None
-                if contexts.low is None
-                else tuple(c if c is None else c.select(rep) for c in contexts.low),
+                num_steps=a.steps,
+                t_start=a.t_start,
+                hooks=hooks,
+                cache=cache,
+                controls=controls,
                 parallel=self.parallel,
-                control=cn_state,
+            )
+            run.set_contexts(
+                contexts.pos.select(rep),
+                None if contexts.neg is None else contexts.neg.select(rep),
+                None if contexts.low is None else tuple(c if c is None else c.select(rep) for c in contexts.low),
             )
 
             def on_step(info):
@@ -652,22 +652,14 @@ class ZImage:
                 if step_callback is not None:
                     step_callback(info)
 
-            x, stats.nfe_per_result = sampling.run_sampler(
-                a.spec,
-                denoise,
+            x, stats.nfe_per_result = run.run(
                 x,
                 a.sigmas,
                 generator=gens[0],
                 x0=x0,
-                cache_state=cache_state,
-                control_state=cn_state,
                 inpaint=None if mask_lat is None else sampling.Inpaint(mask_lat, noise, x0),
                 on_step=on_step,
             )
-            if cache_state is not None:
-                stats.cache = [*(stats.cache or []), cache_state.summary()]
-            if cn_state is not None:
-                stats.controlnet = [*(stats.controlnet or []), dict(cn_state.stats)]
             finals.append(x)
         if progress_bar is not None:
             progress_bar.close()

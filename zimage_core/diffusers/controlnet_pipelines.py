@@ -1,11 +1,11 @@
 """``ZImageControlNetPipeline``, ``ZImageControlNetInpaintPipeline``: diffusers' ControlNet classes, our sampling core.
 
 Both subclass diffusers' own (0.42.1) and run the same generation path as the other drop-in pipelines
-(``pipelines._DropIn._run``: our sampler, denoiser, caches and hooks); the ControlNet's hints enter the transformer
-through the model hook chain (``zimage_core.controlnet.ControlHook`` after each control place). The control image is
-VAE-encoded the way diffusers does it (posterior mode, ``(z - shift) * scale``, zero channels up to
-``control_in_dim``; the inpaint pipeline stacks ``[control latent, 1 - mask, masked-image latent]``), once per distinct
-image rather than once per row of the batch.
+(``pipelines._DropIn._run`` on ``sampling.SamplingRun``: our sampler, denoiser, caches and hooks); the ControlNet's
+hints enter the transformer through the model hook chain (``zimage_core.controlnet.ControlHook`` after each control
+place). The control image is VAE-encoded the way diffusers does it (posterior mode, ``(z - shift) * scale``, zero
+channels up to ``control_in_dim``; the inpaint pipeline stacks ``[control latent, 1 - mask, masked-image latent]``),
+once per distinct image rather than once per row of the batch.
 
 Differences from diffusers, on purpose: the ControlNet is not given the transformer's modules (``from_transformer``
 only remembers the transformer), so the pipeline holds one copy of them; a per-layer list for

@@ -34,10 +34,9 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
     retrieve_timesteps,
 )
 
-from .. import controlnet as cn_mod
 from .. import lora as lora_mod
 from .. import sampling
-from ..denoiser import Denoiser, GenerationStats
+from ..denoiser import GenerationStats
 from ..errors import RequestError
 from ..fp8 import validate_quantize
 from ..hooks import StackHook
@@ -308,9 +307,96 @@ class _DropIn(LoraPipelineMixin):
         padding_mask_crop=None,
         controls=(),
     ):
-        # 1. check inputs
+        """diffusers' arguments mapped onto the shared sampling core (``zimage_core.sampling.SamplingRun``)."""
+        # 1. check inputs; the seed image and mask (img2img, inpaint) and the size
         self._check(prompt, prompt_embeds, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
-        init_image = None
+        init_image, mask, crops_coords, height, width = self._images(
+            mode, image, mask_image, strength, padding_mask_crop, output_type, height, width
+        )
+        device = self._execution_device
+        self._guidance_scale, self._joint_attention_kwargs = guidance_scale, joint_attention_kwargs
+        self._cfg_normalization, self._cfg_truncation, self._interrupt = cfg_normalization, cfg_truncation, False
+        use_cfg = self.do_classifier_free_guidance
+        lora_scale = lora_scale_of(joint_attention_kwargs)
+        loras = self._lora_list(lora_scale)  # read once, at the start of the call
+
+        # 2. prompts (or embeddings), one per image; 3. the scheduler's sigmas and our sampler for them
+        embeds = self._embeds(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, use_cfg, device, max_sequence_length
+        )
+        if num_images_per_prompt > 1:
+            embeds = [[e for e in es for _ in range(num_images_per_prompt)] for es in embeds]
+        m = self.vae_scale_factor * 2
+        spec, timesteps, total_steps, t_start = self._schedule(
+            mode, num_inference_steps, sigmas, (int(height) // m) * (int(width) // m), device, scheduler_name, strength
+        )
+
+        # 4. initial latents (diffusers' own prepare_latents: the same draws from the same generators)
+        tensors, inpaint = self._initial_latents(
+            mode, embeds, init_image, mask, masked_image_latents, timesteps, height, width, generator, latents,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+
+        # 5. sample: the shared core over the scheduler's sigmas from the start step on
+        stats = GenerationStats(
+            scheduler=scheduler_name or "Default",
+            shift=float(self.scheduler.config.get("shift", 1.0)),
+            t_start=t_start,
+            steps=len(timesteps),
+            cfg_scale=float(guidance_scale) + 1.0,
+        )
+        run = sampling.SamplingRun(
+            self.transformer,
+            spec,
+            stats=stats,
+            guidance=float(guidance_scale),
+            cfg_normalization=float(cfg_normalization) if cfg_normalization else 0.0,
+            cfg_truncation=math.inf if cfg_truncation is None else float(cfg_truncation),
+            num_steps=total_steps,
+            t_start=t_start,
+            hooks=hooks,
+            cache=cache,
+            controls=controls,
+        )
+        sampler_generator = generator[0] if isinstance(generator, list) else generator
+        if sampler_generator is not None and sampler_generator.device.type != "cpu":
+            sampler_generator = None  # our stochastic samplers draw on the CPU
+        with (
+            self.progress_bar(total=len(timesteps)) as progress_bar,
+            lora_mod.apply_loras(self.transformer, loras, field="adapter_weights"),
+            self._peft_scale(lora_scale),
+        ):
+            lora_mod.set_sigma(1.0)
+            on_step = self._step_hook(
+                run, tensors, use_cfg, inpaint, timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                progress_bar,
+            )  # fmt: skip
+            try:
+                latents, _ = run.run(
+                    tensors["latents"], self.scheduler.sigmas[t_start:], generator=sampler_generator, inpaint=inpaint,
+                    on_step=on_step,
+                )  # fmt: skip
+            except _Interrupted as stop:
+                latents = stop.latents
+        stats.nfe_per_result = stats.forwards
+        self._last_stats = stats  # what the last call did (forwards, cache decisions); not part of diffusers' API
+
+        # 6. decode
+        if output_type == "latent":
+            out = latents
+        else:
+            out = self.image_processor.postprocess(vae_decode(self.vae, latents), output_type=output_type)
+            if padding_mask_crop is not None:  # paste the repainted crop back into the untouched original
+                out = [self.image_processor.apply_overlay(mask_image, image, im, crops_coords) for im in out]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (out,)
+        return ZImagePipelineOutput(images=out)
+
+    def _images(self, mode, image, mask_image, strength, padding_mask_crop, output_type, height, width):
+        """(seed image tensor, mask, crop box, height, width): img2img's and inpainting's inputs preprocessed as
+        diffusers does (``padding_mask_crop``: around the mask), the size checked (default 1024, or the image's)."""
+        init_image = mask = crops_coords = None
         if mode != "text2img":
             if image is None:
                 raise RequestError("image", f"is required by {type(self).__name__}")
@@ -318,7 +404,6 @@ class _DropIn(LoraPipelineMixin):
                 raise RequestError("mask_image", "is required for inpainting")
             if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
                 raise RequestError("strength", f"must be in [0.0, 1.0], got {strength!r}")
-            crops_coords, image_in = None, image
             if padding_mask_crop is not None:
                 crops_coords, height, width = self._crop_region(
                     image, mask_image, padding_mask_crop, output_type, height, width
@@ -333,7 +418,6 @@ class _DropIn(LoraPipelineMixin):
             width = init_image.shape[-1] if width is None else width
         height, width = height or 1024, width or 1024
         self._check_size(height, width)
-        mask = None
         if mode == "inpaint":
             if padding_mask_crop is not None:
                 mask = self.mask_processor.preprocess(
@@ -341,47 +425,30 @@ class _DropIn(LoraPipelineMixin):
                 )
             else:
                 mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
-        device = self._execution_device
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._interrupt = False
-        self._cfg_normalization = cfg_normalization
-        self._cfg_truncation = cfg_truncation
-        use_cfg = self.do_classifier_free_guidance
-        lora_scale = lora_scale_of(joint_attention_kwargs)
-        loras = self._lora_list(lora_scale)  # read once, at the start of the call
+        return init_image, mask, crops_coords, height, width
 
-        # 2. encode prompts
+    def _embeds(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, use_cfg, device, max_len):
+        """(prompt embeddings, negative ones: [] without CFG), one per prompt: the caller's, or encoded."""
         if prompt_embeds is not None and prompt is None:
             if use_cfg and negative_prompt_embeds is None:
                 raise RequestError(
                     "negative_prompt_embeds", "is required with prompt_embeds and no prompt when guidance_scale > 0"
                 )
-            if not use_cfg:
-                negative_prompt_embeds = []
-        else:
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                do_classifier_free_guidance=use_cfg,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                device=device,
-                max_sequence_length=max_sequence_length,
-            )
-        batch_size = len(prompt_embeds)
-        if num_images_per_prompt > 1:
-            prompt_embeds = [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)]
-            if use_cfg and negative_prompt_embeds:
-                negative_prompt_embeds = [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)]
-        n = batch_size * num_images_per_prompt
-        channels = self.transformer.in_channels
-        lat_h, lat_w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
-
-        # 3. timesteps and sampler
-        spec, timesteps = self._sampler(
-            num_inference_steps, sigmas, (lat_h // 2) * (lat_w // 2), device, scheduler_name
+            return prompt_embeds, (negative_prompt_embeds if use_cfg else [])
+        return self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=use_cfg,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            device=device,
+            max_sequence_length=max_len,
         )
+
+    def _schedule(self, mode, num_inference_steps, sigmas, image_seq_len, device, scheduler_name, strength):
+        """(sampler, timesteps run, steps of the whole schedule, start step): img2img and inpainting start at
+        diffusers' ``get_timesteps`` for ``strength``."""
+        spec, timesteps = self._sampler(num_inference_steps, sigmas, image_seq_len, device, scheduler_name)
         total_steps = len(timesteps)
         if mode == "text2img":
             self.scheduler.set_begin_index(0)
@@ -391,10 +458,17 @@ class _DropIn(LoraPipelineMixin):
                 raise RequestError(
                     "strength", f"{strength} leaves {steps_left} of {total_steps} steps to run (need at least 1)"
                 )
-        t_start = total_steps - len(timesteps)
         self._num_timesteps = len(timesteps)
+        return spec, timesteps, total_steps, total_steps - len(timesteps)
 
-        # 4. initial latents (diffusers' own prepare_latents: the same draws from the same generators)
+    def _initial_latents(
+        self, mode, embeds, init_image, mask, masked_image_latents, timesteps, height, width, generator, latents, cb_in
+    ):
+        """(the tensors a step callback may read or replace, inpainting's blend or None): the first latents drawn
+        by diffusers' ``prepare_latents`` (img2img, inpaint: the seed image re-noised to the first timestep) and
+        inpainting's latent mask (and ``masked_image_latents`` when the callback asks for them)."""
+        prompt_embeds, negative_prompt_embeds = embeds
+        n, channels, device = len(prompt_embeds), self.transformer.in_channels, self._execution_device
         noise = image_latents = None
         if mode == "text2img":
             latents = self.prepare_latents(n, channels, height, width, torch.float32, device, generator, latents)
@@ -405,124 +479,61 @@ class _DropIn(LoraPipelineMixin):
                 latents = self.prepare_latents(*args)
             else:
                 latents, noise, image_latents = self.prepare_latents(*args)
-        latents = latents.float()
         if mode == "inpaint":
-            if "masked_image_latents" in (callback_on_step_end_tensor_inputs or ()) and masked_image_latents is None:
+            if "masked_image_latents" in (cb_in or ()) and masked_image_latents is None:
                 masked = init_image * (mask < 0.5)
                 mask, masked_image_latents = self.prepare_mask_latents(
                     mask, masked, n, height, width, prompt_embeds[0].dtype, device, generator
                 )
             else:  # diffusers also VAE-encodes the masked image here, but its loop never reads the result
-                mask = F.interpolate(mask, size=(lat_h, lat_w), mode="nearest").to(device, prompt_embeds[0].dtype)
+                lat_size = (
+                    2 * (int(height) // (self.vae_scale_factor * 2)),
+                    2 * (int(width) // (self.vae_scale_factor * 2)),
+                )
+                mask = F.interpolate(mask, size=lat_size, mode="nearest").to(device, prompt_embeds[0].dtype)
                 if mask.shape[0] < n:
                     if n % mask.shape[0]:
                         raise RequestError("mask_image", f"{mask.shape[0]} masks cannot be spread over {n} images")
                     mask = mask.repeat(n // mask.shape[0], 1, 1, 1)
-
-        # 5. sample: our sampler over the scheduler's sigmas, calling our denoiser
-        run_sigmas = self.scheduler.sigmas[t_start:]
-        cfg_norm = float(cfg_normalization) if cfg_normalization else 0.0
-        cfg_trunc = math.inf if cfg_truncation is None else float(cfg_truncation)
-        stats = GenerationStats(
-            scheduler=scheduler_name or "Default",
-            shift=float(self.scheduler.config.get("shift", 1.0)),
-            t_start=t_start,
-            steps=len(timesteps),
-            cfg_scale=float(guidance_scale) + 1.0,
-        )
-        cache_state = cache.new_state(num_steps=total_steps, start_step=t_start) if cache is not None else None
-        cn_state = cn_mod.ControlState(list(controls), self.transformer, t_start, t_start) if controls else None
-        sampler_generator = generator[0] if isinstance(generator, list) else generator
-        if sampler_generator is not None and sampler_generator.device.type != "cpu":
-            sampler_generator = None  # our stochastic samplers draw on the CPU
         tensors = {
-            "latents": latents,
+            "latents": latents.float(),
             "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_prompt_embeds,
             "mask": mask,
             "masked_image_latents": masked_image_latents,
         }
-        current: dict[str, Any] = {}
+        return tensors, (sampling.Inpaint(mask, noise, image_latents) if mode == "inpaint" else None)
 
-        def build_denoiser():
-            ctx_pos, ctx_neg = self._contexts(tensors["prompt_embeds"], tensors["negative_prompt_embeds"], use_cfg)
+    def _step_hook(self, run, tensors, use_cfg, inpaint, timesteps, callback, cb_inputs, progress_bar):
+        """Build the run's caption contexts from ``tensors`` and return the sampler's step hook: diffusers'
+        ``callback_on_step_end`` (its replacements land in ``tensors``; replaced embeddings rebuild the contexts),
+        the progress bar and the interrupt."""
+        current = {}
+
+        def set_contexts():
             current["embeds"] = (tensors["prompt_embeds"], tensors["negative_prompt_embeds"])
-            current["denoise"] = Denoiser.build(
-                self.transformer,
-                ctx_pos,
-                ctx_neg,
-                guidance=float(guidance_scale),
-                cfg_normalization=cfg_norm,
-                cfg_truncation=cfg_trunc,
-                stats=stats,
-                hooks=[*hooks, *([] if cache_state is None else [cache_state])],  # the cache is the innermost hook
-                control=cn_state,  # ControlNet hints, added after their main layers through the hook chain
-            )
+            run.set_contexts(*self._contexts(*current["embeds"], use_cfg))
 
-        def denoise(x, sigma):  # through ``current``: a callback that replaces the embeddings rebuilds it
-            return current["denoise"](x, sigma)
+        def on_step(info):
+            i = info["i"]
+            tensors["latents"] = info["x"]
+            if callback is not None:
+                outputs = callback(self, i, timesteps[i], {k: tensors[k] for k in cb_inputs}) or {}
+                for k in ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"):
+                    if k in outputs:
+                        tensors[k] = outputs.pop(k)
+                if inpaint is not None:
+                    inpaint.mask = tensors["mask"]
+                pos, neg = current["embeds"]
+                if tensors["prompt_embeds"] is not pos or tensors["negative_prompt_embeds"] is not neg:
+                    set_contexts()  # the caption branch follows embeddings a callback replaced
+            progress_bar.update()
+            if self._interrupt:
+                raise _Interrupted(tensors["latents"])
+            return tensors["latents"]
 
-        inpaint = sampling.Inpaint(tensors["mask"], noise, image_latents) if mode == "inpaint" else None
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-
-            def on_step(info):  # diffusers' callback_on_step_end, progress bar and interrupt
-                i = info["i"]
-                tensors["latents"] = info["x"]
-                if callback_on_step_end is not None:
-                    kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, timesteps[i], kwargs) or {}
-                    for k in ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"):
-                        if k in outputs:
-                            tensors[k] = outputs.pop(k)
-                    if inpaint is not None:
-                        inpaint.mask = tensors["mask"]
-                    pos, neg = current["embeds"]
-                    if tensors["prompt_embeds"] is not pos or tensors["negative_prompt_embeds"] is not neg:
-                        build_denoiser()  # the caption branch follows embeddings a callback replaced
-                progress_bar.update()
-                if self._interrupt:
-                    raise _Interrupted(tensors["latents"])
-                return tensors["latents"]
-
-            with (
-                torch.no_grad(),
-                lora_mod.apply_loras(self.transformer, loras, field="adapter_weights"),
-                self._peft_scale(lora_scale),
-            ):
-                lora_mod.set_sigma(1.0)
-                build_denoiser()
-                try:
-                    latents, _ = sampling.run_sampler(
-                        spec,
-                        denoise,
-                        latents,
-                        run_sigmas,
-                        generator=sampler_generator,
-                        cache_state=cache_state,
-                        control_state=cn_state,
-                        inpaint=inpaint,
-                        on_step=on_step,
-                    )
-                except _Interrupted as stop:
-                    latents = stop.latents
-        stats.nfe_per_result = stats.forwards
-        if cache_state is not None:
-            stats.cache = [cache_state.summary()]
-        if cn_state is not None:
-            stats.controlnet = [dict(cn_state.stats)]
-        self._last_stats = stats  # what the last call did (forwards, cache decisions); not part of diffusers' API
-
-        # 6. decode
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.image_processor.postprocess(vae_decode(self.vae, latents), output_type=output_type)
-            if padding_mask_crop is not None:  # paste the repainted crop back into the untouched original
-                image = [self.image_processor.apply_overlay(mask_image, image_in, im, crops_coords) for im in image]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ZImagePipelineOutput(images=image)
+        set_contexts()
+        return on_step
 
 
 class ZImagePipeline(_DropIn, _DiffusersText2Image):
