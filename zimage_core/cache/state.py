@@ -6,9 +6,10 @@ that are computed). The model class knows nothing about caching::
 
     probe ─ TeaCache: RMSNorm₁(hidden)·(1 + scale_msa) of layer 0 (its timestep-modulated input)
     head  ─ layers[:head] always run        (FBCache 1, DBCache fn, TeaCache 0)
-    decide ─ policy.decide(step, window, counters, measured change)    (one host sync when it has to measure)
-    middle ─ compute: run layers[head:n−tail], store their residual     (+ the previous one for Taylor)
-           ─ reuse:   hidden + cached residual (+ coef·Δ, order-1 Taylor in σ)  — one fused kernel
+    decide ─ policy.decide(step, window, mask, counters, measured change)  (one host sync when it has to measure)
+    middle ─ compute: run layers[head:n−tail], store their residual     (and feed it to the calibrator)
+           ─ reuse:   hidden + cached residual — one fused kernel; with a calibrator (TaylorSeer, FoCa) the
+                      residual forecast at this σ instead
     tail  ─ layers[n−tail:] always run      (DBCache bn)
 
 Everything mutable lives here, one instance per request (per result): two requests on two threads share only the
@@ -25,7 +26,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..hooks import StackHook
-from .policy import Counters, StepInfo, decide, forced
+from .policy import Counters, StepInfo, decide, measures
+from .registry import make_calibrator
 from .stats import CacheStats
 
 
@@ -76,8 +78,8 @@ class CacheState(StackHook):
         self.sigma: float | None = None
         self.counters = Counters()
         self.stats = CacheStats(config.describe())
-        self._is_tea = config.method == "tea"
-        self._taylor = bool(getattr(config, "taylor", False))
+        self._is_tea = config.probe == "input"  # the method measures layer 0's modulated input (TeaCache)
+        self._calibrator = make_calibrator(config.calibrator)
         self._key = None  # (shape, dtype, device) of the cached tensors
         self.reduce_metric = _unreduced  # parallel runs: sums the metric's two L1 sums over the ranks (same decision)
         self._drop()
@@ -103,9 +105,8 @@ class CacheState(StackHook):
     def _drop(self) -> None:
         self._ref = None  # FB/DB: head residual of the last computed step; Tea: previous modulated input
         self._residual = None  # cached residual of the middle range
-        self._delta = None  # Taylor: residual − previous residual
-        self._spacing = None  # Taylor: position of the last compute − position of the one before
-        self._res_pos = None  # position (σ, else step) of the cached residual
+        if self._calibrator is not None:
+            self._calibrator.reset()
         self.counters = Counters()
 
     def _position(self) -> float:
@@ -147,12 +148,12 @@ class CacheState(StackHook):
         if n - tail - head <= 0 or (not self._is_tea and head == 0):
             decision_compute, reason, acc = True, "too-few-layers", None
         else:
-            if forced(self.rules, info, self.counters) is None:
+            if measures(self.rules, info, self.counters):
                 if self._is_tea:
                     change = relative_change(self.reduce_metric(ops.l1_sums(probe, self._ref)))
                 else:
                     change = relative_change(self.reduce_metric(ops.l1_sums(h, self._ref, a_sub=hidden)))
-            rescale = self.config.rescale if self._is_tea else None
+            rescale = self.config.rescale if self.rules.accumulate else None
             decision, self.counters = decide(self.rules, info, self.counters, change, rescale)
             decision_compute, reason, acc = decision.compute, decision.reason, decision.accumulated
         if self._is_tea:
@@ -165,18 +166,13 @@ class CacheState(StackHook):
             h_in = h
             h = stack.run(h, inp, head, n - tail)
             residual = h - h_in
-            if self._taylor:
-                if self._residual is not None and self._res_pos is not None and pos != self._res_pos:
-                    self._delta, self._spacing = residual - self._residual, pos - self._res_pos
-                else:
-                    self._delta = self._spacing = None
-            self._residual, self._res_pos = residual, pos
+            if self._calibrator is not None:
+                self._calibrator.update(pos, residual)
+            self._residual = residual
             layers_run = n
         else:
-            delta, coef = None, 0.0
-            if self._taylor and self._delta is not None:
-                delta, coef = self._delta, (pos - self._res_pos) / self._spacing
-            h = ops.apply_residual(h, self._residual, delta, coef)
+            residual = self._residual if self._calibrator is None else self._calibrator.predict(pos)
+            h = ops.apply_residual(h, residual, None, 0.0)
             layers_run = head + tail
         h = stack.run(h, inp, n - tail, n)
 
