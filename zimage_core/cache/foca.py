@@ -20,12 +20,15 @@ for polynomials of degree ≤ 2 on any grid, and for ``F(t) = a·t³ + …`` its
 first-difference slope is only first-order accurate (error ``a·h·s`` on a quadratic). With two computed points it is
 the linear forecast ``F_n + s·F[n,n−1]``, with one it copies.
 
-The state is per request (one instance per result); arithmetic is fp32 on the tensors' device.
+The state is per request (one instance per result); arithmetic is in fp32 (fp64 inputs stay fp64) on the
+tensors' device.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .taylorseer import _wide
 
 
 class FoCa:
@@ -43,7 +46,7 @@ class FoCa:
         pos = float(pos)
         if self._pts and self._pts[-1][0] == pos:
             self._pts.pop()
-        self._pts = [*self._pts, (pos, feature.float())][-3:]
+        self._pts = [*self._pts, (pos, _wide(feature))][-3:]
 
     def predict(self, pos: float) -> torch.Tensor:
         if not self._pts:

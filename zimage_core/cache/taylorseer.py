@@ -18,7 +18,8 @@ order 1 gives ``F(t) − a·s·(s + h)`` and order 2 gives ``F(t) − a·h·s`` 
 estimate of ``F'(t_n)``: ``D¹_n = F'(t_n) − a·h``; ``D²_n = 2a`` exactly). With fewer computed steps than ``m + 1``
 the expansion uses the orders available (order 0 = copying the last feature, what a plain cache does).
 
-The state is per request (one instance per result); arithmetic is fp32 on the tensors' device.
+The state is per request (one instance per result); arithmetic is in fp32 (fp64 inputs stay fp64) on the
+tensors' device.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 residuals are widened; fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class TaylorSeer:
@@ -44,7 +50,7 @@ class TaylorSeer:
         self._pos: float | None = None
 
     def update(self, pos: float, feature: torch.Tensor) -> None:
-        new = [feature.float()]
+        new = [_wide(feature)]
         if self._pos is not None and pos != self._pos:
             dt = float(pos) - self._pos
             for i in range(min(self.order, len(self._diffs))):
