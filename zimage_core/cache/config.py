@@ -29,7 +29,7 @@ class CacheConfig:
     absolute schedule steps, None = the whole run. ``max_consecutive``: reused steps in a row before a full compute.
     ``calibrator``: forecast the cached residual on a reused step (``taylorseer1``, ``taylorseer2``, ``foca``;
     ``registry.CALIBRATORS``) instead of copying it. ``mask``: a :class:`~.masks.StepMask` (steps that must compute,
-    static or dynamic policy).
+    static or dynamic policy). ``cfg_split``: the positive and negative CFG halves decide (and compute) separately.
 
     Class attributes read by the per-request state: ``probe`` (``"head"``: the change of the head layers' residual
     against the last computed step; ``"input"``: the change of layer 0's modulated input step to step) and
@@ -43,6 +43,7 @@ class CacheConfig:
     window: tuple[int, int] | None = None
     calibrator: str | None = None
     mask: StepMask | None = None
+    cfg_split: bool = False  # the two CFG halves decide separately (state.py); False: one joint decision
 
     def __post_init__(self):
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:

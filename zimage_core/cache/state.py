@@ -19,6 +19,7 @@ immutable config and the model's weights. The pipeline tells the state where it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
@@ -68,8 +69,24 @@ def _unreduced(sums):
     return sums
 
 
+def _rows(inp, rows: slice, batch: int):
+    """``inp`` (a frozen dataclass of per-batch tensors) restricted to ``rows`` of its batch dimension."""
+    kw = {}
+    for f in dataclasses.fields(inp):
+        v = getattr(inp, f.name)
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            kw[f.name] = v[rows]
+    return dataclasses.replace(inp, **kw)
+
+
 class CacheState(StackHook):
-    def __init__(self, config, num_steps: int | None = None, start_step: int = 0):
+    """Per-request state. With ``config.cfg_split`` the two CFG halves (rows ``[pos ‖ neg]``) decide separately: each
+    half has its own child state (its own reference, residual, counters and calibrator) and runs the middle layers
+    only when it computes; the batch is split only when this state is the only hook (ControlNet hints and parallel
+    runs are batch-shaped: they keep the joint decision). When CFG truncation drops the negative half, the positive
+    half's child carries on with its cache (same shape: no reset)."""
+
+    def __init__(self, config, num_steps: int | None = None, start_step: int = 0, _half: int | None = None):
         self.config = config
         self.rules = config.rules()
         self.num_steps = num_steps
@@ -82,6 +99,12 @@ class CacheState(StackHook):
         self._calibrator = make_calibrator(config.calibrator)
         self._key = None  # (shape, dtype, device) of the cached tensors
         self.reduce_metric = _unreduced  # parallel runs: sums the metric's two L1 sums over the ranks (same decision)
+        self._half = _half
+        self._halves = None
+        if getattr(config, "cfg_split", False) and _half is None:
+            self._halves = [CacheState(config, num_steps, start_step, _half=k) for k in (0, 1)]
+            for child in self._halves:
+                child.stats = self.stats  # one record per half per evaluation, marked with "half"
         self._drop()
 
     # ---- pipeline hooks ------------------------------------------------------------------------------------------
@@ -122,6 +145,23 @@ class CacheState(StackHook):
         """Innermost hook: runs the stack's ranges itself (``inner`` would run every layer) and leaves ``hidden`` /
         ``inp`` as the outer hooks made them."""
         hidden, inp = self.before_stack(hidden, inp)
+        batch = int(hidden.shape[0])
+        if (
+            self._halves is not None
+            and batch in (1, 2)
+            and len(stack.hooks) <= 1
+            and self.reduce_metric is _unreduced
+            and self._key is None
+        ):
+            for child in self._halves:
+                child.step, child.sigma = self.step, self.sigma
+            if batch == 1:  # CFG off (truncated): the positive half carries on
+                return self._halves[0].around_stack(inner, hidden, inp, stack)
+            outs = [
+                self._halves[k].around_stack(inner, hidden[k : k + 1], _rows(inp, slice(k, k + 1), batch), stack)
+                for k in (0, 1)
+            ]
+            return torch.cat(outs, 0)
         layers = stack.layers
         n = len(layers)
         head, tail = self.config.split(n)
@@ -185,5 +225,6 @@ class CacheState(StackHook):
             accumulated=acc,
             layers=layers_run,
             batch=int(hidden.shape[0]),
+            **({} if self._half is None else {"half": self._half}),
         )
         return h
