@@ -165,3 +165,31 @@ def test_taylor_flag_is_the_order_one_calibrator_and_unknown_names_are_refused()
         DBCacheConfig(taylor=True, calibrator="foca")
     with pytest.raises(ValueError, match="unknown calibrator 'taylor'.*foca"):
         FBCacheConfig(calibrator="taylor")
+
+
+G = [0.0, 0.0, 4.0, 4.0, 0.0, 0.0, 4.0, 4.0, 0.0, 0.0]  # residual scale per step: a zigzag over the computed steps
+
+
+def _zigzag_layer(weight):
+    """Residual G[step]·w, step = round(10·t) for the SIGMAS grid (t = 1 − σ = step / 10)."""
+    return lambda h, inp: h + G[round(10 * float(inp.adaln_input))] * weight
+
+
+def test_the_guard_copies_when_the_last_forecast_lost_to_copying():
+    from zimage_core.cache import StepMask
+
+    torch.manual_seed(1)
+    layers = [_zigzag_layer(torch.randn(1, 3, 5, dtype=torch.float64)) for _ in range(3)]
+    kw = dict(threshold=BIG, max_consecutive=9, mask=StepMask(every=2, policy="static"))  # compute even steps
+    exact, _ = _run(FBCacheConfig(threshold=0.0), layers)
+    guarded, s = _run(FBCacheConfig(calibrator="taylorseer1", **kw), layers)
+    unguarded, _ = _run(FBCacheConfig(calibrator="taylorseer1", forecast_guard=False, **kw), layers)
+    assert s["reused_steps"] == [1, 3, 5, 7]
+    # step 3: no check has failed yet (at step 2 the one-point forecast is a copy): both forecast 4 + 2 = 6, truth 4
+    for o in (guarded, unguarded):
+        assert not torch.allclose(o[3], exact[3])
+    # step 4 computes: the forecast for it (8) lost to copying (4) against the truth 0, so step 5 copies the truth;
+    # the same at step 6 (forecast −4, copy 0, truth 4) for step 7. Unguarded: forecasts −2 and 6.
+    for i in (5, 7):
+        torch.testing.assert_close(guarded[i], exact[i])
+        assert not torch.allclose(unguarded[i], exact[i])

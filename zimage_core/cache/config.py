@@ -30,6 +30,9 @@ class CacheConfig:
     ``calibrator``: forecast the cached residual on a reused step (``taylorseer1``, ``taylorseer2``, ``foca``;
     ``registry.CALIBRATORS``) instead of copying it. ``mask``: a :class:`~.masks.StepMask` (steps that must compute,
     static or dynamic policy). ``cfg_split``: the positive and negative CFG halves decide (and compute) separately.
+    ``forecast_axis``: the calibrator's positions, step index (default) or σ. ``forecast_guard``: on every computed
+    step, check whether the calibrator's forecast for it beat copying the cached residual; the reuses that follow
+    forecast only if it did (long forecast horizons on real trajectories can be far worse than copying).
 
     Class attributes read by the per-request state: ``probe`` (``"head"``: the change of the head layers' residual
     against the last computed step; ``"input"``: the change of layer 0's modulated input step to step) and
@@ -44,10 +47,14 @@ class CacheConfig:
     calibrator: str | None = None
     mask: StepMask | None = None
     cfg_split: bool = False  # the two CFG halves decide separately (state.py); False: one joint decision
+    forecast_axis: str = "step"  # calibrator positions: "step" (index) or "sigma"
+    forecast_guard: bool = True  # forecast only while the last checked forecast beat copying (state.py)
 
     def __post_init__(self):
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
             raise ValueError(f"unknown calibrator {self.calibrator!r}; known: {sorted(CALIBRATORS)}")
+        if self.forecast_axis not in ("step", "sigma"):
+            raise ValueError(f"forecast_axis must be 'step' or 'sigma', got {self.forecast_axis!r}")
         if self.mask is not None and not isinstance(self.mask, StepMask):
             raise ValueError(f"mask must be a StepMask, got {type(self.mask).__name__}")
         self.rules()  # validates threshold / max_consecutive / window / skip interval
@@ -210,6 +217,8 @@ class DBCacheConfig(CacheConfig):
             if self.calibrator not in (None, "taylorseer1"):
                 raise ValueError(f"taylor=True is calibrator='taylorseer1'; got also calibrator={self.calibrator!r}")
             object.__setattr__(self, "calibrator", "taylorseer1")
+            object.__setattr__(self, "forecast_axis", "sigma")  # what taylor=True always did
+            object.__setattr__(self, "forecast_guard", False)
         super().__post_init__()
 
     def rules(self) -> Rules:

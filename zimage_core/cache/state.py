@@ -130,10 +130,24 @@ class CacheState(StackHook):
         self._residual = None  # cached residual of the middle range
         if self._calibrator is not None:
             self._calibrator.reset()
+        self._trust = True  # the calibrator's last checked forecast beat copying (see _check_forecast)
         self.counters = Counters()
 
     def _position(self) -> float:
-        return self.sigma if self.sigma is not None else float(self.step)
+        """Where the calibrator places this evaluation: the step index (``forecast_axis="step"``, as TaylorSeer and
+        cache-dit do; uniform) or σ (``"sigma"``, what ``taylor=True`` always did)."""
+        if self.config.forecast_axis == "sigma" and self.sigma is not None:
+            return self.sigma
+        return float(self.step)
+
+    def _check_forecast(self, pos: float, residual: torch.Tensor) -> None:
+        """On a computed step, before the calibrator learns it: would its forecast for this step have beaten copying
+        the cached residual? The next reuses forecast only if it did (``trust``); otherwise they copy. One host sync
+        per computed step, only with a calibrator."""
+        pred = self._calibrator.predict(pos)
+        errs = torch.stack([(pred - residual).abs().sum(), (self._residual.to(pred.dtype) - residual).abs().sum()])
+        err_forecast, err_copy = (float(v) for v in errs.tolist())
+        self._trust = err_forecast <= err_copy
 
     @staticmethod
     def _modulated_input(hidden, inp, layer0) -> torch.Tensor:
@@ -207,11 +221,14 @@ class CacheState(StackHook):
             h = stack.run(h, inp, head, n - tail)
             residual = h - h_in
             if self._calibrator is not None:
+                if self.config.forecast_guard and self._residual is not None:
+                    self._check_forecast(pos, residual)
                 self._calibrator.update(pos, residual)
             self._residual = residual
             layers_run = n
         else:
-            residual = self._residual if self._calibrator is None else self._calibrator.predict(pos)
+            forecast = self._calibrator is not None and self._trust
+            residual = self._calibrator.predict(pos) if forecast else self._residual
             h = ops.apply_residual(h, residual, None, 0.0)
             layers_run = head + tail
         h = stack.run(h, inp, n - tail, n)
