@@ -103,13 +103,24 @@ def _sequence_ratio(summary: dict) -> float:
     return summary["main_layer_sequence_evals_uncached"] / done if done else float("inf")
 
 
-def run_ours(pipe, prompts, scenarios, args, log) -> list[dict]:
+def preset_settings() -> list[Setting]:
+    from zimage_core.cache import PRESETS
+
+    out = []
+    for name, (method, kw) in PRESETS.items():
+        info = {"variant": method, "calibrator": kw.get("calibrator") or "none", "mask": str(kw.get("mask"))}
+        info.update({"threshold": kw.get("threshold"), "cap": kw.get("max_consecutive"), "cfg_split": False})
+        out.append(Setting(f"preset {name}", method, dict(kw), info))
+    return out
+
+
+def run_ours(pipe, prompts, scenarios, args, log, presets_only: bool = False) -> list[dict]:
     from zimage_core.cache import CacheConfig
 
     common = {"model_label": model_label(pipe), "main_layers": pipe.transformer.config.n_layers, "size": args.size}
     rows = []
     for steps, cfg_scale in scenarios:
-        settings = grid(steps, cfg_scale > 1, args.grid)
+        settings = preset_settings() if presets_only else grid(steps, cfg_scale > 1, args.grid)
         gen = dict(steps=steps, cfg_scale=cfg_scale, width=args.size, height=args.size, model=args.preset)
         base_t, t = 0.0, {s.name: 0.0 for s in settings}
         per = {s.name: [] for s in settings}
@@ -412,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default="full", choices=("small", "full"))
     p.add_argument("--no-cache-dit", action="store_true", help="skip cache-dit even when it is installed")
+    p.add_argument("--presets-only", action="store_true", help="measure the named presets only (no grid, no peer)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="zimage_bench/out/cache-sweep")
     return p
@@ -437,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe = ZImage.from_pretrained(path, device="cpu")
     prompts = load_prompts(args.prompts, args.num_prompts, pipe)
     pipe.generate(prompts[0], steps=2, cfg_scale=3, width=args.size, height=args.size)  # warm-up
-    rows = run_ours(pipe, prompts, scenarios, args, log)
+    rows = run_ours(pipe, prompts, scenarios, args, log, presets_only=args.presets_only)
     notes = []
-    if not args.no_cache_dit:
+    if not args.no_cache_dit and not args.presets_only:
         peer_rows, why = run_cache_dit(path, prompts, scenarios, args, log)
         rows += peer_rows
         if why:

@@ -3,7 +3,8 @@ and forecast it with a BDF2 slope and a Heun-style (trapezoidal) corrector.
 
 Reference: Zheng et al., "Forecast then Calibrate: Feature Caching as ODE for Efficient Diffusion Transformers"
 (arXiv 2508.16211). Our rendering of its two stages, on the last three computed features ``F_{n−2}, F_{n−1}, F_n``
-at positions ``t_{n−2} < … `` (σ when the sampler reports it, else the step index; any spacing), with Newton's
+at positions ``t_{n−2}, t_{n−1}, t_n`` (the step index by default, σ with ``forecast_axis="sigma"``; any spacing), with
+Newton's
 divided differences ``F[n,n−1] = (F_n − F_{n−1})/(t_n − t_{n−1})`` and
 ``F[n,n−1,n−2] = (F[n,n−1] − F[n−1,n−2])/(t_n − t_{n−2})``::
 

@@ -16,11 +16,18 @@ from .config import CacheConfig
 from .masks import StepMask
 
 # name -> (method, config keyword arguments). Picked from the sweep (docs/cache-presets.md).
+STATIC = 100  # a static mask decides the pattern: the consecutive cap only has to stay out of its way
 PRESETS: dict[str, tuple[str, dict]] = {
-    "quality": ("tea", {"threshold": 0.1, "max_consecutive": 3}),
-    "balanced": ("tea", {"threshold": 0.5, "max_consecutive": 3}),
-    "fast": ("tea", {"threshold": 0.5, "max_consecutive": 5, "calibrator": "taylorseer1"}),
-    "ultra": ("tea", {"threshold": 1.0, "max_consecutive": 8, "calibrator": "taylorseer1", "mask": StepMask(warmup=2)}),
+    "quality": ("tea", {"threshold": 0.5, "max_consecutive": 3, "calibrator": "taylorseer2"}),
+    "balanced": (
+        "tea",
+        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=6, policy="static")},
+    ),
+    "fast": (
+        "tea",
+        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=8, policy="static")},
+    ),
+    "ultra": ("tea", {"threshold": 1.0, "max_consecutive": 6, "calibrator": "taylorseer1"}),
 }
 
 

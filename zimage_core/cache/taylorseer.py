@@ -2,8 +2,9 @@
 
 Reference: Liu et al., "From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers" (ICCV 2025),
 and its use as a DBCache calibrator in cache-dit. At every *computed* step ``n`` (position ``t_n``: σ when the
-sampler reports it, else the step index) the feature ``F_n`` (here: the cached residual of the skipped layers)
-refreshes a table of backward divided differences, recursively, as the reference implementation does::
+see below) the feature ``F_n`` (here: the cached residual of the skipped layers)
+refreshes a table of backward divided differences, recursively, as the reference implementation does (positions:
+the step index by default, σ with ``forecast_axis="sigma"``; the cache state chooses, see ``config.py``)::
 
     D⁰_n = F_n
     D^{i+1}_n = (D^i_n − D^i_{n−1}) / (t_n − t_{n−1})          i = 0 .. m−1  (only where D^i_{n−1} exists)
