@@ -21,8 +21,8 @@ Parts, each readable alone:
 
 Semantics: higher thresholds reuse more for every method; the first step of a run and
 the last step always compute; caching only inside the request's window; at most ``max_consecutive`` reused steps in
-a row; DBCache refreshes on a fixed grid every ``skip_interval`` steps; CFG halves share one decision; a change of
-batch shape resets; all state is per request.
+a row; DBCache refreshes on a fixed grid every ``skip_interval`` steps; CFG halves share one decision
+(``cfg_split``: one each); a change of batch shape resets; all state is per request.
 """
 
 from .config import (
