@@ -72,7 +72,8 @@ def test_preset_request_and_its_errors():
     assert v.cache == {"preset": "balanced"} and v.cache_window == (0, 8)
     cfg = from_request(v.cache, v.cache_window, v.steps)
     method, kw = PRESETS["balanced"]
-    assert cfg.method == method and cfg.window == (0, 8) and cfg.threshold == kw["threshold"]
+    assert cfg.method == method and cfg.window == (0, 8)
+    assert all(getattr(cfg, k) == v for k, v in kw.items())  # every knob of the preset, the window added
     for accel, field in (
         ({"cachePreset": "fast", "fbCache": True}, "fbCache"),
         ({"cachePreset": "fast", "cacheMaxConsecutiveSteps": 2}, "cacheMaxConsecutiveSteps"),
