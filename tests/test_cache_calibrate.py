@@ -1,4 +1,4 @@
-"""TeaCache calibration (zimage_core.cache.calibrate) and the cache benchmark's metrics and smoke run
+"""TeaCache calibration (zimage_bench.calibrate) and the cache benchmark's metrics and smoke run
 (zimage_bench.cache)."""
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_core.cache import calibrate as cal
+from zimage_bench import calibrate as cal
 from zimage_core.cache.teacache import load_table, lookup
 
 

@@ -236,6 +236,23 @@ def test_request_api_runs_each_cache(pipe):
     assert isinstance(cfg, TeaCacheConfig) and cfg.threshold == 0.8 and cfg.window is None
 
 
+@pytest.mark.parametrize("preset", ["quality", "balanced", "fast", "ultra"])
+def test_request_and_cli_run_each_preset(pipe, preset, tmp_path):
+    from zimage_core.cache import PRESETS
+    from zimage_core.cli import main
+    from zimage_core.service import infer
+
+    req = image_request(width=128, height=128, steps=STEPS, seed=3, acceleratorOptions={"cachePreset": preset})
+    (resp,) = infer(pipe, req)
+    assert resp["imageBase64Data"]
+    cfg = from_request({"preset": preset}, (1, 6), STEPS, pipe)
+    assert cfg.method == PRESETS[preset][0] and cfg.window == (1, 6)
+    out = tmp_path / "o.png"
+    argv = ["generate", "a red circle", "-o", str(out), "--model", str(pipe.folder), "--width", "64", "--height"]
+    assert main([*argv, "64", "--steps", "4", "--seed", "1", "--quiet", "--cache-preset", preset]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
 def test_cli_generate_with_a_cache(pipe, tmp_path, capsys):
     from zimage_core.cli import main
 

@@ -7,7 +7,9 @@ Read with ``ast`` from the source tree, every import counts (module level or ins
 - nothing outside ``bench`` (and the tests) imports ``bench``;
 - nothing below the server (the library, the service) imports ``zimage_core.server``;
 - the server reaches ``zimage_core`` only through ``zimage_core.service.engine`` (its one door);
-- nothing outside ``zimage_core/train`` imports the training code.
+- nothing outside ``zimage_core/train`` imports the training code;
+- the step caches (``zimage_core/cache/``) sit below the pipeline: of ``zimage_core`` they import only themselves
+  and the hook protocol (``zimage_core.hooks``); tools that run the pipeline (TeaCache calibration) live in bench.
 
 Allowed on purpose: ``zimage_core/api.py`` is the service's old module name (a re-export), ``zimage_core/cli.py`` is
 the command-line entry point on top of everything, and ``ZImage.infer`` delegates to the service (imported when
@@ -27,6 +29,7 @@ SERVICE_ENTRY = {"zimage_core/api.py", "zimage_core/cli.py"}  # above the servic
 SERVER_ENTRY = {"zimage_core/cli.py"}  # above the server: allowed to import it
 SERVER_DOOR = "zimage_core.service.engine"
 ALLOWED_FUNCTION_IMPORTS = {("zimage_core/pipeline.py", "infer", "zimage_core.service")}
+CACHE_MAY_IMPORT = ("zimage_core.cache", "zimage_core.hooks")  # of zimage_core; zimage_kernels and torch are fine
 
 
 def _module_name(rel: Path) -> str:
@@ -106,6 +109,12 @@ def violations(root: Path) -> list[str]:
                     and not _inside(mod, SERVER_DOOR)
                 ):
                     bad.append(f"{where}: the server reaches the library only through {SERVER_DOOR}")
+                if (
+                    src.startswith("zimage_core/cache/")
+                    and _inside(mod, "zimage_core")
+                    and not any(_inside(mod, ok) for ok in CACHE_MAY_IMPORT)
+                ):
+                    bad.append(f"{where}: the step caches sit below the pipeline")
                 if not src.startswith("zimage_core/train/") and top != "scripts" and _inside(mod, "zimage_core.train"):
                     bad.append(f"{where}: training code is not imported at run time")
     return bad
@@ -126,6 +135,8 @@ def test_the_tree_respects_the_layers():
         ("zimage_core/y.py", "from . import service\n", "never imports the service"),
         ("zimage_core/service/z.py", "import zimage_bench\n", "nothing imports bench"),
         ("zimage_core/w.py", "from .train import train\n", "training code"),
+        ("zimage_core/cache/t.py", "def f():\n    from ..pipeline import ZImage\n", "below the pipeline"),
+        ("zimage_core/cache/t.py", "from zimage_core.default_model import x\n", "below the pipeline"),
         ("zimage_core/v.py", "import kernels\n", "old import name"),
         ("zimage_bench/u.py", "from bench.common import x\n", "old import name"),
         ("zimage_core/service/infer.py", "from ..server.protocol import ApiError\n", "nothing below the server"),
@@ -159,6 +170,7 @@ def test_allowed_imports_pass(tmp_path):
         "from .protocol import ApiError\n",
         "zimage_bench/x.py": "import zimage_core\nimport zimage_kernels\nfrom zimage_bench import common\n",
         "zimage_kernels/a.py": "from . import reference\nfrom .backend import Ops\n",
+        "zimage_core/cache/s.py": "from ..hooks import StackHook\nfrom .policy import decide\nimport zimage_kernels\n",
     }
     for rel, source in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

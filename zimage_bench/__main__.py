@@ -11,6 +11,7 @@ COMMANDS = {
     "parity": "our pipeline against diffusers' ZImagePipeline: per-step and final latent error, image PSNR",
     "throughput": "ms per forward / step / image against diffusers, eager and compiled, with telemetry",
     "cache": "step-cache threshold sweeps: evaluations saved, speedup, PSNR/SSIM, Pareto plot",
+    "calibrate": "TeaCache calibration: fit the model's rescaling polynomial and store it in the coefficient table",
     "ablate": "each optimisation (compile, Triton kernels, TMA attention) on and off, side by side in one run",
     "parallel": "sequence/CFG parallelism: ms per step and communication per mode, next to an NVLink model",
     "serve": "N concurrent protocol clients against one server process and Ray replicas; overhead vs direct infer",

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="model preset id (defaults and TeaCache coefficients); default: the model's")
     p.add_argument(
         "--prompts",
-        help="prompt file, one per line (default: the model's own prompts, else zimage_core/cache/prompts.txt)",
+        help="prompt file, one per line (default: the model's own prompts, else zimage_bench/prompts.txt)",
     )
     p.add_argument("-n", "--num-prompts", type=int, default=4)
     p.add_argument("--steps", type=_ints, default=[30, 50], help="comma-separated step counts")
@@ -251,8 +251,9 @@ def _fewer_steps_row(pipe, args, prompts, refs, steps, kk, base_t, common) -> di
 
 def sweep(pipe, args, log=print) -> list[dict]:
     from zimage_core.cache import CacheConfig
-    from zimage_core.cache.calibrate import load_prompts
     from zimage_core.cache.teacache import model_fingerprint
+
+    from .calibrate import load_prompts
 
     prompts = load_prompts(args.prompts, args.num_prompts, pipe)
     settings = _settings(args)
@@ -455,6 +456,10 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is not None and "--sweep" in argv:  # every method × calibrator × step mask, and cache-dit side by side
+        from .cache_sweep import main as sweep_main
+
+        return sweep_main(argv)
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,56 @@ def _threshold(text):
     return v
 
 
+def _bounded(opt):
+    """argparse type for a cache registry option: its kind and range, the flag named in the message."""
+
+    def parse(text):
+        try:
+            v = float(text) if opt.kind == "float" else int(text)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or v < opt.lo or (opt.hi is not None and v > opt.hi):
+            hi = f"{opt.hi:g}" if opt.hi is not None else "inf"
+            raise argparse.ArgumentTypeError(
+                f"must be {'a number' if opt.kind == 'float' else 'an integer'} in "
+                f"[{opt.lo:g}, {hi}], got {text[:40]!r}"
+            )
+        return v
+
+    return parse
+
+
+def _add_cache_arguments(g) -> None:
+    """--cache METHOD, each method's flags and --cache-preset, from the cache registry (zimage_core/cache)."""
+    from zimage_core.cache import METHODS, PRESETS
+    from zimage_core.cache.registry import cli_options
+
+    g.add_argument("--cache", choices=list(METHODS), help="step cache")
+    for flag, opt in cli_options().items():
+        g.add_argument(flag, type=_threshold if flag == "--cache-threshold" else _bounded(opt), help=opt.help)
+    g.add_argument("--cache-preset", choices=list(PRESETS), help="a named step-cache preset (instead of --cache)")
+
+
+def _cache_config(pipe, args):
+    """The step cache of a ``generate`` command line (``--cache`` with its flags, or ``--cache-preset``), or None."""
+    from zimage_core.cache import METHODS, preset_config
+
+    if args.cache_preset:
+        if args.cache:
+            raise SystemExit("zimage: error: give --cache or --cache-preset, not both")
+        return preset_config(args.cache_preset, pipe=pipe, model_preset=args.preset_model)
+    if not args.cache:
+        return None
+    from zimage_core.cache import CacheConfig
+
+    kw = {}
+    for o in METHODS[args.cache].options:
+        v = getattr(args, o.cli.lstrip("-").replace("-", "_"), None) if o.cli else None
+        if v is not None:
+            kw[o.attr] = v
+    return CacheConfig.for_method(args.cache, pipe=pipe, preset=args.preset_model, **kw)
+
+
 def _json_depth_ok(text: str) -> bool:
     """Whether no JSON array/object nests deeper than MAX_JSON_DEPTH (brackets inside strings are skipped)."""
     depth, in_str, esc = 0, False, False
@@ -158,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-truncation", type=float)
     g.add_argument("--shift", type=float)
     g.add_argument("--preset", dest="preset_model", help="model id whose defaults apply (e.g. z-image-turbo)")
-    g.add_argument("--cache", choices=["fb", "tea", "db"], help="step cache")
-    g.add_argument("--cache-threshold", type=_threshold, help="step cache threshold in [0, 1]")
+    _add_cache_arguments(g)
     g.add_argument("--control-image", action="append", help="ControlNet guide image (repeat for several)")
     g.add_argument(
         "--control-model",
@@ -356,11 +405,7 @@ def _generate(pipe, args) -> int:
 
 def generate_kwargs(pipe, args) -> dict:
     """``pipe.generate`` keyword arguments from the parsed ``generate`` command line (the prompt aside)."""
-    cache = None
-    if args.cache:
-        from zimage_core.cache import CacheConfig
-
-        cache = CacheConfig.for_method(args.cache, threshold=args.cache_threshold, pipe=pipe, preset=args.preset_model)
+    cache = _cache_config(pipe, args)
     controlnets = _controlnets(pipe, args)
     return dict(
         negative_prompt=args.negative_prompt,

@@ -11,13 +11,18 @@ Parts, each readable alone:
 - the metric (Σ|a−b|, Σ|b| in one pass) and the residual apply are ops of the one op switch
   (``zimage_kernels.Ops.l1_sums`` / ``apply_residual``: ``zimage_kernels/reference.py`` and
   ``zimage_kernels/step_cache.py``).
-- ``teacache.py`` / ``calibrate.py`` / ``tea_coefficients.json``  TeaCache's per-model coefficients and the tool that
-                  fits them.
+- ``registry.py`` the one list of methods (config class, request switch and fields, CLI flags) and calibrators;
+                  the request schema, the CLI and ``from_request`` read it.
+- ``taylorseer.py`` / ``foca.py``  calibrators: forecast the cached residual on a reused step.
+- ``masks.py``    step masks (steps that must compute; static or dynamic policy).
+- ``presets.py``  named presets (quality, balanced, fast, ultra) from the measured Pareto front.
+- ``teacache.py`` / ``tea_coefficients.json``  TeaCache's per-model coefficients (the fitting tool is
+                  ``python -m zimage_bench calibrate``: this package sits below the pipeline and imports none of it).
 
 Semantics: higher thresholds reuse more for every method; the first step of a run and
 the last step always compute; caching only inside the request's window; at most ``max_consecutive`` reused steps in
-a row; DBCache refreshes on a fixed grid every ``skip_interval`` steps; CFG halves share one decision; a change of
-batch shape resets; all state is per request.
+a row; DBCache refreshes on a fixed grid every ``skip_interval`` steps; CFG halves share one decision
+(``cfg_split``: one each); a change of batch shape resets; all state is per request.
 """
 
 from .config import (
@@ -29,11 +34,25 @@ from .config import (
     TeaCacheConfig,
     from_request,
 )
+from .foca import FoCa
+from .masks import StepMask
 from .policy import Counters, Decision, Rules, StepInfo, decide, forced
+from .presets import PRESETS, preset_config
+from .registry import CALIBRATORS, METHODS, CacheMethod, Option
 from .state import CacheState, StepCache, StepCacheState, relative_change
+from .taylorseer import TaylorSeer
 
 __all__ = [
+    "CALIBRATORS",
     "CONFIGS",
+    "METHODS",
+    "PRESETS",
+    "CacheMethod",
+    "FoCa",
+    "Option",
+    "StepMask",
+    "TaylorSeer",
+    "preset_config",
     "DB_DEFAULT_SPLIT",
     "CacheConfig",
     "CacheState",

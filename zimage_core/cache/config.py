@@ -13,7 +13,10 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
+from .masks import StepMask
 from .policy import Rules
+from .registry import CALIBRATORS, METHODS, Option, register
+from .registry import method as lookup_method
 
 # DBCache (Fn, Bn) default: measured with `python -m zimage_bench cache --db-split` (zimage_core/cache/README.md,
 # "DBCache split").
@@ -23,14 +26,37 @@ DB_DEFAULT_SPLIT = (1, 1)
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """Common knobs. ``threshold``: higher reuses more (all three methods). ``window``: half-open [start, end) in
-    absolute schedule steps, None = the whole run. ``max_consecutive``: reused steps in a row before a full compute."""
+    absolute schedule steps, None = the whole run. ``max_consecutive``: reused steps in a row before a full compute.
+    ``calibrator``: forecast the cached residual on a reused step (``taylorseer1``, ``taylorseer2``, ``foca``;
+    ``registry.CALIBRATORS``) instead of copying it. ``mask``: a :class:`~.masks.StepMask` (steps that must compute,
+    static or dynamic policy). ``cfg_split``: the positive and negative CFG halves decide (and compute) separately.
+    ``forecast_axis``: the calibrator's positions, step index (default) or σ. ``forecast_guard``: on every computed
+    step, check whether the calibrator's forecast for it beat copying the cached residual; the reuses that follow
+    forecast only if it did (long forecast horizons on real trajectories can be far worse than copying).
+
+    Class attributes read by the per-request state: ``probe`` (``"head"``: the change of the head layers' residual
+    against the last computed step; ``"input"``: the change of layer 0's modulated input step to step) and
+    ``accumulate`` (sum the rescaled change since the last compute, TeaCache)."""
 
     method: ClassVar[str] = ""
+    probe: ClassVar[str] = "head"
+    accumulate: ClassVar[bool] = False
     threshold: float = 0.25
     max_consecutive: int = 3
     window: tuple[int, int] | None = None
+    calibrator: str | None = None
+    mask: StepMask | None = None
+    cfg_split: bool = False  # the two CFG halves decide separately (state.py); False: one joint decision
+    forecast_axis: str = "step"  # calibrator positions: "step" (index) or "sigma"
+    forecast_guard: bool = True  # forecast only while the last checked forecast beat copying (state.py)
 
     def __post_init__(self):
+        if self.calibrator is not None and self.calibrator not in CALIBRATORS:
+            raise ValueError(f"unknown calibrator {self.calibrator!r}; known: {sorted(CALIBRATORS)}")
+        if self.forecast_axis not in ("step", "sigma"):
+            raise ValueError(f"forecast_axis must be 'step' or 'sigma', got {self.forecast_axis!r}")
+        if self.mask is not None and not isinstance(self.mask, StepMask):
+            raise ValueError(f"mask must be a StepMask, got {type(self.mask).__name__}")
         self.rules()  # validates threshold / max_consecutive / window / skip interval
 
     # ---- policy inputs -------------------------------------------------------------------------------------------
@@ -39,6 +65,8 @@ class CacheConfig:
             threshold=float(self.threshold),
             max_consecutive=int(self.max_consecutive),
             window=None if self.window is None else (int(self.window[0]), int(self.window[1])),
+            accumulate=self.accumulate,
+            mask=self.mask,
         )
 
     def split(self, n_layers: int) -> tuple[int, int]:
@@ -67,14 +95,10 @@ class CacheConfig:
 
         With ``pipe`` (a ``ZImage``), TeaCache takes the calibrated coefficients for that model and ``preset``
         (``zimage_core/cache/tea_coefficients.json``); without, or when none are stored, the identity rescaling."""
-        key = str(method).strip().lower()
-        key = key[: -len("cache")] if key.endswith("cache") and key != "cache" else key  # "fbCache", "teacache"
-        if key not in CONFIGS:
-            raise ValueError(f"unknown cache method {method!r}; known: {sorted(CONFIGS)} (or fbCache, teaCache, ...)")
-        cls = CONFIGS[key]
+        cls = lookup_method(method).config
         if threshold is not None:
             kw["threshold"] = threshold
-        if cls is TeaCacheConfig and pipe is not None and "coefficients" not in kw:
+        if getattr(cls, "calibrated", False) and pipe is not None and "coefficients" not in kw:
             from .teacache import lookup
 
             coeffs = lookup(pipe, preset)
@@ -84,18 +108,30 @@ class CacheConfig:
         return cls(**kw)
 
 
+THRESHOLD_HELP = "step cache threshold in [0, 1] (higher reuses more)"
+
+
+@register(
+    "fb",
+    switch="fbCache",
+    options=(Option("fbCacheThreshold", "threshold", "float", 0, 1, cli="--cache-threshold", help=THRESHOLD_HELP),),
+)
 @dataclass(frozen=True, kw_only=True)
 class FBCacheConfig(CacheConfig):
     """First Block Cache: run main layer 0; reuse the cached residual of layers 1.. when the relative L1 change of
     layer 0's residual against the last *computed* step is below the threshold."""
 
-    method: ClassVar[str] = "fb"
     threshold: float = 0.25
 
     def split(self, n_layers: int) -> tuple[int, int]:
         return 1, 0
 
 
+@register(
+    "tea",
+    switch="teaCache",
+    options=(Option("teaCacheDistance", "threshold", "float", 0, 1, cli="--cache-threshold", help=THRESHOLD_HELP),),
+)
 @dataclass(frozen=True, kw_only=True)
 class TeaCacheConfig(CacheConfig):
     """TeaCache: accumulated, polynomial-rescaled relative L1 change of main layer 0's timestep-modulated input
@@ -107,7 +143,9 @@ class TeaCacheConfig(CacheConfig):
     negative values, so the polynomial is evaluated at the nearest end and scaled linearly, ``poly(end)·x/end``
     (falling back to the raw change if ``poly(end) <= 0``)."""
 
-    method: ClassVar[str] = "tea"
+    probe: ClassVar[str] = "input"
+    accumulate: ClassVar[bool] = True
+    calibrated: ClassVar[bool] = True  # for_method(pipe=...) looks its coefficients up (teacache.py)
     threshold: float = 0.5
     coefficients: tuple[float, ...] = (1.0, 0.0)
     fit_range: tuple[float, float] | None = None
@@ -123,9 +161,6 @@ class TeaCacheConfig(CacheConfig):
         if not self.coefficients:
             raise ValueError("TeaCache coefficients must not be empty")
         super().__post_init__()
-
-    def rules(self) -> Rules:
-        return replace(super().rules(), accumulate=True)
 
     def split(self, n_layers: int) -> tuple[int, int]:
         return 0, 0
@@ -146,13 +181,29 @@ class TeaCacheConfig(CacheConfig):
         return self._poly(x)
 
 
+@register(
+    "db",
+    switch="dbCache",
+    options=(
+        Option("dbCacheThreshold", "threshold", "float", 0, 1, cli="--cache-threshold", help=THRESHOLD_HELP),
+        Option(
+            "dbCacheSkipInterval",
+            "skip_interval",
+            "int",
+            1,
+            1000,
+            cli="--cache-skip-interval",
+            help="DBCache: a full compute every N steps inside the cache window (1-1000)",
+        ),
+    ),
+)
 @dataclass(frozen=True, kw_only=True)
 class DBCacheConfig(CacheConfig):
     """DBCache (cache-dit): the first ``fn`` main layers always run and their residual's change decides; on a
-    reuse the middle layers' cached residual is added (optionally extrapolated, ``taylor``), the last ``bn`` layers
-    always run. ``skip_interval`` N: a full compute at least every N steps inside the window (a fixed grid)."""
+    reuse the middle layers' cached residual is added (optionally extrapolated, ``taylor``: the same as
+    ``calibrator="taylorseer1"``), the last ``bn`` layers always run. ``skip_interval`` N: a full compute at least
+    every N steps inside the window (a fixed grid)."""
 
-    method: ClassVar[str] = "db"
     threshold: float = 0.25
     fn: int = DB_DEFAULT_SPLIT[0]
     bn: int = DB_DEFAULT_SPLIT[1]
@@ -162,6 +213,12 @@ class DBCacheConfig(CacheConfig):
     def __post_init__(self):
         if self.fn < 1 or self.bn < 0:
             raise ValueError(f"DBCache needs fn >= 1 and bn >= 0, got fn={self.fn}, bn={self.bn}")
+        if self.taylor:
+            if self.calibrator not in (None, "taylorseer1"):
+                raise ValueError(f"taylor=True is calibrator='taylorseer1'; got also calibrator={self.calibrator!r}")
+            object.__setattr__(self, "calibrator", "taylorseer1")
+            object.__setattr__(self, "forecast_axis", "sigma")  # what taylor=True always did
+            object.__setattr__(self, "forecast_guard", False)
         super().__post_init__()
 
     def rules(self) -> Rules:
@@ -174,15 +231,20 @@ class DBCacheConfig(CacheConfig):
         return head, tail
 
 
-CONFIGS: dict[str, type[CacheConfig]] = {"fb": FBCacheConfig, "tea": TeaCacheConfig, "db": DBCacheConfig}
+CONFIGS: dict[str, type[CacheConfig]] = {name: m.config for name, m in METHODS.items()}
 
 
 def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
-    """The config for a validated request (``zimage_core.service.request``: ``{"method", "threshold", "max_consecutive",
-    "skip_interval"?}`` and the resolved half-open window). ``steps`` is checked against the window."""
+    """The config for a validated request (``zimage_core.service.request``: ``{"method", "max_consecutive", <each
+    registered option's config attribute>}`` or ``{"preset": name}``, and the resolved half-open window). ``steps``
+    is checked against the window. ``preset`` here is the *model* preset (TeaCache coefficients)."""
     if window is not None and window[1] > steps:
         raise ValueError(f"cache window {window} ends after the last step ({steps})")
-    kw = {"max_consecutive": cache.get("max_consecutive", 3), "window": window}
-    if cache["method"] == "db" and "skip_interval" in cache:
-        kw["skip_interval"] = cache["skip_interval"]
-    return CacheConfig.for_method(cache["method"], cache.get("threshold"), pipe=pipe, preset=preset, **kw)
+    if "preset" in cache:
+        from .presets import preset_config
+
+        return preset_config(cache["preset"], pipe=pipe, model_preset=preset, window=window)
+    m = lookup_method(cache["method"])
+    kw = {"max_consecutive": cache.get("max_consecutive", CacheConfig.max_consecutive), "window": window}
+    kw.update({o.attr: cache[o.attr] for o in m.options if o.attr in cache})
+    return CacheConfig.for_method(m.name, pipe=pipe, preset=preset, **kw)

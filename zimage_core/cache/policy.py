@@ -15,8 +15,10 @@ Order of the rules (the first that applies decides; ``reason`` names it):
                 computes whatever the threshold says (``anchor`` = first step where caching is allowed), so every N
                 consecutive steps contain a full compute. Counted on the step grid, computed steps included, so it
                 does not duplicate the consecutive cap (caching.md §8 option (a)).
-7. ``max-consecutive``  at most ``max_consecutive`` reused steps in a row; the counter resets on every full compute.
-8. the measured change: FBCache/DBCache reuse iff ``change < threshold`` (strict; higher threshold ⇒ more reuse);
+7. ``mask``     a step mask (``masks.py``) marks the step as one that must compute.
+8. ``max-consecutive``  at most ``max_consecutive`` reused steps in a row; the counter resets on every full compute.
+9. a *static* mask reuses every other step without measuring (reason ``mask-static``); otherwise
+   the measured change decides: FBCache/DBCache reuse iff ``change < threshold`` (strict; higher ⇒ more reuse);
    TeaCache adds ``max(poly(change), 0)`` to an accumulator and reuses iff the accumulator ``< threshold``. A NaN
    change never reuses. A threshold of 0 never reuses (the change and the accumulator are ≥ 0).
    Reasons: ``hit`` (reuse) or ``above-threshold`` (compute).
@@ -31,6 +33,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from .masks import StepMask
+
 
 @dataclass(frozen=True)
 class Rules:
@@ -41,6 +45,7 @@ class Rules:
     window: tuple[int, int] | None = None  # half-open [start, end) in absolute schedule steps; None = everywhere
     skip_interval: int | None = None  # DBCache refresh period N (None: no periodic refresh)
     accumulate: bool = False  # TeaCache: accumulate the rescaled change since the last compute
+    mask: StepMask | None = None  # steps that must compute, and whether the others measure (masks.py)
 
     def __post_init__(self):
         if not (self.threshold >= 0):
@@ -96,9 +101,18 @@ def forced(rules: Rules, info: StepInfo, counters: Counters) -> str | None:
         return "outside-window"
     if rules.skip_interval is not None and (info.step - anchor(rules, info)) % rules.skip_interval == 0:
         return "refresh"
+    if rules.mask is not None:
+        end = rules.window[1] if rules.window is not None else info.num_steps
+        if rules.mask.must_compute(info.step, anchor(rules, info), min(end, info.num_steps)):
+            return "mask"
     if counters.consecutive >= rules.max_consecutive:
         return "max-consecutive"
     return None
+
+
+def measures(rules: Rules, info: StepInfo, counters: Counters) -> bool:
+    """Whether the decision needs the measured change (no rule forces a compute and no static mask reuses)."""
+    return forced(rules, info, counters) is None and not (rules.mask is not None and rules.mask.static)
 
 
 def decide(
@@ -112,6 +126,10 @@ def decide(
     reason = forced(rules, info, counters)
     if reason is not None:
         return Decision(True, reason), Counters()
+    if rules.mask is not None and rules.mask.static:
+        return Decision(False, "mask-static"), replace(
+            counters, consecutive=counters.consecutive + 1, accumulated=counters.accumulated
+        )
     if change is None:
         raise ValueError("decide: the measured change is needed when no rule forces a compute")
     acc = None
@@ -128,4 +146,4 @@ def decide(
     return Decision(True, "above-threshold", acc), Counters()
 
 
-__all__ = ["Counters", "Decision", "Rules", "StepInfo", "anchor", "decide", "forced"]
+__all__ = ["Counters", "Decision", "Rules", "StepInfo", "anchor", "decide", "forced", "measures"]

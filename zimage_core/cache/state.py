@@ -6,9 +6,10 @@ that are computed). The model class knows nothing about caching::
 
     probe ─ TeaCache: RMSNorm₁(hidden)·(1 + scale_msa) of layer 0 (its timestep-modulated input)
     head  ─ layers[:head] always run        (FBCache 1, DBCache fn, TeaCache 0)
-    decide ─ policy.decide(step, window, counters, measured change)    (one host sync when it has to measure)
-    middle ─ compute: run layers[head:n−tail], store their residual     (+ the previous one for Taylor)
-           ─ reuse:   hidden + cached residual (+ coef·Δ, order-1 Taylor in σ)  — one fused kernel
+    decide ─ policy.decide(step, window, mask, counters, measured change)  (one host sync when it has to measure)
+    middle ─ compute: run layers[head:n−tail], store their residual     (and feed it to the calibrator)
+           ─ reuse:   hidden + cached residual — one fused kernel; with a calibrator (TaylorSeer, FoCa) the
+                      residual forecast at this σ instead
     tail  ─ layers[n−tail:] always run      (DBCache bn)
 
 Everything mutable lives here, one instance per request (per result): two requests on two threads share only the
@@ -18,6 +19,7 @@ immutable config and the model's weights. The pipeline tells the state where it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
@@ -25,7 +27,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..hooks import StackHook
-from .policy import Counters, StepInfo, decide, forced
+from .policy import Counters, StepInfo, decide, measures
+from .registry import make_calibrator
 from .stats import CacheStats
 
 
@@ -66,8 +69,24 @@ def _unreduced(sums):
     return sums
 
 
+def _rows(inp, rows: slice, batch: int):
+    """``inp`` (a frozen dataclass of per-batch tensors) restricted to ``rows`` of its batch dimension."""
+    kw = {}
+    for f in dataclasses.fields(inp):
+        v = getattr(inp, f.name)
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            kw[f.name] = v[rows]
+    return dataclasses.replace(inp, **kw)
+
+
 class CacheState(StackHook):
-    def __init__(self, config, num_steps: int | None = None, start_step: int = 0):
+    """Per-request state. With ``config.cfg_split`` the two CFG halves (rows ``[pos ‖ neg]``) decide separately: each
+    half has its own child state (its own reference, residual, counters and calibrator) and runs the middle layers
+    only when it computes; the batch is split only when this state is the only hook (ControlNet hints and parallel
+    runs are batch-shaped: they keep the joint decision). When CFG truncation drops the negative half, the positive
+    half's child carries on with its cache (same shape: no reset)."""
+
+    def __init__(self, config, num_steps: int | None = None, start_step: int = 0, _half: int | None = None):
         self.config = config
         self.rules = config.rules()
         self.num_steps = num_steps
@@ -76,10 +95,16 @@ class CacheState(StackHook):
         self.sigma: float | None = None
         self.counters = Counters()
         self.stats = CacheStats(config.describe())
-        self._is_tea = config.method == "tea"
-        self._taylor = bool(getattr(config, "taylor", False))
+        self._is_tea = config.probe == "input"  # the method measures layer 0's modulated input (TeaCache)
+        self._calibrator = make_calibrator(config.calibrator)
         self._key = None  # (shape, dtype, device) of the cached tensors
         self.reduce_metric = _unreduced  # parallel runs: sums the metric's two L1 sums over the ranks (same decision)
+        self._half = _half
+        self._halves = None
+        if getattr(config, "cfg_split", False) and _half is None:
+            self._halves = [CacheState(config, num_steps, start_step, _half=k) for k in (0, 1)]
+            for child in self._halves:
+                child.stats = self.stats  # one record per half per evaluation, marked with "half"
         self._drop()
 
     # ---- pipeline hooks ------------------------------------------------------------------------------------------
@@ -103,13 +128,26 @@ class CacheState(StackHook):
     def _drop(self) -> None:
         self._ref = None  # FB/DB: head residual of the last computed step; Tea: previous modulated input
         self._residual = None  # cached residual of the middle range
-        self._delta = None  # Taylor: residual − previous residual
-        self._spacing = None  # Taylor: position of the last compute − position of the one before
-        self._res_pos = None  # position (σ, else step) of the cached residual
+        if self._calibrator is not None:
+            self._calibrator.reset()
+        self._trust = True  # the calibrator's last checked forecast beat copying (see _check_forecast)
         self.counters = Counters()
 
     def _position(self) -> float:
-        return self.sigma if self.sigma is not None else float(self.step)
+        """Where the calibrator places this evaluation: the step index (``forecast_axis="step"``, as TaylorSeer and
+        cache-dit do; uniform) or σ (``"sigma"``, what ``taylor=True`` always did)."""
+        if self.config.forecast_axis == "sigma" and self.sigma is not None:
+            return self.sigma
+        return float(self.step)
+
+    def _check_forecast(self, pos: float, residual: torch.Tensor) -> None:
+        """On a computed step, before the calibrator learns it: would its forecast for this step have beaten copying
+        the cached residual? The next reuses forecast only if it did (``trust``); otherwise they copy. One host sync
+        per computed step, only with a calibrator."""
+        pred = self._calibrator.predict(pos)
+        errs = torch.stack([(pred - residual).abs().sum(), (self._residual.to(pred.dtype) - residual).abs().sum()])
+        err_forecast, err_copy = (float(v) for v in errs.tolist())
+        self._trust = err_forecast <= err_copy
 
     @staticmethod
     def _modulated_input(hidden, inp, layer0) -> torch.Tensor:
@@ -121,6 +159,23 @@ class CacheState(StackHook):
         """Innermost hook: runs the stack's ranges itself (``inner`` would run every layer) and leaves ``hidden`` /
         ``inp`` as the outer hooks made them."""
         hidden, inp = self.before_stack(hidden, inp)
+        batch = int(hidden.shape[0])
+        if (
+            self._halves is not None
+            and batch in (1, 2)
+            and len(stack.hooks) <= 1
+            and self.reduce_metric is _unreduced
+            and self._key is None
+        ):
+            for child in self._halves:
+                child.step, child.sigma = self.step, self.sigma
+            if batch == 1:  # CFG off (truncated): the positive half carries on
+                return self._halves[0].around_stack(inner, hidden, inp, stack)
+            outs = [
+                self._halves[k].around_stack(inner, hidden[k : k + 1], _rows(inp, slice(k, k + 1), batch), stack)
+                for k in (0, 1)
+            ]
+            return torch.cat(outs, 0)
         layers = stack.layers
         n = len(layers)
         head, tail = self.config.split(n)
@@ -147,12 +202,12 @@ class CacheState(StackHook):
         if n - tail - head <= 0 or (not self._is_tea and head == 0):
             decision_compute, reason, acc = True, "too-few-layers", None
         else:
-            if forced(self.rules, info, self.counters) is None:
+            if measures(self.rules, info, self.counters):
                 if self._is_tea:
                     change = relative_change(self.reduce_metric(ops.l1_sums(probe, self._ref)))
                 else:
                     change = relative_change(self.reduce_metric(ops.l1_sums(h, self._ref, a_sub=hidden)))
-            rescale = self.config.rescale if self._is_tea else None
+            rescale = self.config.rescale if self.rules.accumulate else None
             decision, self.counters = decide(self.rules, info, self.counters, change, rescale)
             decision_compute, reason, acc = decision.compute, decision.reason, decision.accumulated
         if self._is_tea:
@@ -165,18 +220,16 @@ class CacheState(StackHook):
             h_in = h
             h = stack.run(h, inp, head, n - tail)
             residual = h - h_in
-            if self._taylor:
-                if self._residual is not None and self._res_pos is not None and pos != self._res_pos:
-                    self._delta, self._spacing = residual - self._residual, pos - self._res_pos
-                else:
-                    self._delta = self._spacing = None
-            self._residual, self._res_pos = residual, pos
+            if self._calibrator is not None:
+                if self.config.forecast_guard and self._residual is not None:
+                    self._check_forecast(pos, residual)
+                self._calibrator.update(pos, residual)
+            self._residual = residual
             layers_run = n
         else:
-            delta, coef = None, 0.0
-            if self._taylor and self._delta is not None:
-                delta, coef = self._delta, (pos - self._res_pos) / self._spacing
-            h = ops.apply_residual(h, self._residual, delta, coef)
+            forecast = self._calibrator is not None and self._trust
+            residual = self._calibrator.predict(pos) if forecast else self._residual
+            h = ops.apply_residual(h, residual, None, 0.0)
             layers_run = head + tail
         h = stack.run(h, inp, n - tail, n)
 
@@ -189,5 +242,6 @@ class CacheState(StackHook):
             accumulated=acc,
             layers=layers_run,
             batch=int(hidden.shape[0]),
+            **({} if self._half is None else {"half": self._half}),
         )
         return h

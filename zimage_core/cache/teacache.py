@@ -1,7 +1,7 @@
 """TeaCache's rescaling coefficients: the per-model table, model identity, and the lookup with its fallback.
 
 The table (``tea_coefficients.json``) holds one entry per (model fingerprint, preset) written by
-``python -m zimage_core.cache.calibrate``: the degree-d polynomial (``numpy.poly1d`` order, highest power first) mapping
+``python -m zimage_bench calibrate``: the degree-d polynomial (``numpy.poly1d`` order, highest power first) mapping
 the relative L1 change of main layer 0's modulated input to the relative L1 change of the main stack's output,
 with the fit's R² and what it was fitted on. A model is identified by a fingerprint of its transformer config and
 a few weight slices (rounded to bf16, so an fp32 and a bf16 load of one checkpoint match), not by its folder name.
@@ -82,7 +82,7 @@ def save_entry(entry: dict, path: Path | None = None) -> Path:
     entries.sort(key=lambda e: (e.get("model", ""), e.get("preset", "")))
     doc = {
         "about": "TeaCache rescaling polynomials per model fingerprint and preset (highest power first); "
-        "regenerate with `python -m zimage_core.cache.calibrate --model PATH`",
+        "regenerate with `python -m zimage_bench calibrate --model PATH`",
         "entries": entries,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -102,7 +102,7 @@ def lookup(pipe, preset: str | None = None, path: Path | None = None) -> TeaCoef
                 "kind": "identity",
                 "fingerprint": fp,
                 "note": "no calibrated coefficients for this model: raw relative L1 change, not rescaled "
-                "(run python -m zimage_core.cache.calibrate --model PATH)",
+                "(run python -m zimage_bench calibrate --model PATH)",
             },
         )
     src = {k: v for k, v in chosen.items() if k != "coefficients"}

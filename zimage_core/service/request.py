@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cache import CacheConfig, DBCacheConfig, FBCacheConfig, TeaCacheConfig
+from ..cache import METHODS, PRESETS, CacheConfig
 from ..config import SEED_MAX
 from ..controlnet.layouts import CONTROL_TYPES
 from ..errors import RequestError, show
@@ -85,13 +85,15 @@ SCHEMA: dict[str, Field] = {
     "acceleratorOptions": Field("object", fields={
         **{f"cache{k}": v for k, v in WINDOW.items()},
         "cacheMaxConsecutiveSteps": Field("int", default=CacheConfig.max_consecutive, lo=1, hi=5),
-        "fbCache": Field("bool", default=False),
-        "fbCacheThreshold": Field("float", default=FBCacheConfig.threshold, lo=0, hi=1),
-        "teaCache": Field("bool", default=False),
-        "teaCacheDistance": Field("float", default=TeaCacheConfig.threshold, lo=0, hi=1),
-        "dbCache": Field("bool", default=False),
-        "dbCacheThreshold": Field("float", default=DBCacheConfig.threshold, lo=0, hi=1),
-        "dbCacheSkipInterval": Field("int", default=DBCacheConfig.skip_interval, lo=1, hi=1000),
+        **{  # each step-cache method's switch and fields, from the cache registry (zimage_core/cache/registry.py)
+            k: v
+            for m in METHODS.values()
+            for k, v in {
+                m.switch: Field("bool", default=False),
+                **{o.request: Field(o.kind, default=getattr(m.config, o.attr), lo=o.lo, hi=o.hi) for o in m.options},
+            }.items()
+        },
+        "cachePreset": Field("enum", choices=tuple(PRESETS)),  # extension (not in the spec): a named cache preset
     }),
     # inputs
     "inputs": Field("object", fields={"seedImage": Field("str", min_len=1), "maskImage": Field("str", min_len=1)}),
@@ -261,7 +263,7 @@ class RequestArgs:
     raw: dict  # normalised request (defaults filled)
     steps: int
     cfg_scale: float
-    cache: dict | None  # {"method": "fb"|"tea"|"db", ...} when a step cache is requested
+    cache: dict | None  # {"method": "fb"|"tea"|"db", ...} or {"preset": name} when a step cache is requested
     cache_window: tuple[int, int] | None
 
 
@@ -319,38 +321,37 @@ def validate_request(
     accel = r.get("acceleratorOptions")
     cache, window = None, None
     if accel is not None:
-        on = [m for m in ("fbCache", "teaCache", "dbCache") if accel.get(m)]
+        switches = {m.switch: m for m in METHODS.values()}
+        on = [m for m in switches if accel.get(m)]
         if len(on) > 1:
             raise RequestError(f"acceleratorOptions.{on[1]}", f"only one step cache at a time (got {', '.join(on)})")
         # options given with a value; a cache switch set to false (its default) counts as not given
         given = {
-            k
-            for k, v in request["acceleratorOptions"].items()
-            if v is not None and not (k in ("fbCache", "teaCache", "dbCache") and v is False)
+            k for k, v in request["acceleratorOptions"].items() if v is not None and not (k in switches and v is False)
         }
-        owners = {
-            "fbCacheThreshold": "fbCache",
-            "teaCacheDistance": "teaCache",
-            "dbCacheThreshold": "dbCache",
-            "dbCacheSkipInterval": "dbCache",
-        }
+        owners = {o.request: m.switch for m in METHODS.values() for o in m.options}
+        preset = accel.get("cachePreset")
+        if preset is not None and (on or given & set(owners) or "cacheMaxConsecutiveSteps" in given):
+            key = sorted(on or given & {*owners, "cacheMaxConsecutiveSteps"})[0]
+            raise RequestError(
+                f"acceleratorOptions.{key}",
+                f"cannot be combined with cachePreset ({preset!r} sets the method and its options; "
+                f"give a preset or a method switch with its options)",
+            )
         for key, owner in owners.items():
             if key in given and not accel.get(owner):
                 raise RequestError(f"acceleratorOptions.{key}", f"has no effect without {owner}: true")
         window = resolve_window(accel, "cache", steps, "acceleratorOptions.")
-        if on:
-            method = on[0]
-            cache = {"method": method[:-5], "max_consecutive": accel["cacheMaxConsecutiveSteps"]}
-            cache["threshold"] = {
-                "fbCache": accel["fbCacheThreshold"],
-                "teaCache": accel["teaCacheDistance"],
-                "dbCache": accel["dbCacheThreshold"],
-            }[method]
-            if method == "dbCache":
-                cache["skip_interval"] = accel["dbCacheSkipInterval"]
+        if preset is not None:
+            cache = {"preset": preset}
+        elif on:
+            m = switches[on[0]]
+            cache = {"method": m.name, "max_consecutive": accel["cacheMaxConsecutiveSteps"]}
+            cache.update({o.attr: accel[o.request] for o in m.options})
         elif given - {"cacheMaxConsecutiveSteps"}:
             key = sorted(given)[0]
             raise RequestError(
-                f"acceleratorOptions.{key}", "has no effect without a step cache (fbCache, teaCache or dbCache: true)"
+                f"acceleratorOptions.{key}",
+                f"has no effect without a step cache ({', '.join(switches)}: true, or cachePreset)",
             )
     return RequestArgs(r, steps, cfg_scale, cache, window)

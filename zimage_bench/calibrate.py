@@ -1,4 +1,4 @@
-"""TeaCache calibration: ``python -m zimage_core.cache.calibrate --model PATH [--preset ID] ...``.
+"""TeaCache calibration: ``python -m zimage_bench calibrate --model PATH [--preset ID] ...``.
 
 Runs *uncached* generations over a prompt set and, at every model evaluation after the first, records
 
@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from zimage_core.cache.state import relative_change
+from zimage_core.hooks import StackHook
 from zimage_kernels.reference import l1_sums
-
-from ..hooks import StackHook
-from .state import relative_change
 
 PROMPTS_PATH = Path(__file__).with_name("prompts.txt")
 
@@ -103,7 +102,7 @@ def r_squared(y, y_hat) -> float:
 
 def git_sha() -> str:
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = Path(__file__).resolve().parents[1]
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
         return sha.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
@@ -113,7 +112,7 @@ def git_sha() -> str:
 
 def calibrate(pipe, prompts, *, preset=None, steps=None, cfg_scale=None, size=None, degree=4, seed=0) -> dict:
     """Run the recording generations and return the table entry (not yet saved)."""
-    from .teacache import model_fingerprint, model_kind
+    from zimage_core.cache.teacache import model_fingerprint, model_kind
 
     preset = preset or pipe.default_model
     d = pipe.defaults(preset)
@@ -158,10 +157,12 @@ def calibrate(pipe, prompts, *, preset=None, steps=None, cfg_scale=None, size=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zimage_core.cache.calibrate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zimage_bench calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="pipeline folder (default: the embedded default model)")
     p.add_argument("--preset", help="model preset id whose steps/CFG are used and under which the entry is stored")
-    p.add_argument("--prompts", help="prompt file, one per line (default: the bundled set)")
+    p.add_argument(
+        "--prompts", help="prompt file, one per line (default: the model's own, else zimage_bench/prompts.txt)"
+    )
     p.add_argument("-n", "--num-prompts", type=int, default=16)
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg-scale", type=float)
@@ -179,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
+    from zimage_core.cache.teacache import save_entry
     from zimage_core.default_model import default_model_path
     from zimage_core.pipeline import ZImage
-
-    from .teacache import save_entry
 
     pipe = ZImage.from_pretrained(args.model or default_model_path(), device=args.device)  # bf16 on CUDA, fp32 CPU
     prompts = load_prompts(args.prompts, args.num_prompts, pipe)

@@ -1,0 +1,43 @@
+"""Named step-cache presets a user can pick without knowing thresholds: ``quality``, ``balanced``, ``fast``,
+``ultra``.
+
+Each is one point on the Pareto front measured by ``python -m zimage_bench cache --sweep`` (``docs/cache-presets.md``
+has the table, the command and the model it was measured on). They are library configs, so they may use knobs the
+request API does not expose (a calibrator, a step mask, a consecutive cap above the API's 5). In a request they
+are the extension field ``acceleratorOptions.cachePreset`` (not in the spec); the request's cache window still
+applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .config import CacheConfig
+from .masks import StepMask
+
+# name -> (method, config keyword arguments). Picked from the sweep (docs/cache-presets.md).
+STATIC = 100  # a static mask decides the pattern: the consecutive cap only has to stay out of its way
+PRESETS: dict[str, tuple[str, dict]] = {
+    "quality": ("tea", {"threshold": 0.5, "max_consecutive": 3, "calibrator": "taylorseer2"}),
+    "balanced": (
+        "tea",
+        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=6, policy="static")},
+    ),
+    "fast": (
+        "tea",
+        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=8, policy="static")},
+    ),
+    "ultra": ("tea", {"threshold": 1.0, "max_consecutive": 6, "calibrator": "taylorseer1"}),
+}
+
+
+def preset_config(name: str, *, pipe=None, model_preset: str | None = None, window=None) -> CacheConfig:
+    """The config of preset ``name`` (with ``pipe``: TeaCache's calibrated coefficients for that model)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown cache preset {name!r}; known: {', '.join(PRESETS)}")
+    method, kw = PRESETS[name]
+    cfg = CacheConfig.for_method(method, pipe=pipe, preset=model_preset, **kw)
+    return replace(cfg, window=window) if window is not None else cfg
+
+
+__all__ = ["PRESETS", "preset_config"]
