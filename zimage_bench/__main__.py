@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in COMMANDS.items():
             print(f"  {name:<11} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    if name == "cache" and "--sweep" in argv[1:]:  # every method × calibrator × step mask, cache-dit side by side
+        name = "cache_sweep"
     try:
-        module = importlib.import_module(f"zimage_bench.{argv[0]}")
+        module = importlib.import_module(f"zimage_bench.{name}")
     except ModuleNotFoundError as e:
-        if e.name == f"zimage_bench.{argv[0]}":
+        if e.name == f"zimage_bench.{name}":
             print(f"bench {argv[0]}: not implemented yet", file=sys.stderr)
             return 2
         raise

@@ -456,10 +456,6 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None and "--sweep" in argv:  # every method × calibrator × step mask, and cache-dit side by side
-        from .cache_sweep import main as sweep_main
-
-        return sweep_main(argv)
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

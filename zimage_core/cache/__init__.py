@@ -32,12 +32,11 @@ from .config import (
     DBCacheConfig,
     FBCacheConfig,
     TeaCacheConfig,
-    from_request,
 )
 from .foca import FoCa
 from .masks import StepMask
 from .policy import Counters, Decision, Rules, StepInfo, decide, forced
-from .presets import PRESETS, preset_config
+from .presets import PRESETS, from_request, preset_config
 from .registry import CALIBRATORS, METHODS, CacheMethod, Option
 from .state import CacheState, StepCache, StepCacheState, relative_change
 from .taylorseer import TaylorSeer

@@ -232,19 +232,3 @@ class DBCacheConfig(CacheConfig):
 
 
 CONFIGS: dict[str, type[CacheConfig]] = {name: m.config for name, m in METHODS.items()}
-
-
-def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
-    """The config for a validated request (``zimage_core.service.request``: ``{"method", "max_consecutive", <each
-    registered option's config attribute>}`` or ``{"preset": name}``, and the resolved half-open window). ``steps``
-    is checked against the window. ``preset`` here is the *model* preset (TeaCache coefficients)."""
-    if window is not None and window[1] > steps:
-        raise ValueError(f"cache window {window} ends after the last step ({steps})")
-    if "preset" in cache:
-        from .presets import preset_config
-
-        return preset_config(cache["preset"], pipe=pipe, model_preset=preset, window=window)
-    m = lookup_method(cache["method"])
-    kw = {"max_consecutive": cache.get("max_consecutive", CacheConfig.max_consecutive), "window": window}
-    kw.update({o.attr: cache[o.attr] for o in m.options if o.attr in cache})
-    return CacheConfig.for_method(m.name, pipe=pipe, preset=preset, **kw)

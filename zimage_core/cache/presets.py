@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from .config import CacheConfig
 from .masks import StepMask
+from .registry import method as lookup_method
 
 # name -> (method, config keyword arguments). Picked from the sweep (docs/cache-presets.md).
 STATIC = 100  # a static mask decides the pattern: the consecutive cap only has to stay out of its way
@@ -41,3 +42,17 @@ def preset_config(name: str, *, pipe=None, model_preset: str | None = None, wind
 
 
 __all__ = ["PRESETS", "preset_config"]
+
+
+def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
+    """The config for a validated request (``zimage_core.service.request``: ``{"method", "max_consecutive", <each
+    registered option's config attribute>}`` or ``{"preset": name}``, and the resolved half-open window). ``steps``
+    is checked against the window. ``preset`` here is the *model* preset (TeaCache coefficients)."""
+    if window is not None and window[1] > steps:
+        raise ValueError(f"cache window {window} ends after the last step ({steps})")
+    if "preset" in cache:
+        return preset_config(cache["preset"], pipe=pipe, model_preset=preset, window=window)
+    m = lookup_method(cache["method"])
+    kw = {"max_consecutive": cache.get("max_consecutive", CacheConfig.max_consecutive), "window": window}
+    kw.update({o.attr: cache[o.attr] for o in m.options if o.attr in cache})
+    return CacheConfig.for_method(m.name, pipe=pipe, preset=preset, **kw)
