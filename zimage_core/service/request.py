@@ -124,8 +124,8 @@ SCHEMA: dict[str, Field] = {
         "confidence": Field("float", default=0.9, lo=0, hi=1),
         "maskBlur": Field("int", default=5, lo=0, hi=100),
         "maskPadding": Field("int", default=5, lo=0, hi=20),
-        "negativePrompt": Field("str", max_len=3000),
-        "positivePrompt": Field("str", max_len=3000),
+        "negativePrompt": Field("str", min_len=2, max_len=3000),  # the main prompts' bounds
+        "positivePrompt": Field("str", min_len=2, max_len=3000),
         "steps": Field("int", default=20, lo=1, hi=100),
         "strength": Field("float", default=0.3, lo=0, hi=1),
     }),
@@ -244,6 +244,12 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
     start, end = bounds.get("Start", 0), bounds.get("End", steps)
     if end > steps:
         raise RequestError(f"{path}{keys['End']}", f"must be <= steps ({steps}), got {show(end)}")
+    if end < 1 and "End" in keys:  # an end percentage that rounds down to step 0: the end is at fault
+        raise RequestError(
+            f"{path}{keys['End']}",
+            f"ends the window at step 0 of {steps} (floor({show(opts[keys['End']])} * {steps} / 100)); "
+            "the end must be at least step 1",
+        )
     if start >= end:
         key = keys.get("Start", keys.get("End"))
         raise RequestError(f"{path}{key}", f"must be < the end step ({show(end)}), got start step {show(start)}")
