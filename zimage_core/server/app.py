@@ -591,7 +591,7 @@ async def rest_endpoint(request: Request) -> Response:
             result = await service.dispatch(owner, item, None)
         except ApiError as e:
             errors.append(_error_item(e, item))
-            statuses.append(e.http_status)
+            statuses.append(_rest_status(e))
             continue
         if isinstance(result, Task):
             waits.append((result, item))
@@ -604,7 +604,7 @@ async def rest_endpoint(request: Request) -> Response:
                 await task.done.wait()
                 if task.error is not None:
                     errors.append(_error_item(task.error, item))
-                    statuses.append(task.error.http_status)
+                    statuses.append(_rest_status(task.error))
                 else:
                     data.extend(task.items)
         finally:
@@ -627,6 +627,19 @@ async def _cancel_on_disconnect(request: Request, tasks: list[Task]) -> None:
                     t.finish(error=ApiError("cancelled"))
             return
         await asyncio.sleep(0.25)
+
+
+# A task that was accepted and then failed (a fault while it ran, its deadline, its upload) has that failure as its
+# recorded outcome: a resend of its taskUUID, or a getResponse, is answered with the same error, so a retry cannot
+# succeed. runware-sdk retries HTTP 408, 429 and 5xx (three times by default): such outcomes are answered 422, which
+# no official client retries. shuttingDown (the task never ran; another server may run it) and cancelled keep theirs.
+TASK_FAILURE_STATUS = 422
+
+
+def _rest_status(err: ApiError) -> int:
+    if getattr(err, "outcome", False) and err.code not in ("shuttingDown", "cancelled") and err.http_status >= 500:
+        return TASK_FAILURE_STATUS
+    return err.http_status
 
 
 def _rest_errors(items: list[dict], status: int) -> JSONResponse:
