@@ -36,10 +36,10 @@ from starlette.websockets import WebSocket
 
 from ..service import engine
 from ..service.engine import RequestError
-from . import playground, progress
+from . import durable, playground, progress
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .protocol import ApiError, clip, normalize_inference, parse_frame
+from .protocol import ERROR_CODES, ApiError, clip, normalize_inference, parse_frame
 from .tasks import PENDING, Job, Task, TaskTable, WorkQueue
 
 log = logging.getLogger("zimage_core.server")
@@ -64,6 +64,12 @@ class Settings:
     output_bytes: int = 2 * 2**30  # URL outputs and uploads kept on disk, at most (oldest evicted first)
     output_dir: str | None = None
     public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
+    lora_dir: str | None = None  # LoRA store: lora[].model "<id>" is <lora_dir>/<id>.safetensors
+    content_checker: object | None = None  # callable(PIL image) -> True when NSFW; enables safety.checkContent
+    face_detector: object | None = None  # callable(PIL image) -> [(x0, y0, x1, y1, confidence)]; enables ultralytics
+    results_dir: str | None = None  # durable async results (survive a restart); None: memory only (see durable.py)
+    results_items: int = 1000
+    results_bytes: int = 512 * 2**20
     max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
     shutdown_grace_s: float = 30.0  # on SIGTERM the running task gets this long to finish
     outbound: engine.OutboundPolicy = field(default_factory=engine.OutboundPolicy)
@@ -181,6 +187,12 @@ class Service:
             settings.output_dir is None,
         )
         self.registry = TaskTable(settings.registry_size, settings.registry_ttl_s)
+        self.results = None  # durable.ResultStore when settings.results_dir is set
+        if settings.results_dir:
+            self.results = durable.ResultStore(
+                settings.results_dir, settings.results_items, settings.results_bytes, settings.registry_ttl_s
+            )
+        self._persisting: set[asyncio.Future] = set()
         self.queue: WorkQueue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -202,6 +214,9 @@ class Service:
             self._spawn(self._load())
 
     def _model_ready(self) -> None:
+        s = self.settings
+        engine.configure(self.pipe, lora_dir=s.lora_dir, content_checker=s.content_checker,
+                         face_detector=s.face_detector)  # fmt: skip
         self.queue.ready.set()
 
     async def _load(self) -> None:
@@ -223,6 +238,8 @@ class Service:
         log.info("shutting down: failing queued tasks, finishing the running one")
         await self.queue.drain(self.settings.shutdown_grace_s)
         await asyncio.sleep(0.2)  # let the senders deliver the last frames
+        if self._persisting:  # async outcomes still being written to the durable store
+            await asyncio.wait(list(self._persisting), timeout=10)
 
     async def shutdown(self) -> None:
         if not self.draining:
@@ -298,6 +315,12 @@ class Service:
                 return existing  # answered from the first run
             if existing is not None:
                 self.registry.remove(existing)
+            elif async_ and self.results is not None:
+                record = await self._durable(owner, task_uuid)
+                if record is not None:
+                    if record["fingerprint"] != fp:
+                        raise ApiError("conflictTaskUUID", parameter="taskUUID")
+                    return self._answer_record(record)
         if self.draining:
             raise ApiError("shuttingDown")
         for f in ("webhookURL", "uploadEndpoint"):
@@ -358,6 +381,42 @@ class Service:
         if async_ and self.ray is not None:
             err = None if task.error is None else task.error.item(None, None)
             self.ray.publish_result(task.owner, task.task_uuid, task.items, err)
+        if async_ and self.results is not None and not task.cancelled:
+            fut = asyncio.ensure_future(asyncio.to_thread(self._persist, task))
+            self._persisting.add(fut)
+            fut.add_done_callback(self._persisting.discard)
+
+    def _persist(self, task: Task) -> None:
+        """Write a finished async task's outcome (and its URL outputs' files) to the durable store (a thread)."""
+        err = None if task.error is None else task.error.item(None, None)
+        images = {}
+        for it in task.items:
+            name = str(it.get("imageURL", "")).rsplit("/", 1)[-1].lower()
+            if name and (data := self.store.get(name)) is not None:
+                images[name] = data
+        try:
+            self.results.put(task.owner, task.task_uuid, task.fingerprint, task.items, err, images)
+        except OSError as e:
+            log.warning("durable results: could not write a result: %s", e)
+
+    async def _durable(self, owner: str, task_uuid: str) -> dict | None:
+        record = await asyncio.to_thread(self.results.get, owner, task_uuid)
+        if record is not None:
+            for name, data in record["images"].items():  # URL outputs answer again after a restart
+                stem, _, ext = name.partition(".")
+                if self.store.get(name) is None and engine.is_image_uuid(stem) and ext in CONTENT_TYPES:
+                    await asyncio.to_thread(self.store.put, stem, data, ext)
+        return record
+
+    @staticmethod
+    def _answer_record(record: dict) -> list[dict]:
+        err = record.get("error")
+        if err is not None:
+            e = ApiError(err["code"] if err.get("code") in ERROR_CODES else "internalError", err.get("message"),
+                         err.get("parameter"))  # fmt: skip
+            e.outcome = True
+            raise e
+        return [{**it, "status": "success"} for it in record["items"]]
 
     async def get_response(self, owner: str, item: dict) -> list[dict]:
         task_uuid = item.get("taskUUID")
@@ -373,6 +432,10 @@ class Service:
                 if err is not None:
                     raise ApiError(err["code"], err["message"], err.get("parameter"))
                 return [{**it, "status": "success"} for it in items]
+        if task is None and self.results is not None:  # finished before a restart
+            record = await self._durable(owner, task_uuid)
+            if record is not None:
+                return self._answer_record(record)
         if task is None:
             raise ApiError("taskNotFound", parameter="taskUUID")
         with contextlib.suppress(asyncio.TimeoutError):
