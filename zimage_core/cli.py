@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:CALLABLE",
         help="callable(PIL image) -> [(x0, y0, x1, y1, confidence)]; enables ultralytics",
     )
-    s.add_argument("--results-dir", metavar="DIR", help="durable async results (default $ZIMAGE_STATE_DIR/results)")
+    s.add_argument("--results-dir", metavar="DIR", help="durable async results (default $ZIMAGE_STATE_DIR/results/PORT)")
     s.add_argument("--no-durable-results", action="store_true", help="keep async results in memory only")
     s.add_argument("--results-items", type=int, default=1000, help="durable async results kept, at most")
     s.add_argument("--results-bytes", type=int, default=512 * 2**20, help="bytes of durable async results, at most")
@@ -262,7 +262,7 @@ def _serve_extras(args) -> dict:
             raise SystemExit(f"zimage serve: {flag} must be >= 1, got {value}")
     results_dir = None
     if not args.no_durable_results:
-        results_dir = Path(args.results_dir).expanduser() if args.results_dir else durable.default_dir()
+        results_dir = Path(args.results_dir).expanduser() if args.results_dir else durable.default_dir(args.port)
         try:
             results_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

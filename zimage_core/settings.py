@@ -97,7 +97,7 @@ SETTINGS: dict[str, tuple[Setting, ...]] = {
         Setting(
             "ZIMAGE_STATE_DIR",
             "$XDG_STATE_HOME/zimage (~/.local/state/zimage)",
-            "State folder of `zimage serve`: async results are kept in `<state>/results` so that `getResponse` "
+            "State folder of `zimage serve`: async results are kept in `<state>/results/<port>` so that `getResponse` "
             "answers after a restart (`--results-dir` overrides, `--no-durable-results` turns it off).",
             "zimage_core/server/durable.py",
         ),

@@ -44,6 +44,8 @@ from .tasks import PENDING, Job, Task, TaskTable, WorkQueue
 
 log = logging.getLogger("zimage_core.server")
 
+ORPHAN_TTL_S = 600.0  # a reconnecting client's undelivered results are kept this long for its session
+MAX_ORPHANS = 1000  # sessions with undelivered results, at most
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # decoded at the edge; anything else is refused
 CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -144,6 +146,7 @@ class Connection:
         self.session = str(uuid.uuid4())
         self.closed = False
         self.tasks: set[Task] = set()
+        self.undelivered: dict[Task, dict] = {}  # sync tasks whose results this socket has not sent yet -> the task
         self.senders: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
@@ -193,6 +196,9 @@ class Service:
                 settings.results_dir, settings.results_items, settings.results_bytes, settings.registry_ttl_s
             )
         self._persisting: set[asyncio.Future] = set()
+        # (owner, connectionSessionUUID) -> (time, [(task, item)]): results a closed socket did not get, for a
+        # client that reconnects with that session (authentication with connectionSessionUUID); see resume()
+        self.orphans: dict[tuple[str, str], tuple[float, list]] = {}
         self.queue: WorkQueue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -515,10 +521,27 @@ class Service:
                 task.cancelled = True
                 task.finish(error=ApiError("cancelled"))
                 n += 1
+        kept = [(t, it) for t, it in conn.undelivered.items() if not t.cancelled and t.connection is conn]
+        now = time.monotonic()
+        for key in [k for k, (t, _) in self.orphans.items() if now - t > ORPHAN_TTL_S]:
+            del self.orphans[key]
+        if kept and conn.owner is not None and len(self.orphans) < MAX_ORPHANS:
+            self.orphans[(conn.owner, conn.session)] = (now, kept)
         for t in list(conn.senders):
             t.cancel()
         if n:
             log.info("client disconnected: %d queued task(s) cancelled", n)
+
+    def resume(self, conn: Connection) -> int:
+        """A client that authenticated again with its earlier connectionSessionUUID: the results its closed socket
+        did not get (tasks that were running, or finished while it was away) are sent on this socket instead."""
+        _, kept = self.orphans.pop((conn.owner, conn.session), (0.0, []))
+        for task, item in kept:
+            task.connection = conn
+            conn.tasks.add(task)
+            conn.undelivered[task] = item
+            conn.spawn(_deliver(conn, task, item))
+        return len(kept)
 
 
 def _log_webhook(fut) -> None:
@@ -575,6 +598,8 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
             if isinstance(resumed, str) and engine.is_image_uuid(resumed):
                 conn.session = resumed
             await conn.send({"data": [{"taskType": "authentication", "connectionSessionUUID": conn.session}]})
+            if service.resume(conn):
+                log.info("session resumed: in-flight results moved to the new socket")
             return
         if item.get("taskType") == "ping":
             await conn.send({"data": [{"taskType": "ping", "pong": True}]})
@@ -595,6 +620,9 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
         await conn.send({"errors": [err_item]})
         return
     if isinstance(result, Task):
+        if result in conn.undelivered:  # a resend of a task this socket already delivers (a resumed session's)
+            return
+        conn.undelivered[result] = item
         conn.spawn(_deliver(conn, result, item))
     else:
         await conn.send({"data": result})
@@ -613,9 +641,10 @@ async def _deliver(conn: Connection, task: Task, item: dict) -> None:
         await task.done.wait()
         if task.error is not None:
             await conn.send({"errors": [_error_item(task.error, item)]})
-            return
-        for it in task.items:
+        for it in task.items if task.error is None else ():
             await conn.send({"data": [it]})
+        if not conn.closed:
+            conn.undelivered.pop(task, None)
     finally:
         conn.tasks.discard(task)
 

@@ -31,13 +31,13 @@ log = logging.getLogger("zimage_core.server")
 SUFFIX = ".result.json"
 
 
-def default_dir() -> Path:
-    """``$ZIMAGE_STATE_DIR/results`` (``$ZIMAGE_STATE_DIR`` defaults to ``$XDG_STATE_HOME/zimage``, else
-    ``~/.local/state/zimage``)."""
+def default_dir(port: int) -> Path:
+    """``$ZIMAGE_STATE_DIR/results/<port>`` (``$ZIMAGE_STATE_DIR`` defaults to ``$XDG_STATE_HOME/zimage``, else
+    ``~/.local/state/zimage``): one folder per port, so that two servers on one machine keep their own."""
     state = os.environ.get("ZIMAGE_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zimage"
     )
-    return Path(state).expanduser() / "results"
+    return Path(state).expanduser() / "results" / str(int(port))
 
 
 class ResultStore:
