@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:CALLABLE",
         help="callable(PIL image) -> [(x0, y0, x1, y1, confidence)]; enables ultralytics",
     )
-    s.add_argument("--results-dir", metavar="DIR", help="durable async results (default $ZIMAGE_STATE_DIR/results/PORT)")
+    s.add_argument("--results-dir", metavar="DIR", help="async results on disk ($ZIMAGE_STATE_DIR/results/PORT)")
     s.add_argument("--no-durable-results", action="store_true", help="keep async results in memory only")
     s.add_argument("--results-items", type=int, default=1000, help="durable async results kept, at most")
     s.add_argument("--results-bytes", type=int, default=512 * 2**20, help="bytes of durable async results, at most")

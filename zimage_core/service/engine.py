@@ -86,13 +86,10 @@ def configure(pipe, *, lora_dir: str | None = None, content_checker=None, face_d
     from ..lora import LoraStore
     from .infer import default_config
 
-    config = default_config(pipe)
-    if lora_dir:
-        config.lora_resolver = LoraStore(lora_dir)
-    if content_checker is not None:
-        config.content_checker = content_checker
-    if face_detector is not None:
-        config.face_detector = face_detector
+    config = default_config(pipe)  # the server's settings are the whole truth: what is not given is turned off
+    config.lora_resolver = LoraStore(lora_dir) if lora_dir else None
+    config.content_checker = content_checker
+    config.face_detector = face_detector
 
 
 def remember_image(pipe, image_uuid: str, image: Image.Image) -> None:
