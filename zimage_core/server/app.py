@@ -147,6 +147,7 @@ class Connection:
         self.closed = False
         self.tasks: set[Task] = set()
         self.undelivered: dict[Task, dict] = {}  # sync tasks whose results this socket has not sent yet -> the task
+        self.resumed: set[Task] = set()  # tasks moved here from this session's closed socket
         self.senders: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
@@ -540,6 +541,7 @@ class Service:
             task.connection = conn
             conn.tasks.add(task)
             conn.undelivered[task] = item
+            conn.resumed.add(task)
             conn.spawn(_deliver(conn, task, item))
         return len(kept)
 
@@ -620,7 +622,8 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
         await conn.send({"errors": [err_item]})
         return
     if isinstance(result, Task):
-        if result in conn.undelivered:  # a resend of a task this socket already delivers (a resumed session's)
+        if result in conn.resumed:  # a resend of a task the resumed session already delivers here: once is enough
+            conn.resumed.discard(result)
             return
         conn.undelivered[result] = item
         conn.spawn(_deliver(conn, result, item))
