@@ -443,6 +443,8 @@ def test_serve_flags_are_checked_with_one_line_errors(tmp_path):
     assert "--content-checker" in _serve_fails("--content-checker", "json")  # no :CALLABLE
     assert "--face-detector" in _serve_fails("--face-detector", "json:no_such_function")
     assert "--results-items" in _serve_fails("--results-items", "0")
+    (tmp_path / "h.py").write_text("def f(image):\n    return False\n")
+    assert "--ray" in _serve_fails("--ray", "--content-checker", f"{tmp_path / 'h.py'}:f")
 
 
 def test_serve_flags_reach_the_server(tiny_pipe, tmp_path):

@@ -255,6 +255,9 @@ def _serve_extras(args) -> dict:
     """The LoRA store, content checker, face detector and durable-results flags, checked (one-line errors)."""
     from .server import durable
 
+    for flag, spec in (("--content-checker", args.content_checker), ("--face-detector", args.face_detector)):
+        if args.ray and spec and spec.rpartition(":")[0].endswith(".py"):  # replicas import it by module name
+            raise SystemExit(f"zimage serve: {flag} with --ray needs an importable MODULE:CALLABLE, not a .py path")
     if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
         raise SystemExit(f"zimage serve: --lora-dir: {args.lora_dir!r} is not a directory")
     for flag, value in (("--results-items", args.results_items), ("--results-bytes", args.results_bytes)):
