@@ -469,3 +469,38 @@ def test_serve_flags_reach_the_server(tiny_pipe, tmp_path):
         status2, body2 = _post(s.base, [task(lora=[{"model": "not-there"}])], key="any")
     assert status == 200 and body["data"][0]["NSFWContent"] is True and body["data"][0]["seed"] == 9, body
     assert status2 == 400 and body2["errors"][0]["parameter"] == "lora[0].model"
+
+
+# ---- runware-sdk over WebSocket: the 1 MiB frame limit (documented) and the way around it ------------------------
+SDK_BIG = """
+    import asyncio, json, sys
+    from runware import Runware
+
+    WS, BASE = sys.argv[1], sys.argv[2]
+    T = {"taskType": "imageInference", "model": "runware:z-image@0", "positivePrompt": "a red circle", "width": 1024,
+         "height": 1024, "steps": 1, "CFGScale": 1.0, "deliveryMethod": "sync", "seed": 1}
+    B64 = {"outputType": "base64Data", "outputFormat": "PNG"}
+
+    async def main():
+        out = {}
+        for name, transport, extra in (("ws_url", "websocket", {"outputType": "URL"}), ("ws_b64", "websocket", B64),
+                                       ("rest_b64", "rest", B64)):
+            kw = {"ws_base_url": WS} if transport == "websocket" else {"http_base_url": BASE}
+            try:
+                async with Runware(api_key="k", transport=transport, timeout=60000, max_retries=0, **kw) as c:
+                    r = await c.run({**T, **extra})
+                    out[name] = {"ok": True, "b64": len(r[0].get("imageBase64Data", ""))}
+            except Exception as e:
+                out[name] = {"ok": False, "error": str(e)[:200]}
+        print(json.dumps(out))
+
+    asyncio.run(main())
+"""
+
+
+def test_runware_sdk_websocket_frame_limit_and_the_url_way_around(sdk_python, tiny_pipe, tmp_path):  # noqa: F811
+    with ServerThread(tiny_pipe, api_keys=["k"]) as s:
+        out = _py(sdk_python, SDK_BIG, s.ws_url, f"{s.base}/v1", cwd=tmp_path)
+    assert out["ws_url"]["ok"], out  # outputType URL: the frame carries a URL
+    assert out["rest_b64"]["ok"] and out["rest_b64"]["b64"] > 2**20, out  # the same image over REST: > 1 MiB
+    assert not out["ws_b64"]["ok"] and "Connection lost" in out["ws_b64"]["error"], out  # over WebSocket: lost
