@@ -444,6 +444,7 @@ def test_serve_flags_are_checked_with_one_line_errors(tmp_path):
     assert "--face-detector" in _serve_fails("--face-detector", "json:no_such_function")
     assert "--results-items" in _serve_fails("--results-items", "0")
     (tmp_path / "h.py").write_text("def f(image):\n    return False\n")
+    assert "--results-dir" in _serve_fails("--results-dir", str(tmp_path / "h.py" / "results"))  # under a file
     assert "--ray" in _serve_fails("--ray", "--content-checker", f"{tmp_path / 'h.py'}:f")
 
 

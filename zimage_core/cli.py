@@ -266,13 +266,11 @@ def _serve_extras(args) -> dict:
     results_dir = None
     if not args.no_durable_results:
         results_dir = Path(args.results_dir).expanduser() if args.results_dir else durable.default_dir(args.port)
-        try:
-            results_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            msg = f"zimage serve: --results-dir: cannot create {str(results_dir)!r} ({e.strerror})"
-            raise SystemExit(msg) from None
-        if not os.access(results_dir, os.W_OK):
-            raise SystemExit(f"zimage serve: --results-dir: {str(results_dir)!r} is not writable")
+        existing = results_dir  # checked, not created here: the server creates it when it starts
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise SystemExit(f"zimage serve: --results-dir: {str(results_dir)!r} cannot be created or written")
     return dict(
         lora_dir=str(Path(args.lora_dir).expanduser()) if args.lora_dir else None,
         content_checker=_load_callable(args.content_checker, "--content-checker"),
