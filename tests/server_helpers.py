@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -75,7 +77,8 @@ class ServerThread:
 def server_process(*args: str, env: dict | None = None, timeout: float = 120.0):
     """``python -m zimage_core serve`` on the default model as a subprocess; yields (Popen, base URL, port)."""
     port = free_port()
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    state = tempfile.mkdtemp(prefix="zimage-state-")  # durable async results: not under the user's home
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ZIMAGE_STATE_DIR": state, **(env or {})}
     cmd = [sys.executable, "-m", "zimage_core", "serve", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -86,6 +89,7 @@ def server_process(*args: str, env: dict | None = None, timeout: float = 120.0):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def task(prompt: str = "a red circle", **kw) -> dict:

@@ -101,7 +101,9 @@ def test_progress_frames_one_per_step_before_the_results(server):
     without = task(steps=2)
     frames = asyncio.run(ws_run(addr, [with_progress, without]))
     mine = [it for f in frames for it in f.get("data", []) if it["taskUUID"] == with_progress["taskUUID"]]
-    prog = [it["progress"] for it in mine if "progress" in it]
+    prog = [it["progressDetails"] for it in mine if "progress" in it]
+    # the clients' format: a number, the percentage of all 6 steps done (runware-sdk's on_progress wants a number)
+    assert [it["progress"] for it in mine if "progress" in it] == [round(100 * k / 6, 2) for k in range(1, 7)]
     # 3 steps x 2 results, in order, each before the result it belongs to
     assert [(p["result"], p["step"], p["steps"], p["results"]) for p in prog] == [
         (r, s, 3, 2) for r in range(2) for s in (1, 2, 3)

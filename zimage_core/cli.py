@@ -253,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--outbound-allow-net", action="append", default=[], metavar="CIDR", help="also allow this network")
     s.add_argument("--outbound-timeout", type=_serve_float("--outbound-timeout"), default=10.0, help="deadline (s)")
+    s.add_argument("--lora-dir", metavar="DIR", help="LoRA store: lora[].model ID is DIR/ID.safetensors")
+    s.add_argument(
+        "--content-checker",
+        metavar="MODULE:CALLABLE",
+        help="callable(PIL image) -> True when NSFW; enables safety.checkContent / checkNSFW",
+    )
+    s.add_argument(
+        "--face-detector",
+        metavar="MODULE:CALLABLE",
+        help="callable(PIL image) -> [(x0, y0, x1, y1, confidence)]; enables ultralytics",
+    )
+    s.add_argument("--results-dir", metavar="DIR", help="async results on disk ($ZIMAGE_STATE_DIR/results/PORT)")
+    s.add_argument("--no-durable-results", action="store_true", help="keep async results in memory only")
+    s.add_argument(
+        "--results-items", type=_serve_int("--results-items"), default=1000, help="durable async results kept, at most"
+    )
+    s.add_argument(
+        "--results-bytes",
+        type=_serve_int("--results-bytes"),
+        default=512 * 2**20,
+        help="bytes of durable async results, at most",
+    )
     s.add_argument("--ray", action="store_true", help="run as replicas on Ray Serve (needs the [ray] extra)")
     s.add_argument("--replicas", type=_serve_int("--replicas"), default=2, help="with --ray: replicas")
     s.add_argument("--autoscale", action="store_true", help="with --ray: 1..--max-replicas on queue length")
@@ -281,6 +303,66 @@ def _serve_int(flag: str):
 
 def _serve_float(flag: str):
     return _serve_number(flag, float)
+
+
+def _load_callable(spec: str | None, flag: str):
+    """``module:callable`` (a module on sys.path or a ``.py`` file path before the colon) -> the callable."""
+    if not spec:
+        return None
+    import importlib
+    import importlib.util
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"zimage serve: {flag} takes MODULE:CALLABLE (e.g. mypkg.safety:check), got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise SystemExit(f"zimage serve: {flag}: no such file {module_name!r}")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - any import failure is the operator's to fix: one line, no traceback
+        raise SystemExit(f"zimage serve: {flag}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SystemExit(f"zimage serve: {flag}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _serve_extras(args) -> dict:
+    """The LoRA store, content checker, face detector and durable-results flags, checked (one-line errors)."""
+    from .server import durable
+
+    for flag, spec in (("--content-checker", args.content_checker), ("--face-detector", args.face_detector)):
+        if args.ray and spec and spec.rpartition(":")[0].endswith(".py"):  # replicas import it by module name
+            raise SystemExit(f"zimage serve: {flag} with --ray needs an importable MODULE:CALLABLE, not a .py path")
+    if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
+        raise SystemExit(f"zimage serve: --lora-dir: {args.lora_dir!r} is not a directory")
+    for flag, value in (("--results-items", args.results_items), ("--results-bytes", args.results_bytes)):
+        if value < 1:
+            raise SystemExit(f"zimage serve: {flag} must be >= 1, got {value}")
+    results_dir = None
+    if not args.no_durable_results:
+        results_dir = Path(args.results_dir).expanduser() if args.results_dir else durable.default_dir(args.port)
+        existing = results_dir  # checked, not created here: the server creates it when it starts
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise SystemExit(f"zimage serve: --results-dir: {str(results_dir)!r} cannot be created or written")
+    return dict(
+        lora_dir=str(Path(args.lora_dir).expanduser()) if args.lora_dir else None,
+        content_checker=_load_callable(args.content_checker, "--content-checker"),
+        face_detector=_load_callable(args.face_detector, "--face-detector"),
+        results_dir=str(results_dir) if results_dir else None,
+        results_items=args.results_items,
+        results_bytes=args.results_bytes,
+    )
 
 
 def _serve(args) -> int:
@@ -329,6 +411,7 @@ def _serve(args) -> int:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         kernels=args.kernels,
         quantize=args.quantize,
+        **_serve_extras(args),
     )
     if args.ray:
         from .server import ray_app

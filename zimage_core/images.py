@@ -121,12 +121,18 @@ def _round_down(v: int, m: int) -> int:
     return max(m, v // m * m)
 
 
+OUTPAINT_MAX_BLUR = 32  # outpaint.blur (the official clients' field): pixels of the original repainted at the seam
+
+
 def _check_outpaint(outpaint) -> tuple[int, int, int, int]:
     if not isinstance(outpaint, dict):
         raise RequestError("outpaint", "must be an object with top/bottom/left/right pixel counts")
-    unknown = set(outpaint) - {"top", "bottom", "left", "right"}
+    unknown = set(outpaint) - {"top", "bottom", "left", "right", "blur"}
     if unknown:
-        raise RequestError(f"outpaint.{sorted(unknown)[0]}", "unknown field; allowed: top, bottom, left, right")
+        raise RequestError(f"outpaint.{sorted(unknown)[0]}", "unknown field; allowed: top, bottom, left, right, blur")
+    blur = outpaint.get("blur", 0)
+    if isinstance(blur, bool) or not isinstance(blur, int) or not 0 <= blur <= OUTPAINT_MAX_BLUR:
+        raise RequestError("outpaint.blur", f"must be an integer in [0, {OUTPAINT_MAX_BLUR}], got {show(blur)}")
     vals = []
     for side in ("top", "bottom", "left", "right"):
         v = outpaint.get(side, 0)
@@ -194,6 +200,17 @@ def prepare_inputs(
         new_mask = 255 - keep
         if mask is not None:  # a mask on the original region is combined with the new margins
             new_mask[top : top + image.height, left : left + image.width] = np.asarray(mask)
+        b = outpaint.get("blur", 0)
+        if b:  # the seam is repainted too: a band of `blur` pixels of the original along each extended side
+            y1, x1 = top + image.height, left + image.width
+            if top:
+                new_mask[top : top + b, left:x1] = 255
+            if bottom:
+                new_mask[max(top, y1 - b) : y1, left:x1] = 255
+            if left:
+                new_mask[top:y1, left : left + b] = 255
+            if right:
+                new_mask[top:y1, max(left, x1 - b) : x1] = 255
         image, mask = Image.fromarray(arr), Image.fromarray(new_mask)
         width, height = W, H
 

@@ -40,8 +40,10 @@ PHASES = ("high", "low", "both")
 MAX_WEIGHT = (
     16.0  # |weight| of one adapter (the request API allows [-4, 4]); beyond it the output is numerically broken
 )
+# bound of one adapter's gain, |weight·alpha/r|·‖B‖·‖A‖ (Frobenius norms, an upper bound of ‖ΔW‖₂); real LoRAs are
+# below ~100, and an alpha that makes it overflow the model's dtype would turn the output into NaN/inf
+MAX_GAIN = 1e4
 HIGH_NOISE_SIGMA = 0.5
-MAX_DELTA = 1e4  # largest change a LoRA may make to one weight (bound); real LoRAs change weights by far under 1
 _local = threading.local()
 
 
@@ -55,12 +57,13 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.down.shape[0]
 
-    def max_delta(self) -> float:
-        """An upper bound of ``|scale·(B A)_ij|`` (rank × max|A| × max|B| × |alpha/r|); inf when it overflows."""
-        try:
-            return abs(self.scale) * self.down.shape[0] * float(self.down.abs().max()) * float(self.up.abs().max())
-        except OverflowError:
-            return math.inf
+    @property
+    def gain(self) -> float:
+        """|alpha/r|·‖B‖_F·‖A‖_F in float64 (inf when it overflows): a bound of the adapter's effect per unit weight."""
+        if not hasattr(self, "_gain"):
+            up, down = (float(torch.linalg.matrix_norm(t.double())) for t in (self.up, self.down))
+            self._gain = abs(self.scale) * up * down
+        return self._gain
 
 
 @dataclass
@@ -210,13 +213,14 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraWeights, float, str]
             ok = False
         if not ok:
             raise RequestError(f"{field}[{i}].weight", f"must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+        worst = max((ada.gain for ada in lw.modules.values()), default=0.0) * abs(float(weight))
+        if not worst <= MAX_GAIN:  # NaN/inf too
+            raise RequestError(
+                f"{field}[{i}].model",
+                f"LoRA {lw.name!r} has an adapter gain of {worst:.3g} (|weight·alpha/rank|·|B|·|A|) at weight "
+                f"{float(weight):g}; at most {MAX_GAIN:g} is accepted (is its alpha out of range?)",
+            )
         for name, ada in lw.modules.items():
-            if not ada.max_delta() * abs(float(weight)) <= MAX_DELTA:  # a huge alpha would overflow the activations
-                raise RequestError(
-                    f"{field}[{i}].model",
-                    f"LoRA {lw.name!r}: {name} changes weights by up to {ada.max_delta():.3g} (alpha/rank "
-                    f"{ada.scale:.3g}); at most {MAX_DELTA:g} per weight is accepted",
-                )
             mod = modules.get(name, flat.get(name))
             if not isinstance(mod, (nn.Linear, FP8Linear)):
                 raise RequestError(

@@ -102,6 +102,13 @@ SETTINGS: dict[str, tuple[Setting, ...]] = {
         ),
         Setting("ZIMAGE_PORT", "8000", "`zimage serve --port`.", "zimage_core/cli.py"),
         Setting(
+            "ZIMAGE_STATE_DIR",
+            "$XDG_STATE_HOME/zimage (~/.local/state/zimage)",
+            "State folder of `zimage serve`: async results are kept in `<state>/results/<port>` so that `getResponse` "
+            "answers after a restart (`--results-dir` overrides, `--no-durable-results` turns it off).",
+            "zimage_core/server/durable.py",
+        ),
+        Setting(
             "ZIMAGE_API_KEYS",
             None,
             "Comma-separated API keys, added to those of `--api-keys`; with no key at all any key is accepted and "

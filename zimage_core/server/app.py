@@ -37,14 +37,16 @@ from starlette.websockets import WebSocket
 
 from ..service import engine
 from ..service.engine import RequestError
-from . import limits, playground, progress
+from . import durable, limits, playground, progress
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .protocol import ApiError, clip, normalize_inference, parse_frame
+from .protocol import ERROR_CODES, ApiError, clip, normalize_inference, parse_frame
 from .tasks import PENDING, Job, Task, TaskTable, WorkQueue
 
 log = logging.getLogger("zimage_core.server")
 
+ORPHAN_TTL_S = 600.0  # a reconnecting client's undelivered results are kept this long for its session
+MAX_ORPHANS = 1000  # sessions with undelivered results, at most
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # decoded at the edge; anything else is refused
 CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -65,6 +67,12 @@ class Settings:
     output_bytes: int = 2 * 2**30  # URL outputs and uploads kept on disk, at most (oldest evicted first)
     output_dir: str | None = None
     public_url: str | None = None  # base of imageURL (default http://HOST:PORT)
+    lora_dir: str | None = None  # LoRA store: lora[].model "<id>" is <lora_dir>/<id>.safetensors
+    content_checker: object | None = None  # callable(PIL image) -> True when NSFW; enables safety.checkContent
+    face_detector: object | None = None  # callable(PIL image) -> [(x0, y0, x1, y1, confidence)]; enables ultralytics
+    results_dir: str | None = None  # durable async results (survive a restart); None: memory only (see durable.py)
+    results_items: int = 1000
+    results_bytes: int = 512 * 2**20
     max_frame_bytes: int = 96 * 2**20  # WebSocket frame / REST body limit (base64 images are large)
     preauth_frame_bytes: int = 64 * 2**10  # the same limit until the connection's key is checked
     max_json_depth: int = 16  # nesting of a frame (a task is 5 deep at most), checked before parsing
@@ -210,6 +218,8 @@ class Connection:
         self.session = str(uuid.uuid4())
         self.closed = False
         self.tasks: set[Task] = set()
+        self.undelivered: dict[Task, dict] = {}  # sync tasks whose results this socket has not sent yet -> the task
+        self.resumed: set[Task] = set()  # tasks moved here from this session's closed socket
         self.senders: set[asyncio.Task] = set()
         self.polls = 0  # getResponse calls waiting on this socket
         self.address: str | None = None  # the client's IP address (failed authentications are counted by it)
@@ -256,6 +266,15 @@ class Service:
         )
         self.registry = TaskTable(settings.registry_size, settings.registry_ttl_s)
         self.registry.on_drop = self._release
+        self.results = None  # durable.ResultStore when settings.results_dir is set
+        if settings.results_dir:
+            self.results = durable.ResultStore(
+                settings.results_dir, settings.results_items, settings.results_bytes, settings.registry_ttl_s
+            )
+        self._persisting: set[asyncio.Future] = set()
+        # (owner, connectionSessionUUID) -> (time, [(task, item)]): results a closed socket did not get, for a
+        # client that reconnects with that session (authentication with connectionSessionUUID); see resume()
+        self.orphans: dict[tuple[str, str], tuple[float, list]] = {}
         self.queue: WorkQueue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -279,7 +298,10 @@ class Service:
             self._spawn(self._load())
 
     def _model_ready(self) -> None:
-        engine.limit_remembered_images(self.pipe, self.settings.upload_bytes)
+        s = self.settings
+        engine.limit_remembered_images(self.pipe, s.upload_bytes)
+        engine.configure(self.pipe, lora_dir=s.lora_dir, content_checker=s.content_checker,
+                         face_detector=s.face_detector)  # fmt: skip
         self.queue.ready.set()
 
     async def _load(self) -> None:
@@ -301,6 +323,8 @@ class Service:
         log.info("shutting down: failing queued tasks, finishing the running one")
         await self.queue.drain(self.settings.shutdown_grace_s)
         await asyncio.sleep(0.2)  # let the senders deliver the last frames
+        if self._persisting:  # async outcomes still being written to the durable store
+            await asyncio.wait(list(self._persisting), timeout=10)
 
     async def shutdown(self) -> None:
         if not self.draining:
@@ -398,6 +422,12 @@ class Service:
                 return existing  # answered from the first run
             if existing is not None:
                 self.registry.remove(existing)
+            elif async_ and self.results is not None:
+                record = await self._durable(owner, task_uuid)
+                if record is not None:
+                    if record["fingerprint"] != fp:
+                        raise ApiError("conflictTaskUUID", parameter="taskUUID")
+                    return self._answer_record(record)
         if self.draining:
             raise ApiError("shuttingDown")
         for f in ("webhookURL", "uploadEndpoint"):
@@ -464,6 +494,42 @@ class Service:
         if async_ and self.ray is not None:
             err = None if task.error is None else task.error.item(None, None)
             self.ray.publish_result(task.owner, task.task_uuid, task.items, err)
+        if async_ and self.results is not None and not task.cancelled:
+            fut = asyncio.ensure_future(asyncio.to_thread(self._persist, task))
+            self._persisting.add(fut)
+            fut.add_done_callback(self._persisting.discard)
+
+    def _persist(self, task: Task) -> None:
+        """Write a finished async task's outcome (and its URL outputs' files) to the durable store (a thread)."""
+        err = None if task.error is None else task.error.item(None, None)
+        images = {}
+        for it in task.items:
+            name = str(it.get("imageURL", "")).rsplit("/", 1)[-1].lower()
+            if name and (data := self.store.get(name)) is not None:
+                images[name] = data
+        try:
+            self.results.put(task.owner, task.task_uuid, task.fingerprint, task.items, err, images)
+        except OSError as e:
+            log.warning("durable results: could not write a result: %s", e)
+
+    async def _durable(self, owner: str, task_uuid: str) -> dict | None:
+        record = await asyncio.to_thread(self.results.get, owner, task_uuid)
+        if record is not None:
+            for name, data in record["images"].items():  # URL outputs answer again after a restart
+                stem, _, ext = name.partition(".")
+                if self.store.get(name) is None and engine.is_image_uuid(stem) and ext in CONTENT_TYPES:
+                    await asyncio.to_thread(self.store.put, stem, data, ext)
+        return record
+
+    @staticmethod
+    def _answer_record(record: dict) -> list[dict]:
+        err = record.get("error")
+        if err is not None:
+            e = ApiError(err["code"] if err.get("code") in ERROR_CODES else "internalError", err.get("message"),
+                         err.get("parameter"))  # fmt: skip
+            e.outcome = True
+            raise e
+        return [{**it, "status": "success"} for it in record["items"]]
 
     def _hold(self, task: Task) -> None:
         """Count a finished task's result bytes; past the per-key or the global budget, the oldest finished results
@@ -506,6 +572,10 @@ class Service:
                 if err is not None:
                     raise ApiError(err["code"], err["message"], err.get("parameter"))
                 return [{**it, "status": "success"} for it in items]
+        if task is None and self.results is not None:  # finished before a restart
+            record = await self._durable(owner, task_uuid)
+            if record is not None:
+                return self._answer_record(record)
         if task is None:
             raise ApiError("taskNotFound", parameter="taskUUID")
         if hold:
@@ -586,10 +656,28 @@ class Service:
                 task.cancelled = True
                 task.finish(error=ApiError("cancelled"))
                 n += 1
+        kept = [(t, it) for t, it in conn.undelivered.items() if not t.cancelled and t.connection is conn]
+        now = time.monotonic()
+        for key in [k for k, (t, _) in self.orphans.items() if now - t > ORPHAN_TTL_S]:
+            del self.orphans[key]
+        if kept and conn.owner is not None and len(self.orphans) < MAX_ORPHANS:
+            self.orphans[(conn.owner, conn.session)] = (now, kept)
         for t in list(conn.senders):
             t.cancel()
         if n:
             log.info("client disconnected: %d queued task(s) cancelled", n)
+
+    def resume(self, conn: Connection) -> int:
+        """A client that authenticated again with its earlier connectionSessionUUID: the results its closed socket
+        did not get (tasks that were running, or finished while it was away) are sent on this socket instead."""
+        _, kept = self.orphans.pop((conn.owner, conn.session), (0.0, []))
+        for task, item in kept:
+            task.connection = conn
+            conn.tasks.add(task)
+            conn.undelivered[task] = item
+            conn.resumed.add(task)
+            conn.spawn(_deliver(conn, task, item))
+        return len(kept)
 
 
 def _log_webhook(fut) -> None:
@@ -666,6 +754,8 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
             if isinstance(resumed, str) and engine.is_image_uuid(resumed):
                 conn.session = resumed
             await conn.send({"data": [{"taskType": "authentication", "connectionSessionUUID": conn.session}]})
+            if service.resume(conn):
+                log.info("session resumed: in-flight results moved to the new socket")
             return
         if item.get("taskType") == "ping":
             await conn.send({"data": [{"taskType": "ping", "pong": True}]})
@@ -689,6 +779,10 @@ async def _handle_ws_item(service: Service, conn: Connection, item: dict) -> Non
         await conn.send({"errors": [err_item]})
         return
     if isinstance(result, Task):
+        if result in conn.resumed:  # a resend of a task the resumed session already delivers here: once is enough
+            conn.resumed.discard(result)
+            return
+        conn.undelivered[result] = item
         conn.spawn(_deliver(conn, result, item))
     else:
         await conn.send({"data": result})
@@ -710,9 +804,10 @@ async def _deliver(conn: Connection, task: Task, item: dict) -> None:
         await task.done.wait()
         if task.error is not None:
             await conn.send({"errors": [_error_item(task.error, item)]})
-            return
-        for it in task.items:
+        for it in task.items if task.error is None else ():
             await conn.send({"data": [it]})
+        if not conn.closed:
+            conn.undelivered.pop(task, None)
     finally:
         conn.tasks.discard(task)
 
@@ -774,7 +869,7 @@ async def rest_endpoint(request: Request) -> Response:
             result = await service.dispatch(owner, item, None)
         except ApiError as e:
             errors.append(_error_item(e, item))
-            statuses.append(e.http_status)
+            statuses.append(_rest_status(e))
             continue
         if isinstance(result, Task):
             waits.append((result, item))
@@ -787,7 +882,7 @@ async def rest_endpoint(request: Request) -> Response:
                 await task.done.wait()
                 if task.error is not None:
                     errors.append(_error_item(task.error, item))
-                    statuses.append(task.error.http_status)
+                    statuses.append(_rest_status(task.error))
                 else:
                     data.extend(task.items)
         finally:
@@ -810,6 +905,19 @@ async def _cancel_on_disconnect(request: Request, tasks: list[Task]) -> None:
                     t.finish(error=ApiError("cancelled"))
             return
         await asyncio.sleep(0.25)
+
+
+# A task that was accepted and then failed (a fault while it ran, its deadline, its upload) has that failure as its
+# recorded outcome: a resend of its taskUUID, or a getResponse, is answered with the same error, so a retry cannot
+# succeed. runware-sdk retries HTTP 408, 429 and 5xx (three times by default): such outcomes are answered 422, which
+# no official client retries. shuttingDown (the task never ran; another server may run it) and cancelled keep theirs.
+TASK_FAILURE_STATUS = 422
+
+
+def _rest_status(err: ApiError) -> int:
+    if getattr(err, "outcome", False) and err.code not in ("shuttingDown", "cancelled") and err.http_status >= 500:
+        return TASK_FAILURE_STATUS
+    return err.http_status
 
 
 def _rest_errors(items: list[dict], status: int) -> JSONResponse:

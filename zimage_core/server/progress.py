@@ -3,8 +3,12 @@
 A task that carries ``"includeProgress": true`` (stripped at the server edge, so the library never sees it) gets one
 frame per denoising step while it runs, before its results:
 
-    {"data": [{"taskType": "imageInference", "taskUUID": "...", "status": "processing",
-               "progress": {"step": 3, "steps": 12, "result": 0, "results": 1, "stepMs": 41.7}}]}
+    {"data": [{"taskType": "imageInference", "taskUUID": "...", "status": "processing", "progress": 25,
+               "progressDetails": {"step": 3, "steps": 12, "result": 0, "results": 1, "stepMs": 41.7}}]}
+
+``progress`` is a number, the percentage of the task's steps done (all results together, 0 < progress <= 100,
+rounded to 0.01): the official client ``runware-sdk`` hands items whose ``progress`` is a number to its
+``on_progress`` callback, and ignores any other shape.
 
 ``step`` counts the steps this run executes (1 … ``steps``; image-to-image runs fewer than the request's ``steps``),
 ``result`` is the 0-based index of the image being generated, ``stepMs`` the wall time since the previous step of the
@@ -45,7 +49,14 @@ def callback(send: Callable[[dict], None], task_uuid: str, steps: int, results: 
         if state["last_t"] is not None:
             prog["stepMs"] = round((now - state["last_t"]) * 1000, 3)
         state["last_i"], state["last_t"] = i, now
-        item = {"taskType": "imageInference", "taskUUID": task_uuid, "status": "processing", "progress": prog}
+        percent = round(100.0 * (state["result"] * steps + i + 1) / max(1, steps * results), 2)
+        item = {
+            "taskType": "imageInference",
+            "taskUUID": task_uuid,
+            "status": "processing",
+            "progress": min(100.0, percent),
+            "progressDetails": prog,
+        }
         send({"data": [item]})
 
     return on_step

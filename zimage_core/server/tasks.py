@@ -45,6 +45,8 @@ class Task:
         if self.done.is_set():
             return
         self.items, self.error = items or [], error
+        if error is not None:
+            error.outcome = True  # the task's recorded outcome: a resend is answered with it (see app._rest_status)
         self.status = ERROR if error else SUCCESS
         self.finished = time.monotonic()
         self.done.set()

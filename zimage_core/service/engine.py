@@ -26,6 +26,7 @@ __all__ = [
     "OutboundPolicy",
     "RequestError",
     "check_target",
+    "configure",
     "fields",
     "is_image_uuid",
     "limit_remembered_images",
@@ -84,6 +85,18 @@ def run(pipe, valid, image_store, step_callback: Callable | None = None) -> list
     config = replace(default_config(pipe), image_store=image_store)
     target = _StepHook(pipe, step_callback) if step_callback is not None else pipe
     return run_validated(target, valid, config)
+
+
+def configure(pipe, *, lora_dir: str | None = None, content_checker=None, face_detector=None) -> None:
+    """Give the server's pipeline a LoRA store (``<lora_dir>/<id>.safetensors``), a content checker (image -> True
+    when NSFW; enables ``safety``) and a face detector (image -> boxes; enables ``ultralytics``)."""
+    from ..lora import LoraStore
+    from .infer import default_config
+
+    config = default_config(pipe)  # the server's settings are the whole truth: what is not given is turned off
+    config.lora_resolver = LoraStore(lora_dir) if lora_dir else None
+    config.content_checker = content_checker
+    config.face_detector = face_detector
 
 
 def remember_image(pipe, image_uuid: str, image: Image.Image) -> None:

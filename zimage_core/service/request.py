@@ -109,7 +109,10 @@ SCHEMA: dict[str, Field] = {
     "CFGScale": Field("float", lo=0, hi=20),
     "strength": Field("float", lo=0, hi=1),
     "maskMargin": Field("int", lo=32, hi=128),
-    "outpaint": Field("object", fields={s: Field("int", lo=0, hi=4096) for s in ("top", "bottom", "left", "right")}),
+    "outpaint": Field("object", fields={
+        **{s: Field("int", lo=0, hi=4096) for s in ("top", "bottom", "left", "right")},
+        "blur": Field("int", lo=0, hi=32),  # the clients' field: pixels of the original repainted along the seam
+    }),
     "lora": Field("array", max_items=8, item=Field("object", fields={
         "model": Field("str", required=True, min_len=1),
         "weight": Field("float", default=1.0, lo=-4, hi=4),
@@ -128,8 +131,8 @@ SCHEMA: dict[str, Field] = {
         "confidence": Field("float", default=0.9, lo=0, hi=1),
         "maskBlur": Field("int", default=5, lo=0, hi=100),
         "maskPadding": Field("int", default=5, lo=0, hi=20),
-        "negativePrompt": Field("str", max_len=3000),
-        "positivePrompt": Field("str", min_len=2, max_len=3000),  # as the main prompt
+        "negativePrompt": Field("str", min_len=2, max_len=3000),  # the main prompts' bounds
+        "positivePrompt": Field("str", min_len=2, max_len=3000),
         "steps": Field("int", default=20, lo=1, hi=100),
         "strength": Field("float", default=0.3, lo=0, hi=1),
     }),
@@ -248,6 +251,12 @@ def resolve_window(opts: dict, prefix: str, steps: int, path: str) -> tuple[int,
     start, end = bounds.get("Start", 0), bounds.get("End", steps)
     if end > steps:
         raise RequestError(f"{path}{keys['End']}", f"must be <= steps ({steps}), got {show(end)}")
+    if end < 1 and "End" in keys:  # an end percentage that rounds down to step 0: the end is at fault
+        raise RequestError(
+            f"{path}{keys['End']}",
+            f"ends the window at step 0 of {steps} (floor({show(opts[keys['End']])} * {steps} / 100)); "
+            "the end must be at least step 1",
+        )
     if start >= end:
         if "End" in keys and (end <= 0 or "Start" not in keys):  # an end that rounds to step 0 is the end's fault
             raise RequestError(
@@ -267,12 +276,57 @@ class RequestArgs:
     cache_window: tuple[int, int] | None
 
 
+# The official clients' spellings of spec fields (docs/runware-protocol.md), mapped here so that every caller (the
+# library's infer, the server) accepts them: acceleratorOptions.cacheDistance is the runware client's threshold of
+# its fbcache (the spec's fbCacheThreshold); the JS client's top-level checkNSFW asks for the content check
+# (safety.checkContent). Both spellings at once is an error naming the client's.
+def _client_spellings(request: dict) -> tuple[dict, dict]:
+    """The request in the spec's spelling, and {spec path: the client's path} for the fields that were renamed."""
+    renamed = {}
+    accel = request.get("acceleratorOptions")
+    if isinstance(accel, dict) and accel.get("cacheDistance") is not None:
+        if accel.get("fbCacheThreshold") is not None:
+            raise RequestError(
+                "acceleratorOptions.cacheDistance",
+                "give either acceleratorOptions.cacheDistance or acceleratorOptions.fbCacheThreshold, not both",
+            )
+        accel = {k: v for k, v in accel.items() if k != "cacheDistance"} | {"fbCacheThreshold": accel["cacheDistance"]}
+        request = {**request, "acceleratorOptions": accel}
+        renamed["acceleratorOptions.fbCacheThreshold"] = "acceleratorOptions.cacheDistance"
+    if "checkNSFW" in request:
+        request = dict(request)
+        value = request.pop("checkNSFW")
+        if value is not None:
+            if not isinstance(value, bool):
+                raise RequestError("checkNSFW", f"must be a boolean (true/false), got {show(value)}")
+            safety = request.get("safety")
+            if safety is not None and not isinstance(safety, dict):
+                raise RequestError("safety", f"must be an object, got {type(safety).__name__}")
+            safety = dict(safety or {})
+            if safety.get("checkContent") is not None and safety["checkContent"] != value:
+                raise RequestError("checkNSFW", "give either checkNSFW or safety.checkContent, not both")
+            safety["checkContent"] = value
+            request["safety"] = safety
+            renamed["safety.checkContent"] = "checkNSFW"
+    return request, renamed
+
+
 def validate_request(
     request, *, model_defaults, has_checker=False, has_face_detector=False, lora_resolver=None, controlnet_resolver=None
 ) -> RequestArgs:
     """Check a request dict against the spec; returns the normalised request. Raises RequestError."""
     if not isinstance(request, dict):
         raise RequestError("request", f"must be a JSON object, got {type(request).__name__}")
+    request, renamed = _client_spellings(request)
+    try:
+        return _validate(request, model_defaults, has_checker, has_face_detector, lora_resolver, controlnet_resolver)
+    except RequestError as e:  # name the field as the client spelled it
+        if e.field in renamed:
+            raise RequestError(renamed[e.field], e.message.replace(e.field, renamed[e.field])) from None
+        raise
+
+
+def _validate(request, model_defaults, has_checker, has_face_detector, lora_resolver, controlnet_resolver):
     r = _check_object(request, SCHEMA, "")
     try:
         defaults = model_defaults(r["model"])
