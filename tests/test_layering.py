@@ -18,12 +18,15 @@ called).
 
 from __future__ import annotations
 
-import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import structure  # noqa: E402
+
 PACKAGES = ("zimage_kernels", "zimage_core", "zimage_bench", "scripts")
 SERVICE_ENTRY = {"zimage_core/api.py", "zimage_core/cli.py"}  # above the service: allowed to import it
 SERVER_ENTRY = {"zimage_core/cli.py"}  # above the server: allowed to import it
@@ -32,38 +35,13 @@ ALLOWED_FUNCTION_IMPORTS = {("zimage_core/pipeline.py", "infer", "zimage_core.se
 CACHE_MAY_IMPORT = ("zimage_core.cache", "zimage_core.hooks")  # of zimage_core; zimage_kernels and torch are fine
 
 
-def _module_name(rel: Path) -> str:
-    parts = list(rel.with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
-
-
 def imports(root: Path, rel: Path) -> list[tuple[str, str | None]]:
-    """(absolute module imported, name of the enclosing function or None) for every import in a file."""
-    tree = ast.parse((root / rel).read_text(), filename=str(rel))
-    package = _module_name(rel).split(".")
-    if rel.name != "__init__.py":
-        package = package[:-1]
+    """(absolute module imported, name of the enclosing function or None) for every import in a file, read with
+    ``scripts/structure.py``'s reader; ``from . import service`` also counts as importing that submodule."""
     found: list[tuple[str, str | None]] = []
-
-    def visit(node: ast.AST, func: str | None) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.Import):
-                found.extend((a.name, func) for a in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                if child.level:
-                    base = package[: len(package) - (child.level - 1)]
-                    mod = ".".join(base + ([child.module] if child.module else []))
-                else:
-                    mod = child.module or ""
-                found.append((mod, func))
-                # ``from . import service`` names a submodule: count it as importing that submodule
-                found.extend((f"{mod}.{a.name}", func) for a in child.names)
-            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
-            visit(child, inner)
-
-    visit(tree, None)
+    for mod, names, func, _ in structure.raw_imports(root, rel):
+        found.append((mod, func))
+        found.extend((f"{mod}.{name}", func) for name in names)
     return found
 
 
