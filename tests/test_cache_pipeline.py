@@ -263,6 +263,23 @@ def test_cli_generate_with_a_cache(pipe, tmp_path, capsys):
     assert Image.open(out).size == (64, 64)
 
 
+def test_cli_summary_counts_the_cache_s_main_layer_evaluations(pipe, tmp_path, capsys):
+    """Without --quiet the summary line says how many main-layer evaluations ran of layers x steps x results."""
+    import re
+
+    from zimage_core.cli import main
+
+    argv = ["generate", "a red circle", "-o", str(tmp_path / "o.png"), "--model", str(pipe.folder), "-n", "2"]
+    argv += ["--width", "64", "--height", "64", "--steps", "6", "--seed", "1", "--cache", "fb"]
+    argv += ["--cache-threshold", "1"]  # the largest threshold: reuse what may be reused (first and last compute)
+    assert main(argv) == 0
+    m = re.search(r"step cache fb: (\d+) of (\d+) main-layer evaluations", capsys.readouterr().out)
+    assert m, "no cache summary in the CLI output"
+    layers = pipe.transformer.config.n_layers
+    assert int(m[2]) == layers * 6 * 2
+    assert int(m[1]) < int(m[2])
+
+
 def test_two_evaluations_per_step_sampler(pipe):
     # Heun evaluates the model twice per step (15 evaluations for 8 steps): each evaluation is decided on its own,
     # at its own σ, with the step index of the sampler step it belongs to

@@ -528,8 +528,13 @@ def write_results(result, args) -> None:
     t = result.stats["timings"]
     for path, s in zip(paths, result.seeds):
         print(f"wrote {path} (seed {s})")
+    cached = ""
+    if result.stats.cache:  # one summary per result with a step cache
+        ran = sum(c["main_layer_evals"] for c in result.stats.cache)
+        full = sum(c["main_layer_evals_uncached"] for c in result.stats.cache)
+        cached = f", step cache {result.stats.cache[0]['method']}: {ran} of {full} main-layer evaluations"
     print(
-        f"{result.stats['steps']} steps, {result.stats['forwards']} transformer forwards, "
+        f"{result.stats['steps']} steps, {result.stats['forwards']} transformer forwards{cached}, "
         f"{t['total_s']:.2f} s total (denoise {t['denoise_s']:.2f} s)"
     )
 
