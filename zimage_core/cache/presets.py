@@ -16,19 +16,17 @@ from .config import CacheConfig
 from .masks import StepMask
 from .registry import method as lookup_method
 
-# name -> (method, config keyword arguments). Picked from the sweep (docs/cache-presets.md).
+# name -> (method, config keyword arguments). Picked from the sweep's front and re-measured so that each is >= 45 dB
+# on every one of 8 held-out captions at 50 steps with CFG (docs/cache-presets.md).
 STATIC = 100  # a static mask decides the pattern: the consecutive cap only has to stay out of its way
 PRESETS: dict[str, tuple[str, dict]] = {
-    "quality": ("tea", {"threshold": 0.5, "max_consecutive": 3, "calibrator": "taylorseer2"}),
-    "balanced": (
-        "tea",
-        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=6, policy="static")},
-    ),
+    "quality": ("tea", {"threshold": 0.1, "max_consecutive": 3, "calibrator": "taylorseer1"}),
+    "balanced": ("tea", {"threshold": 0.5, "max_consecutive": 3, "calibrator": "taylorseer2"}),
     "fast": (
         "tea",
-        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=8, policy="static")},
+        {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=5, policy="static")},
     ),
-    "ultra": ("tea", {"threshold": 1.0, "max_consecutive": 6, "calibrator": "taylorseer1"}),
+    "ultra": ("tea", {"threshold": 1.0, "max_consecutive": 4, "calibrator": "taylorseer2"}),
 }
 
 
