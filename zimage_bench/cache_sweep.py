@@ -59,7 +59,18 @@ def _masks(steps: int) -> dict:
 
 
 def grid(steps: int, cfg: bool, size: str = "full") -> list[Setting]:
-    """The settings of one scenario. ``size="small"``: two levels, no dynamic mask (for slow models)."""
+    """The settings of one scenario. ``size="small"``: two levels, no dynamic mask (for slow models); ``"tiny"``:
+    FBCache, TeaCache and DBCache F1B0 at threshold 1.0, cap 6, without a calibrator and with TaylorSeer 2 (run
+    with the presets, for models where one image takes a minute)."""
+    if size == "tiny":
+        out = []
+        for vname in ("fb", "tea", "db F1B0"):
+            method, extra = METHOD_VARIANTS[vname]
+            for cal in ("none", "taylorseer2"):
+                kw = {**extra, "threshold": 1.0, "max_consecutive": 6, "calibrator": None if cal == "none" else cal}
+                info = {"variant": vname, "calibrator": cal, "mask": "none", "threshold": 1.0, "cap": 6}
+                out.append(Setting(f"{vname} t1 c6 none {cal}", method, kw, {**info, "cfg_split": False}))
+        return out
     levels = LEVELS if size == "full" else (LEVELS[1], LEVELS[3])
     out = []
     for vname, (method, extra) in METHOD_VARIANTS.items():
@@ -123,6 +134,8 @@ def run_ours(pipe, prompts, scenarios, args, log, presets_only: bool = False) ->
     rows = []
     for steps, cfg_scale in scenarios:
         settings = preset_settings() if presets_only else grid(steps, cfg_scale > 1, args.grid)
+        if args.grid == "tiny" and not presets_only:
+            settings = preset_settings() + settings
         gen = dict(steps=steps, cfg_scale=cfg_scale, width=args.size, height=args.size, model=args.preset)
         base_t, t = 0.0, {s.name: 0.0 for s in settings}
         base_cpu, cpu = 0.0, {s.name: 0.0 for s in settings}  # process CPU time: steadier than wall-clock under load
@@ -411,6 +424,12 @@ def goals(rows: list[dict]) -> list[str]:
     return out
 
 
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE axes for a head size, in Z-Image's proportions (1/4, 3/8, 3/8: 128 -> (32, 48, 48), 32 -> (8, 12, 12))."""
+    a, b = head_dim // 4, 3 * head_dim // 8
+    return a, b, head_dim - a - b
+
+
 # ---- command -------------------------------------------------------------------------------------------------------
 
 
@@ -420,10 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="pipeline folder (default: the embedded default model)")
     p.add_argument(
         "--random",
-        metavar="LAYERS:WIDTH",
-        help="also sweep a random-weight model with this many main layers and this width (second column)",
+        metavar="LAYERS:WIDTH[:HEADS[:REFINERS]]",
+        help="also sweep a random-weight model with this many main layers and this width (second column); "
+        "HEADS defaults to WIDTH / 32, REFINERS (noise and context refiner layers each) to 1",
     )
-    p.add_argument("--random-grid", default="small", choices=("small", "full"))
+    p.add_argument("--random-grid", default="small", choices=("small", "full", "tiny"), help="tiny: + the presets")
     p.add_argument("--random-prompts", type=int, default=1)
     p.add_argument("--preset", help="model preset id (defaults, TeaCache coefficients)")
     p.add_argument("-n", "--num-prompts", type=int, default=2)
@@ -469,10 +489,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.random:
         from zimage_core.components import RANDOM_TRANSFORMER, build_random_pipeline
 
-        layers, width = (int(v) for v in args.random.split(":"))
-        folder = out / f"random-L{layers}-d{width}"
+        layers, width, *rest = (int(v) for v in args.random.split(":"))
+        heads = rest[0] if rest else width // 32
+        refiners = rest[1] if len(rest) > 1 else RANDOM_TRANSFORMER.n_refiner_layers
+        folder = out / f"random-L{layers}-d{width}-h{heads}-r{refiners}"
         if not (folder / "model_index.json").exists():
-            cfg = RANDOM_TRANSFORMER.replace(n_layers=layers, dim=width, n_heads=width // 32, n_kv_heads=width // 32)
+            cfg = RANDOM_TRANSFORMER.replace(
+                n_layers=layers,
+                dim=width,
+                n_heads=heads,
+                n_kv_heads=heads,
+                n_refiner_layers=refiners,
+                axes_dims=rope_axes(width // heads),
+            )
             build_random_pipeline(folder, seed=0, config=cfg)
         rpipe = ZImage.from_pretrained(folder, device="cpu")
         rargs = argparse.Namespace(**{**vars(args), "grid": args.random_grid})
