@@ -57,3 +57,24 @@ def test_small_sweep_run(folder, tmp_path, capsys):
     assert (out / "pareto.png").stat().st_size > 10_000
     text = (out / "table.md").read_text()
     assert "## Pareto front" in text and "tea static W1K3 none" in text
+
+
+def test_heldout_prompt_file_is_the_default_model_s_first_eight_heldout_eval_captions():
+    """docs/cache-presets.md measures the presets on zimage_bench/prompts-heldout8.txt: the first 8 of the default
+    model's fixed held-out evaluation captions (none of them trained on)."""
+    from pathlib import Path
+
+    from zimage_core.train import dataset
+
+    lines = (Path(__file__).parents[1] / "zimage_bench" / "prompts-heldout8.txt").read_text().splitlines()
+    assert lines == [s.caption for s, _ in dataset.eval_prompts(0, 8)]
+    train, _ = dataset.split(0)
+    assert not set(lines) & {s.caption for s in train}
+
+
+def test_rope_axes_follow_z_image_s_proportions():
+    from zimage_bench.cache_sweep import rope_axes
+    from zimage_core.config import ZImageConfig
+
+    assert rope_axes(128) == ZImageConfig().axes_dims  # the real model's (32, 48, 48)
+    assert rope_axes(32) == (8, 12, 12)
