@@ -55,7 +55,7 @@ from ..config import ZImageConfig
 from ..errors import RequestError, show
 from ..hooks import StackHook
 from ..model import BlockInputs, TransformerBlock, ZImageTransformer, batch_lengths, padded_len
-from ..weights import CheckpointError
+from ..weights import CheckpointError, read_header
 from . import layouts
 from .layouts import CONTROL_TYPES
 
@@ -774,18 +774,21 @@ def load_controlnet(
     )  # fmt: skip
 
 
+def _header(files: list[Path]):
+    """``weights.read_header`` (names, shapes, metadata of the files), its refusals as ControlNetError."""
+    try:
+        return read_header(files)
+    except CheckpointError as e:
+        raise ControlNetError(str(e)) from None
+
+
 def released_transformer_config(path: str | Path) -> ZImageConfig:
     """For a single file loaded without a transformer (the drop-in's ``from_single_file``): the block shapes of
     the released transformer the file's control blocks were made for (30 main layers, 2 refiner layers, the width
     and head size read from the tensors)."""
     path = Path(path).expanduser()
     files, _ = _files(path)
-    from ..weights import read_header
-
-    try:
-        _, shapes, _ = read_header(files)
-    except CheckpointError as e:
-        raise ControlNetError(str(e)) from None
+    _, shapes, _ = _header(files)
     key = "control_layers.0.attention.norm_q.weight"
     emb = [k for k in shapes if re.fullmatch(r"control_all_x_embedder\.\d+-\d+\.weight", k)]
     if key not in shapes or not emb or len(shapes[key]) != 1 or len(shapes[emb[0]]) != 2:
@@ -801,14 +804,11 @@ def released_transformer_config(path: str | Path) -> ZImageConfig:
 
 def load_checked(path, transformer_cfg: ZImageConfig, config, dtype, device, build: Callable) -> nn.Module:
     """load_controlnet's body; ``build(config)`` makes the (meta-device) model."""
-    from ..weights import check_state_dict, read_header, read_json
+    from ..weights import check_state_dict, read_json
 
     path = Path(path).expanduser()
     files, config_json = _files(path)
-    try:
-        where, shapes, meta = read_header(files)
-    except CheckpointError as e:
-        raise ControlNetError(str(e)) from None
+    where, shapes, meta = _header(files)
     where = {k: f for k, (f, _) in where.items()}
     source = "config"  # where the config came from, for the errors
     if isinstance(config, dict):
