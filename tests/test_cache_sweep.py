@@ -78,3 +78,51 @@ def test_rope_axes_follow_z_image_s_proportions():
 
     assert rope_axes(128) == ZImageConfig().axes_dims  # the real model's (32, 48, 48)
     assert rope_axes(32) == (8, 12, 12)
+
+
+def test_db_f1b1_bound_is_the_hand_worked_ratio():
+    # 4 layers, 50 steps: k full steps -> 200 / (4k + 2(50 - k)) = 200 / (100 + 2k); k = 1: 200/102, k = 2: 200/104
+    # (1.923 >= 1.9), k = 3: 200/106 (1.887 < 1.9)
+    assert cs.db_f1b1_bound(4, 50) == (2, pytest.approx(200 / 102))
+    # 30 layers: 1500 / (30k + 2(50 - k)) >= 1.9 up to k = 24 (1500/772 = 1.943), not k = 25 (1500/800 = 1.875)
+    assert cs.db_f1b1_bound(30, 50) == (24, pytest.approx(1500 / 128))
+    assert cs.db_f1b1_bound(2, 50)[0] == 0  # two layers, both always run: nothing to save
+
+
+def test_goals_report_mean_worst_and_the_f1b1_bound():
+    base = {"model_label": "trained-small", "impl": "ours", "steps": 50, "cfg_scale": 3.0, "main_layers": 4}
+    rows = [
+        {**base, "setting": "tea a", "variant": "tea", "calibrator": "taylorseer1", "evals_saved": 6.25, "psnr": 45.5,
+         "psnr_min": 40.0, "below_45": 3, "prompts": 8},
+        {**base, "setting": "db F1B1 first+last only none", "variant": "db F1B1", "calibrator": "none",
+         "evals_saved": 200 / 104, "psnr": 12.0, "psnr_min": 7.0, "below_45": 8, "prompts": 8},
+        {**base, "setting": "preset quality", "variant": "tea", "calibrator": "taylorseer1", "evals_saved": 3.3,
+         "psnr": 44.0, "psnr_min": 41.0, "below_45": 5, "prompts": 8},
+    ]  # fmt: skip
+    g = cs.goals(rows)
+    assert g[0].startswith("≥ 6x fewer evaluations at ≥ 45 dB: MET") and "worst 40.0 dB, 3/8 captions below" in g[0]
+    f1b1 = next(x for x in g if x.startswith("db F1B1"))
+    assert "NOT MET" in f1b1 and "at most 1.96x" in f1b1 and "at most 2 of 50 steps" in f1b1 and "12.0 dB" in f1b1
+    assert any(x.startswith("every named preset ≥ 45 dB: NOT MET") for x in g)  # quality's mean is 44.0
+
+
+def test_heldout_takes_no_prompt_file():
+    with pytest.raises(SystemExit, match="--heldout"):
+        cs.main(["--sweep", "--heldout", "4", "--prompts", "x.txt"])
+    with pytest.raises(SystemExit, match="--heldout"):
+        cs.main(["--sweep", "--heldout", "49"])
+
+
+@pytest.mark.slow
+def test_goal_settings_run(folder, tmp_path):
+    """--goal-settings on a 3-layer model, 8 steps: DBCache F1B1 with only the first and last step computing runs
+    all 3 layers on 2 steps and the head and tail (2 of 3) on the other 6: 24 / (2·3 + 6·2) = 24 / 18."""
+    out = tmp_path / "g"
+    argv = ["--sweep", "--model", str(folder), "--scenarios", "8:3", "--goal-settings", "-n", "1", "--size", "64"]
+    assert cs.main([*argv, "--out", str(out)]) == 0
+    rows = {r["setting"]: r for r in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+    assert {s.name for s in cs.goal_settings(8)} | {s.name for s in cs.preset_settings()} == set(rows)
+    assert rows["db F1B1 first+last only none"]["evals_saved"] == pytest.approx(24 / 18)
+    assert rows["tea t1 c6 none none"]["prompts"] == 1 and 0 <= rows["tea t1 c6 none none"]["below_45"] <= 1
+    assert rows["control (fb 0: computes every step)"]["psnr"] == 100.0  # identical to the uncached image
+    assert "## goals" in (out / "table.md").read_text()
