@@ -129,17 +129,25 @@ def preset_settings() -> list[Setting]:
 
 def goal_settings(steps: int) -> list[Setting]:
     """The settings behind the issue's goals, for ``--goal-settings`` (with the presets): TeaCache at the 6.25x
-    pattern (threshold 1.0, cap 6) without a calibrator and with TaylorSeer 1 and 2; DBCache F1B0 at the same level
-    with TaylorSeer 1; and DBCache F1B1 with only the first and the last step computing (a static mask with no step
-    of its own), the one compute pattern that reaches 1.9x on a 4-layer model (``db_f1b1_bound``)."""
+    pattern (threshold 1.0, cap 6) without a calibrator and with TaylorSeer 1 and 2; DBCache F1B0 at that level with
+    TaylorSeer 1 and 2 and at threshold 0.5, cap 3 with TaylorSeer 2; and DBCache F1B1 with only the first and the
+    last step computing (a static mask with no step of its own), the one compute pattern that reaches 1.9x on a
+    4-layer model (``db_f1b1_bound``)."""
     from zimage_core.cache import StepMask
 
     out = []
-    for vname, cal in (("tea", "none"), ("tea", "taylorseer1"), ("tea", "taylorseer2"), ("db F1B0", "taylorseer1")):
+    for vname, thr, cap, cal in (
+        ("tea", 1.0, 6, "none"),
+        ("tea", 1.0, 6, "taylorseer1"),
+        ("tea", 1.0, 6, "taylorseer2"),
+        ("db F1B0", 1.0, 6, "taylorseer1"),
+        ("db F1B0", 1.0, 6, "taylorseer2"),
+        ("db F1B0", 0.5, 3, "taylorseer2"),
+    ):
         method, extra = METHOD_VARIANTS[vname]
-        kw = {**extra, "threshold": 1.0, "max_consecutive": 6, "calibrator": None if cal == "none" else cal}
-        info = {"variant": vname, "calibrator": cal, "mask": "none", "threshold": 1.0, "cap": 6, "cfg_split": False}
-        out.append(Setting(f"{vname} t1 c6 none {cal}", method, kw, info))
+        kw = {**extra, "threshold": thr, "max_consecutive": cap, "calibrator": None if cal == "none" else cal}
+        info = {"variant": vname, "calibrator": cal, "mask": "none", "threshold": thr, "cap": cap, "cfg_split": False}
+        out.append(Setting(f"{vname} t{thr:g} c{cap} none {cal}", method, kw, info))
     method, extra = METHOD_VARIANTS["db F1B1"]
     for cal in ("none", "taylorseer1"):
         kw = {**extra, "max_consecutive": steps, "mask": StepMask(policy="static")}
