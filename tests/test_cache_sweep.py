@@ -68,6 +68,8 @@ def test_heldout_prompt_file_is_the_default_model_s_first_eight_heldout_eval_cap
 
     lines = (Path(__file__).parents[1] / "zimage_bench" / "prompts-heldout8.txt").read_text().splitlines()
     assert lines == [s.caption for s, _ in dataset.eval_prompts(0, 48)][:8]
+    # --heldout N reads the whole set from a file (the bench imports no training code)
+    assert cs.HELDOUT48.read_text().splitlines() == [s.caption for s, _ in dataset.eval_prompts(0, 48)]
     train, _ = dataset.split(0)
     assert not set(lines) & {s.caption for s in train}
 
