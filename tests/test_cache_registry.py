@@ -41,6 +41,7 @@ def test_schema_keeps_the_spec_fields_and_adds_only_the_preset_extension():
         "balanced",
         "fast",
         "ultra",
+        "max",
     }
 
 

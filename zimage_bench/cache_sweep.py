@@ -134,7 +134,8 @@ def goal_settings(steps: int) -> list[Setting]:
     pattern (threshold 1.0, cap 6) without a calibrator and with TaylorSeer 1 and 2; DBCache F1B0 at that level with
     TaylorSeer 1 and 2 and at threshold 0.5, cap 3 with TaylorSeer 2; and DBCache F1B1 with only the first and the
     last step computing (a static mask with no step of its own), the one compute pattern that reaches 1.9x on a
-    4-layer model (``db_f1b1_bound``)."""
+    4-layer model (``db_f1b1_bound``); and the velocity cache (``zimage_core/cache/velocity.py``) at the same 8 of 50
+    steps, copying (correction 0) and with the drift correction of the ``max`` preset (0.5)."""
     from zimage_core.cache import StepMask
 
     out = []
@@ -150,6 +151,10 @@ def goal_settings(steps: int) -> list[Setting]:
         kw = {**extra, "threshold": thr, "max_consecutive": cap, "calibrator": None if cal == "none" else cal}
         info = {"variant": vname, "calibrator": cal, "mask": "none", "threshold": thr, "cap": cap, "cfg_split": False}
         out.append(Setting(f"{vname} t{thr:g} c{cap} none {cal}", method, kw, info))
+    for alpha in (0.0, 0.5):  # the velocity cache (the `max` preset at 0.5): copying against the drift correction
+        kw = {"mask": StepMask(warmup=1, every=7, policy="static"), "correction": alpha}
+        info = {"variant": "velocity", "calibrator": "none", "mask": "static W1K7", "threshold": None, "cap": None}
+        out.append(Setting(f"velocity static W1K7 correction {alpha:g}", "velocity", kw, {**info, "cfg_split": False}))
     method, extra = METHOD_VARIANTS["db F1B1"]
     for cal in ("none", "taylorseer1"):
         kw = {**extra, "max_consecutive": steps, "mask": StepMask(policy="static")}
@@ -172,7 +177,7 @@ def db_f1b1_bound(n_layers: int, steps: int, target: float = 1.9) -> tuple[int, 
 
 
 def run_ours(pipe, prompts, scenarios, args, log, presets_only: bool = False) -> list[dict]:
-    from zimage_core.cache import CacheConfig
+    from zimage_core.cache.presets import make_config
 
     common = {"model_label": model_label(pipe), "main_layers": pipe.transformer.config.n_layers, "size": args.size}
     rows = []
@@ -193,7 +198,7 @@ def run_ours(pipe, prompts, scenarios, args, log, presets_only: bool = False) ->
             base_t += ref.stats["timings"]["denoise_s"]
             ref_img = _image(ref)
             for s in settings:
-                cfg = CacheConfig.for_method(s.method, pipe=pipe, preset=args.preset, **s.kw)
+                cfg = make_config(s.method, pipe=pipe, model_preset=args.preset, **s.kw)
                 c0 = time.process_time()
                 r = pipe.generate(prompt, seed=args.seed + k, cache=cfg, **gen)
                 cpu[s.name] += time.process_time() - c0
@@ -407,6 +412,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     panels = sorted({(r["model_label"], r["steps"], r["cfg_scale"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     colors = {"fb": "tab:blue", "tea": "tab:green", "db F1B1": "tab:red", "db F1B0": "tab:orange"}
+    colors["velocity"] = "tab:purple"
     markers = {"none": "o", "taylorseer1": "^", "taylorseer2": "v", "foca": "s"}
     for ax, (label, steps, cfg) in zip(axes[0], panels, strict=True):
         sub = [r for r in rows if (r["model_label"], r["steps"], r["cfg_scale"]) == (label, steps, cfg)]

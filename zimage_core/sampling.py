@@ -56,7 +56,8 @@ def run_sampler(
 ) -> tuple[torch.Tensor, int]:
     """Sample ``x`` over ``sigmas`` with ``spec`` (a scheduler-table entry); returns (final latents, model calls).
 
-    After each step, in this order: the inpainting blend, the cache's and the ControlNet's end of step, then
+    After each step, in this order: the cache's drift correction (velocity cache), the inpainting blend, the cache's
+    and the ControlNet's end of step, then
     ``on_step(info)`` with ``info["x"]`` the latents so far; a tensor it returns replaces them."""
     calls = 0
     inner = denoise if cache_state is None else cache_state.observe(denoise)
@@ -66,10 +67,13 @@ def run_sampler(
         calls += 1
         return inner(x_, sigma)
 
+    correct = getattr(cache_state, "correct", None)  # the velocity cache takes back the drift of its reused steps
+
     def step(info):
-        out = None
+        out = correct(info["x"]) if correct is not None else None
         if inpaint is not None:
-            out = inpaint.blend(info["x"], info["sigma_next"], last=info["i"] == len(sigmas) - 2)
+            x_ = info["x"] if out is None else out
+            out = inpaint.blend(x_, info["sigma_next"], last=info["i"] == len(sigmas) - 2)
         if cache_state is not None:
             cache_state.end_step(info["i"])
         if control_state is not None:

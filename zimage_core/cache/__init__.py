@@ -15,7 +15,8 @@ Parts, each readable alone:
                   the request schema, the CLI and ``from_request`` read it.
 - ``taylorseer.py`` / ``foca.py``  calibrators: forecast the cached residual on a reused step.
 - ``masks.py``    step masks (steps that must compute; static or dynamic policy).
-- ``presets.py``  named presets (quality, balanced, fast, ultra) from the measured Pareto front.
+- ``presets.py``  named presets (quality, balanced, fast, ultra, max) from the measured Pareto front.
+- ``velocity.py`` the velocity cache with drift correction (library-only; the ``max`` preset).
 - ``teacache.py`` / ``tea_coefficients.json``  TeaCache's per-model coefficients (the fitting tool is
                   ``python -m zimage_bench calibrate``: this package sits below the pipeline and imports none of it).
 
@@ -40,8 +41,11 @@ from .presets import PRESETS, from_request, preset_config
 from .registry import CALIBRATORS, METHODS, CacheMethod, Option
 from .state import CacheState, StepCache, StepCacheState, relative_change
 from .taylorseer import TaylorSeer
+from .velocity import VelocityCacheConfig, VelocityCacheState
 
 __all__ = [
+    "VelocityCacheConfig",
+    "VelocityCacheState",
     "CALIBRATORS",
     "CONFIGS",
     "METHODS",

@@ -1,5 +1,5 @@
 """Named step-cache presets a user can pick without knowing thresholds: ``quality``, ``balanced``, ``fast``,
-``ultra``.
+``ultra``, ``max``.
 
 Each is one point on the Pareto front measured by ``python -m zimage_bench cache --sweep`` (``docs/cache-presets.md``
 has the table, the command and the model it was measured on). They are library configs, so they may use knobs the
@@ -15,6 +15,7 @@ from dataclasses import replace
 from .config import CacheConfig
 from .masks import StepMask
 from .registry import method as lookup_method
+from .velocity import VelocityCacheConfig
 
 # name -> (method, config keyword arguments). Picked from the sweep's front so that each was >= 45 dB on every one of
 # the first 8 held-out captions at 50 steps with CFG; on all 48 held-out captions each is >= 45 dB in the mean, with
@@ -28,7 +29,20 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {"max_consecutive": STATIC, "calibrator": "taylorseer2", "mask": StepMask(warmup=3, every=5, policy="static")},
     ),
     "ultra": ("tea", {"threshold": 1.0, "max_consecutive": 4, "calibrator": "taylorseer2"}),
+    # the velocity cache (velocity.py): the first step, then every 7th (8 of 50: 6.25x), drift correction 0.5
+    "max": (
+        "velocity",
+        {"mask": StepMask(warmup=1, every=7, policy="static"), "correction": 0.5, "correction_power": 1.0},
+    ),
 }
+
+
+def make_config(method: str, *, pipe=None, model_preset: str | None = None, **kw) -> CacheConfig:
+    """A config by method name: a registered method (``CacheConfig.for_method``) or ``velocity`` (the library-only
+    velocity cache, ``velocity.py``, which has no request switch)."""
+    if method == "velocity":
+        return VelocityCacheConfig(**kw)
+    return CacheConfig.for_method(method, pipe=pipe, preset=model_preset, **kw)
 
 
 def preset_config(name: str, *, pipe=None, model_preset: str | None = None, window=None) -> CacheConfig:
@@ -36,11 +50,11 @@ def preset_config(name: str, *, pipe=None, model_preset: str | None = None, wind
     if name not in PRESETS:
         raise ValueError(f"unknown cache preset {name!r}; known: {', '.join(PRESETS)}")
     method, kw = PRESETS[name]
-    cfg = CacheConfig.for_method(method, pipe=pipe, preset=model_preset, **kw)
+    cfg = make_config(method, pipe=pipe, model_preset=model_preset, **kw)
     return replace(cfg, window=window) if window is not None else cfg
 
 
-__all__ = ["PRESETS", "preset_config"]
+__all__ = ["PRESETS", "make_config", "preset_config"]
 
 
 def from_request(cache: dict, window: tuple[int, int] | None, steps: int, pipe=None, preset: str | None = None):
