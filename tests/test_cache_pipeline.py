@@ -236,7 +236,7 @@ def test_request_api_runs_each_cache(pipe):
     assert isinstance(cfg, TeaCacheConfig) and cfg.threshold == 0.8 and cfg.window is None
 
 
-@pytest.mark.parametrize("preset", ["quality", "balanced", "fast", "ultra"])
+@pytest.mark.parametrize("preset", ["quality", "balanced", "fast", "ultra", "max"])
 def test_request_and_cli_run_each_preset(pipe, preset, tmp_path):
     from zimage_core.cache import PRESETS
     from zimage_core.cli import main

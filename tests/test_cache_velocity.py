@@ -140,3 +140,24 @@ def test_max_preset_on_the_default_model_beats_copying(pipe):
         assert s["main_layer_sequence_evals_uncached"] / s["main_layer_sequence_evals"] == pytest.approx(6.25)
         gains.append(_psnr(r, ref) - _psnr(pipe.generate(c, seed=k, cache=copy, **gen), ref))
     assert sum(gains) / len(gains) > 1.0, gains
+
+
+def test_max_preset_with_image_to_image_and_inpainting(pipe):
+    """The velocity cache on a run that starts later (image-to-image) and with the inpainting blend after its
+    correction: the first step of the run computes, the kept region stays the seed image's."""
+    import numpy as np
+    from PIL import Image
+
+    seed = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    cfg = preset_config("max", pipe=pipe)
+    gen = dict(steps=20, cfg_scale=3.0, width=64, height=64, seed=1, seed_image=seed, strength=0.6)
+    r = pipe.generate("a blue circle", cache=cfg, **gen)
+    (s,) = r.stats["cache"]
+    first = 20 - int(0.6 * 20)  # the run starts at step 8
+    assert s["computed_steps"][0] == first and s["computed_steps"][-1] == 19 and s["reused_steps"]
+    assert s["corrections"] >= 1
+    ri = pipe.generate("a blue circle", cache=cfg, mask_image=mask, **gen)
+    a = np.asarray(ri.images[0].convert("RGB"), dtype=np.float64)
+    assert np.isfinite(a).all() and abs(a[:8, :8].mean(axis=(0, 1)) - (200, 30, 30)).max() < 40  # kept corner
