@@ -11,10 +11,13 @@ from zimage_bench import cache_sweep as cs
 def test_the_grid_covers_every_method_calibrator_and_mask():
     for steps, cfg in ((50, True), (8, False)):
         g = cs.grid(steps, cfg)
-        combos = {(s.info["variant"], s.info["calibrator"], s.info["mask"]) for s in g}
+        combos = {(s.info["variant"], s.info["calibrator"], s.info["mask"]) for s in g if s.method != "velocity"}
         masks = set(cs._masks(steps))
         want = {(v, c, m) for v in cs.METHOD_VARIANTS for c in cs.CALIBRATOR_NAMES for m in masks}
         assert combos == want
+        # the velocity cache on every static mask, copying and with the drift correction
+        velocity = {(s.info["mask"], s.kw["correction"]) for s in g if s.method == "velocity"}
+        assert velocity == {(m, a) for m in masks if m.startswith("static") for a in (0.0, 0.5)}
         assert any(s.info["cfg_split"] for s in g) == cfg  # CFG-split settings only where CFG is on
         assert len({s.name for s in g}) == len(g)
 

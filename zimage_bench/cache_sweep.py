@@ -91,6 +91,14 @@ def grid(steps: int, cfg: bool, size: str = "full") -> list[Setting]:
                     name = f"{vname}{lvl} {mname} {cal}"
                     info = {"variant": vname, "calibrator": cal, "mask": mname, "threshold": thr, "cap": cap}
                     out.append(Setting(name, method, kw, {**info, "cfg_split": False}))
+    if size == "full":  # the velocity cache (velocity.py): static masks only, copying (0) and drift correction 0.5
+        for mname, mask in _masks(steps).items():
+            if mask is None or not mask.static:
+                continue
+            for alpha in (0.0, 0.5):
+                info = {"variant": "velocity", "calibrator": "none", "mask": mname, "threshold": None, "cap": None}
+                kw = {"mask": mask, "correction": alpha}
+                out.append(Setting(f"velocity {mname} a{alpha:g}", "velocity", kw, {**info, "cfg_split": False}))
     if cfg and size == "full":  # CFG-aware decisions: the halves decide separately
         for vname in ("fb", "tea"):
             method, extra = METHOD_VARIANTS[vname]
