@@ -111,6 +111,16 @@ def check_int32_indexable(t: torch.Tensor, name: str) -> None:
     assert span < 2**31, f"{name}: {tuple(t.shape)} with strides {t.stride()} spans >= 2^31 elements"
 
 
+def row_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as a ``[R, C]`` view with unit column stride, or None if that needs a copy."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def launcher_device(t: torch.Tensor):
     """Context that makes ``t``'s CUDA device current for the launch (no-op on CPU / the interpreter)."""
     if t.device.type == "cuda":

@@ -31,6 +31,7 @@ from ._triton import (
     rms_norm_rows,
     round_to,
     row_block,
+    row_view,
     supported_device,
     use_custom_op,
 )
@@ -187,15 +188,6 @@ def _fp8_gemm_kernel(
 # ---- launchers -----------------------------------------------------------------------------------------------------
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    if t.dim() == 0 or t.stride(-1) != 1:
-        return None
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
-
-
 def _empty_act(shape, device) -> Fp8Act:
     return Fp8Act(torch.empty(shape, dtype=E4M3, device=device), torch.empty((*shape[:-1], 1), device=device))
 
@@ -243,7 +235,7 @@ def _launch_swiglu_fp8(a: torch.Tensor, b: torch.Tensor) -> Fp8Act:
     out = _empty_act(a.shape, a.device)
     if a.numel() == 0:
         return out
-    a2, b2 = _rows(a), _rows(b)
+    a2, b2 = row_view(a), row_view(b)
     grid, block_r, block_f, warps = _row_launch(a2)
     with launcher_device(a):
         _swiglu_fp8_kernel[grid](
@@ -266,7 +258,7 @@ def swiglu_fp8(a: torch.Tensor, b: torch.Tensor) -> Fp8Act:
 
 
 def _launch_quantize_rows(x: torch.Tensor) -> Fp8Act:
-    x2 = _rows(x)
+    x2 = row_view(x)
     if x2 is None:
         x2 = x.reshape(-1, x.shape[-1])  # a copy (e.g. attention's permuted output); stride 1 along K
         if x2.stride(-1) != 1:

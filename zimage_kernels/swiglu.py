@@ -20,7 +20,17 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton import FLOAT_DTYPES, exp, launcher_device, next_pow2, round_to, row_block, supported_device, use_custom_op
+from ._triton import (
+    FLOAT_DTYPES,
+    exp,
+    launcher_device,
+    next_pow2,
+    round_to,
+    row_block,
+    row_view,
+    supported_device,
+    use_custom_op,
+)
 
 MAX_BLOCK_F = 2048  # 10240 = 5 x 2048: no masked lanes at Z-Image's width
 
@@ -44,20 +54,10 @@ def _swiglu_kernel(
     tl.store(Out + (rows * s_o)[:, None] + cols[None, :], (silu * b).to(dtype), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as a ``[R, F]`` view with unit column stride, or None if that needs a copy."""
-    if t.dim() == 0 or t.stride(-1) != 1:
-        return None
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
-
-
 def supports(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype or a.dtype not in FLOAT_DTYPES or a.device != b.device:
         return False
-    return supported_device(a) and _rows(a) is not None and _rows(b) is not None
+    return supported_device(a) and row_view(a) is not None and row_view(b) is not None
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    a2, b2, o2 = _rows(a), _rows(b), out.view(-1, a.shape[-1])  # [R, F] each
+    a2, b2, o2 = row_view(a), row_view(b), out.view(-1, a.shape[-1])  # [R, F] each
     R, F = a2.shape
     block_f = min(MAX_BLOCK_F, next_pow2(F))
     block_r, warps = row_block(R, block_f)
