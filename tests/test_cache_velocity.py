@@ -117,10 +117,9 @@ def pipe():
 def _psnr(a, b) -> float:
     import numpy as np
 
-    a = np.asarray(a.images[0].convert("RGB"), dtype=np.float64)
-    b = np.asarray(b.images[0].convert("RGB"), dtype=np.float64)
-    mse = float(((a - b) ** 2).mean())
-    return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    from zimage_bench.cache import psnr
+
+    return psnr(*(np.asarray(r.images[0].convert("RGB"), dtype=np.float64) for r in (a, b)))
 
 
 def test_max_preset_on_the_default_model_beats_copying(pipe):

@@ -46,7 +46,9 @@ def relative_change(sums: torch.Tensor) -> float:
 @runtime_checkable
 class StepCacheState(Protocol):
     """What ``ZImage.generate`` needs from the per-result state of a step cache (``cache=`` argument): a hook of the
-    chain (``around_stack`` etc., the innermost one), told the σ of each evaluation and the end of each step."""
+    chain (``around_stack`` etc., the innermost one), told the σ of each evaluation and the end of each step.
+    Optional: ``correct(x) -> Tensor | None``, called with the latents after each sampler step (before the inpainting
+    blend); a tensor it returns replaces them (the velocity cache's drift correction, ``velocity.py``)."""
 
     def around_stack(self, inner, hidden: torch.Tensor, inp, stack) -> torch.Tensor: ...
 

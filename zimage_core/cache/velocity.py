@@ -27,6 +27,7 @@ runs (every rank makes the same static decision on the same velocity).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -92,7 +93,7 @@ class VelocityCacheState(StackHook):
         self._v: torch.Tensor | None = None  # velocity of the last computed step
         self._computed_at: int | None = None
         self._key = None
-        self._reused: list[list] = []  # [step, σ, Δσ] of the evaluations reused since the last compute
+        self._reused: list[tuple[int, float]] = []  # (step, σ) of the evaluations reused since the last compute
         self._evals_in_step = 0
         self._multi = False  # a sampler with several evaluations per step: no correction
         self._pending: torch.Tensor | None = None  # displacement to subtract after this step
@@ -137,32 +138,24 @@ class VelocityCacheState(StackHook):
         self._evals_in_step += 1
         if self._evals_in_step > 1:
             self._multi = True
-        if self._reused and self._reused[-1][2] is None:
-            self._reused[-1][2] = s - self._reused[-1][1]  # Δσ of the last reused step, now that its σ' is known
         key = (tuple(x.shape), x.dtype, x.device)
         reset = self._key is not None and key != self._key
         info = StepInfo(
             step=self.step,
-            num_steps=self.num_steps if self.num_steps is not None else 10**9,
+            num_steps=self.num_steps if self.num_steps is not None else math.inf,
             start_step=self.start_step,
             reset=reset,
             has_reference=self._v is not None,
         )
         decision, self.counters = decide(self.rules, info, self.counters, None)
         if not decision.compute:
-            self._reused.append([self.step, s, None])
+            self._reused.append((self.step, s))
             self._record(s, False, decision.reason)
             return self._v
         v = denoise(x, sigma, *args, **kw)
-        if (
-            self._v is not None
-            and self._reused
-            and not reset
-            and not self._multi
-            and self.config.correction > 0
-            and all(r[2] is not None for r in self._reused)
-        ):
-            steps = [(r[0], r[2]) for r in self._reused]
+        if self._v is not None and self._reused and not reset and not self._multi and self.config.correction > 0:
+            nxt = [sig for _, sig in self._reused[1:]] + [s]  # Δσ_s = σ of the next evaluation − σ_s
+            steps = [(st, n - sig) for (st, sig), n in zip(self._reused, nxt, strict=True)]
             f = drift(steps, self._computed_at, self.step, self.config.correction_power)
             self._pending = (self.config.correction * f) * (self._v - v)
         self._reused = []
