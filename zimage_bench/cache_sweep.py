@@ -95,10 +95,7 @@ def grid(steps: int, cfg: bool, size: str = "full") -> list[Setting]:
         for mname, mask in _masks(steps).items():
             if mask is None or not mask.static:
                 continue
-            for alpha in (0.0, 0.5):
-                info = {"variant": "velocity", "calibrator": "none", "mask": mname, "threshold": None, "cap": None}
-                kw = {"mask": mask, "correction": alpha}
-                out.append(Setting(f"velocity {mname} a{alpha:g}", "velocity", kw, {**info, "cfg_split": False}))
+            out += [_velocity(f"velocity {mname} a{alpha:g}", mname, mask, alpha) for alpha in (0.0, 0.5)]
     if cfg and size == "full":  # CFG-aware decisions: the halves decide separately
         for vname in ("fb", "tea"):
             method, extra = METHOD_VARIANTS[vname]
@@ -113,6 +110,24 @@ def grid(steps: int, cfg: bool, size: str = "full") -> list[Setting]:
                         )
                     )
     return out
+
+
+def _velocity(name: str, mask_name: str, mask, alpha: float) -> Setting:
+    """The velocity cache (``zimage_core/cache/velocity.py``) on a static mask with drift correction ``alpha``."""
+    info = {"variant": "velocity", "calibrator": "none", "mask": mask_name, "threshold": None, "cap": None}
+    return Setting(name, "velocity", {"mask": mask, "correction": alpha}, {**info, "cfg_split": False})
+
+
+def _quality(ps: list[dict]) -> dict:
+    """Per-caption (psnr, evals_saved) records -> the row's means, worst caption and captions below 45 dB."""
+    psnrs = [p["psnr"] for p in ps]
+    return {
+        "evals_saved": float(np.mean([p["evals_saved"] for p in ps])),
+        "psnr": float(np.mean(psnrs)),
+        "psnr_min": float(np.min(psnrs)),
+        "below_45": int(sum(v < 45 for v in psnrs)),
+        "prompts": len(ps),
+    }
 
 
 def _image(result) -> np.ndarray:
@@ -144,7 +159,7 @@ def goal_settings(steps: int) -> list[Setting]:
     last step computing (a static mask with no step of its own), the one compute pattern that reaches 1.9x on a
     4-layer model (``db_f1b1_bound``); and the velocity cache (``zimage_core/cache/velocity.py``) at the same 8 of 50
     steps, copying (correction 0) and with the drift correction of the ``max`` preset (0.5)."""
-    from zimage_core.cache import StepMask
+    from zimage_core.cache import PRESETS, StepMask
 
     out = []
     for vname, thr, cap, cal in (
@@ -159,10 +174,8 @@ def goal_settings(steps: int) -> list[Setting]:
         kw = {**extra, "threshold": thr, "max_consecutive": cap, "calibrator": None if cal == "none" else cal}
         info = {"variant": vname, "calibrator": cal, "mask": "none", "threshold": thr, "cap": cap, "cfg_split": False}
         out.append(Setting(f"{vname} t{thr:g} c{cap} none {cal}", method, kw, info))
-    for alpha in (0.0, 0.5):  # the velocity cache (the `max` preset at 0.5): copying against the drift correction
-        kw = {"mask": StepMask(warmup=1, every=7, policy="static"), "correction": alpha}
-        info = {"variant": "velocity", "calibrator": "none", "mask": "static W1K7", "threshold": None, "cap": None}
-        out.append(Setting(f"velocity static W1K7 correction {alpha:g}", "velocity", kw, {**info, "cfg_split": False}))
+    mask = PRESETS["max"][1]["mask"]  # the velocity cache at the `max` preset's steps: copying, then its correction
+    out += [_velocity(f"velocity {mask.label()} correction {a:g}", mask.label(), mask, a) for a in (0.0, 0.5)]
     method, extra = METHOD_VARIANTS["db F1B1"]
     for cal in ("none", "taylorseer1"):
         kw = {**extra, "max_consecutive": steps, "mask": StepMask(policy="static")}
@@ -224,13 +237,9 @@ def run_ours(pipe, prompts, scenarios, args, log, presets_only: bool = False) ->
                     "cfg_scale": cfg_scale,
                     "setting": s.name,
                     **s.info,
-                    "evals_saved": float(np.mean([p["evals_saved"] for p in ps])),
+                    **_quality(ps),
                     "speedup": base_t / max(t[s.name], 1e-12),
                     "cpu_speedup": base_cpu / max(cpu[s.name], 1e-12),
-                    "psnr": float(np.mean([p["psnr"] for p in ps])),
-                    "psnr_min": float(np.min([p["psnr"] for p in ps])),
-                    "below_45": int(sum(p["psnr"] < 45 for p in ps)),
-                    "prompts": len(ps),
                 }
             )
     return rows
@@ -363,12 +372,8 @@ def run_cache_dit(model_path, prompts, scenarios, args, log) -> tuple[list[dict]
                     "cfg_scale": cfg_scale,
                     "setting": s.name,
                     **s.info,
-                    "evals_saved": float(np.mean([p["evals_saved"] for p in ps])),
+                    **_quality(ps),
                     "speedup": base_t / max(t[s.name], 1e-12),
-                    "psnr": float(np.mean([p["psnr"] for p in ps])),
-                    "psnr_min": float(np.min([p["psnr"] for p in ps])),
-                    "below_45": int(sum(p["psnr"] < 45 for p in ps)),
-                    "prompts": len(ps),
                     "note": "end-to-end wall-clock of diffusers' pipeline (ours: denoise only)",
                 }
             )
